@@ -1,0 +1,109 @@
+"""Engine-wide configuration, validated once when the engine is built."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+CACHE_BACKENDS = ("none", "tea_cache", "cache_dit")
+
+
+@dataclass
+class DiffusionParallelConfig:
+    """How the denoiser is spread over ranks. World size = ulysses x ring x cfg x tp."""
+
+    ulysses_degree: int = 1
+    ring_degree: int = 1
+    cfg_parallel_size: int = 1
+    tensor_parallel_size: int = 1
+    vae_patch_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("ulysses_degree", "ring_degree", "cfg_parallel_size",
+                     "tensor_parallel_size", "vae_patch_parallel_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
+    @property
+    def world_size(self) -> int:
+        return (self.ulysses_degree * self.ring_degree * self.cfg_parallel_size
+                * self.tensor_parallel_size)
+
+    def check_supported(self) -> None:
+        """Rejects layouts this release cannot run, rather than running them single-rank."""
+        asked = {k: v for k, v in vars(self).items() if v != 1}
+        if asked:
+            flags = ", ".join(f"{k}={v}" for k, v in asked.items())
+            raise ValueError(
+                f"parallel layout {flags} is not available in this release of vllm_omni; "
+                "run with every parallel degree at 1 (the default)"
+            )
+
+
+@dataclass
+class OmniEngineConfig:
+    """Everything the engine core, executor and workers need. Crosses process boundaries."""
+
+    model: str  # resolved local directory of a diffusers pipeline
+    model_name: str  # what the user called it (path or hub id)
+    served_model_names: list[str] = field(default_factory=list)
+    dtype: str = "auto"
+    parallel: DiffusionParallelConfig = field(default_factory=DiffusionParallelConfig)
+    cache_backend: str = "none"
+    cache_config: dict[str, Any] = field(default_factory=dict)
+    quantization: str | None = None
+    enable_cpu_offload: bool = False
+    lora_path: str | None = None
+    default_seed: int | None = None
+    # Seconds to wait for workers to load the model before giving up.
+    load_timeout_s: float = 1800.0
+    device: str | None = None  # None: CUDA when available, else CPU
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cache_config, str):
+            self.cache_config = parse_json_config(self.cache_config, "cache_config")
+        if self.cache_backend is None:
+            self.cache_backend = "none"
+        if self.cache_backend not in CACHE_BACKENDS:
+            raise ValueError(
+                f"cache_backend must be one of {', '.join(CACHE_BACKENDS)}, got {self.cache_backend!r}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        self.check_supported()
+
+    def check_supported(self) -> None:
+        """Features that are part of the public contract but not built yet fail loudly."""
+        self.parallel.check_supported()
+        not_yet = {
+            "cache_backend": self.cache_backend != "none",
+            "cache_config": bool(self.cache_config),
+            "quantization": self.quantization is not None,
+            "enable_cpu_offload": self.enable_cpu_offload,
+            "lora_path": self.lora_path is not None,
+        }
+        asked = [k for k, v in not_yet.items() if v]
+        if asked:
+            raise ValueError(
+                f"{', '.join(asked)}: not available in this release of vllm_omni; "
+                "remove the option to serve without it"
+            )
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size
+
+
+DTYPES = ("auto", "float32", "float", "bfloat16", "float16", "half")
+
+
+def parse_json_config(text: str, name: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object")
+    return value

@@ -1,0 +1,143 @@
+"""The API server's handle on the engine core process.
+
+Requests go in through a queue; one thread reads the core's outputs and resolves the matching
+asyncio futures. If the core process disappears, every pending request is failed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import queue
+import threading
+import time
+
+from vllm_omni.diffusion.data import OmniEngineConfig
+from vllm_omni.engine.core import run_engine_core
+from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, RequestError
+from vllm_omni.utils.proc import start_process
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStartupError(RuntimeError):
+    pass
+
+
+class AsyncOmniEngine:
+    def __init__(self, config: OmniEngineConfig):
+        self.config = config
+        ctx = mp.get_context("spawn")
+        self._in = ctx.Queue()
+        self._out = ctx.Queue()
+        # Not a daemon: the core starts worker processes of its own.
+        self._proc = ctx.Process(target=run_engine_core, name="vllm_omni_engine_core",
+                                 args=(config, self._in, self._out))
+        start_process(self._proc)
+        self.state = "starting"
+        self.worker_pids: list[int] = []
+        self._pending: dict[str, asyncio.Future] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        self._wait_ready()
+        self._reader = threading.Thread(target=self._read_outputs, name="engine-output", daemon=True)
+        self._reader.start()
+
+    @property
+    def core_pid(self) -> int:
+        return self._proc.pid
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.load_timeout_s + 60
+        while True:
+            try:
+                msg = self._out.get(timeout=0.5)
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    raise EngineStartupError(
+                        f"engine core exited with code {self._proc.exitcode} during startup")
+                if time.monotonic() > deadline:
+                    self.shutdown()
+                    raise EngineStartupError("engine core did not start in time")
+                continue
+            if msg[0] == "startup_failed":
+                self._proc.join(5)
+                raise EngineStartupError(msg[1])
+            if msg[0] == "ready":
+                self.worker_pids = msg[1]
+                self.state = "ready"
+                return
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "ready" and self._proc.is_alive()
+
+    async def generate(self, request: DiffusionRequest) -> DiffusionOutput:
+        if self.state == "dead" or self._closed:
+            return DiffusionOutput(request.request_id, error=RequestError(
+                503, "the engine is not running", "server_error"))
+        fut = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._pending[request.request_id] = fut
+        self._in.put(("add", request))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            with self._lock:
+                self._pending.pop(request.request_id, None)
+            self._in.put(("abort", request.request_id))
+            raise
+
+    def _resolve(self, out: DiffusionOutput) -> None:
+        with self._lock:
+            fut = self._pending.pop(out.request_id, None)
+        if fut is not None:
+            fut.get_loop().call_soon_threadsafe(_set_result, fut, out)
+
+    def _read_outputs(self) -> None:
+        while not self._closed:
+            try:
+                msg = self._out.get(timeout=0.5)
+            except queue.Empty:
+                if not self._proc.is_alive():
+                    self._core_died()
+                    return
+                continue
+            except (EOFError, OSError):
+                self._core_died()
+                return
+            if msg[0] == "output":
+                self._resolve(msg[1])
+            elif msg[0] == "status":
+                self.state, self.worker_pids = msg[1], msg[2] or self.worker_pids
+                logger.info("engine state: %s", self.state)
+
+    def _core_died(self) -> None:
+        if self._closed:
+            return
+        self.state = "dead"
+        logger.error("engine core process exited (code %s)", self._proc.exitcode)
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for rid, fut in pending.items():
+            fut.get_loop().call_soon_threadsafe(_set_result, fut, DiffusionOutput(
+                rid, error=RequestError(503, "the engine core process died", "server_error")))
+
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._in.put(("shutdown",))
+        except (ValueError, OSError):
+            pass
+        self._proc.join(15)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(2)
+
+
+def _set_result(fut: asyncio.Future, out: DiffusionOutput) -> None:
+    if not fut.done():
+        fut.set_result(out)

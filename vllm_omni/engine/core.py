@@ -1,0 +1,141 @@
+"""The engine core: schedule -> execute -> finish, in a loop.
+
+``EngineCore`` is used in-process by the offline ``Omni`` and inside its own process
+(``run_engine_core``) behind the API server, so both paths run the same code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+from typing import Callable
+
+from vllm_omni.diffusion.data import OmniEngineConfig
+from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, RequestError
+from vllm_omni.engine.scheduler import Scheduler
+from vllm_omni.executor.multiproc import MultiprocExecutor, WorkerDiedError
+from vllm_omni.utils.proc import parent_alive, set_process_title
+
+logger = logging.getLogger(__name__)
+
+ProgressFn = Callable[[list[str], int, int], None]
+
+
+class EngineCore:
+    def __init__(self, config: OmniEngineConfig):
+        self.config = config
+        self.scheduler = Scheduler()
+        self.executor: MultiprocExecutor | None = MultiprocExecutor(config)
+        self.state = "ready"  # ready | restarting | dead
+        self.needs_restart = False
+        self._immediate: list[DiffusionOutput] = []
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return self.executor.pids if self.executor else []
+
+    def add_request(self, request: DiffusionRequest) -> None:
+        if self.state == "dead":
+            self._immediate.append(_error(request, 503, "the engine is not running: its workers "
+                                          "died and could not be restarted"))
+            return
+        self.scheduler.add(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id) is not None
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_waiting() or bool(self._immediate)
+
+    def step(self, on_progress: ProgressFn | None = None) -> list[DiffusionOutput]:
+        if self.needs_restart:
+            self.restart()
+        outputs, self._immediate = self._immediate, []
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        try:
+            results = self.executor.execute(batch, on_progress)
+        except WorkerDiedError as e:
+            logger.error("%s; failing %d in-flight request(s) and restarting workers", e, len(batch))
+            results = [_error(r, 500, f"generation failed: {e}") for r in batch]
+            # Answer the failed requests first; the (slow) restart happens on the next step.
+            self.needs_restart = True
+        return outputs + self.scheduler.finish(batch, results)
+
+    def restart(self) -> None:
+        self.needs_restart = False
+        self.state = "restarting"
+        if self.executor is not None:
+            self.executor.shutdown(timeout=2.0)
+            self.executor = None
+        try:
+            self.executor = MultiprocExecutor(self.config)
+            self.state = "ready"
+            logger.info("workers restarted")
+        except Exception as e:
+            logger.error("could not restart workers: %s", e)
+            self.state = "dead"
+            for req in self.scheduler.drain():
+                self._immediate.append(_error(req, 503, f"the engine could not restart its workers: {e}"))
+
+    def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
+
+
+def _error(req: DiffusionRequest, status: int, message: str) -> DiffusionOutput:
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return DiffusionOutput(req.request_id, error=RequestError(status, message, kind))
+
+
+def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
+    """Engine core process. In: ("add", req) | ("abort", id) | ("shutdown",).
+    Out: ("ready", pids) | ("startup_failed", text) | ("output", out) |
+    ("progress", ids, step, total) | ("status", state, pids)."""
+    set_process_title("engine_core")
+    logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
+                        format="%(levelname)s %(asctime)s [engine_core] %(message)s")
+    parent = os.getppid()
+    try:
+        core = EngineCore(config)
+    except Exception as e:
+        out_queue.put(("startup_failed", str(e)))
+        return
+    out_queue.put(("ready", core.worker_pids))
+
+    def on_progress(ids, step, total):
+        out_queue.put(("progress", ids, step, total))
+
+    try:
+        while True:
+            msgs = []
+            if not core.has_work() and not core.needs_restart:
+                try:
+                    msgs.append(in_queue.get(timeout=1.0))
+                except queue.Empty:
+                    if not parent_alive(parent):
+                        return
+                    continue
+            while True:
+                try:
+                    msgs.append(in_queue.get_nowait())
+                except queue.Empty:
+                    break
+            for msg in msgs:
+                if msg[0] == "add":
+                    core.add_request(msg[1])
+                elif msg[0] == "abort":
+                    core.abort_request(msg[1])
+                elif msg[0] == "shutdown":
+                    return
+            if core.needs_restart:
+                out_queue.put(("status", "restarting", []))
+                core.restart()
+                out_queue.put(("status", core.state, core.worker_pids))
+            for out in core.step(on_progress):
+                out_queue.put(("output", out))
+    finally:
+        core.shutdown()

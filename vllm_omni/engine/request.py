@@ -1,0 +1,59 @@
+"""Plain dataclasses that cross process boundaries (API server <-> engine core <-> workers)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class InvalidRequestError(ValueError):
+    """The request cannot be served as asked: the client gets HTTP 400 naming the field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+@dataclass
+class RequestError:
+    status: int  # HTTP status the API server answers with
+    message: str
+    type: str = "server_error"
+    param: str | None = None
+    code: str | None = None
+
+    @classmethod
+    def invalid(cls, e: InvalidRequestError) -> "RequestError":
+        return cls(400, e.message, "invalid_request_error", e.param, e.code)
+
+
+@dataclass
+class DiffusionRequest:
+    """One prompt with fully resolved parameters (seed, size and steps are always concrete)."""
+
+    request_id: str
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int
+    seed: int
+    num_images: int = 1
+    true_cfg_scale: float | None = None
+    guidance_scale: float | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class DiffusionOutput:
+    request_id: str
+    images: list[Any] = field(default_factory=list)  # PIL images
+    error: RequestError | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

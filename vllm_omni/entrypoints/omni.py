@@ -1,0 +1,150 @@
+"""Offline inference: ``Omni(model=...).generate(prompts, params)``.
+
+Drives the same ``EngineCore`` and worker processes as the server, in the caller's process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from tqdm.auto import tqdm
+
+from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
+from vllm_omni.engine.input_processor import InputProcessor
+from vllm_omni.engine.request import InvalidRequestError
+from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+from vllm_omni.models.registry import load_model_spec, resolve_model_dir
+
+
+@dataclass
+class OmniRequestOutput:
+    request_id: str
+    prompt: str
+    images: list[Any] = field(default_factory=list)  # PIL.Image.Image
+    seed: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    finished: bool = True
+
+
+PromptType = str | dict[str, Any]
+
+
+class Omni:
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        seed: int | None = None,
+        parallel_config: DiffusionParallelConfig | None = None,
+        cache_backend: str | None = None,
+        cache_config: dict[str, Any] | str | None = None,
+        quantization: str | None = None,
+        enable_cpu_offload: bool = False,
+        lora_path: str | None = None,
+        load_timeout_s: float = 1800.0,
+    ):
+        from vllm_omni.engine.core import EngineCore
+
+        model_dir = resolve_model_dir(model)
+        self.config = OmniEngineConfig(
+            model=model_dir, model_name=model, served_model_names=[model], dtype=dtype,
+            parallel=parallel_config or DiffusionParallelConfig(),
+            cache_backend=cache_backend or "none", cache_config=cache_config or {},
+            quantization=quantization, enable_cpu_offload=enable_cpu_offload,
+            lora_path=lora_path, default_seed=seed, load_timeout_s=load_timeout_s,
+        )
+        self.spec = load_model_spec(model_dir)
+        self._inputs = InputProcessor(self.spec, seed)
+        self._engine = EngineCore(self.config)
+        self._counter = 0
+
+    def _to_request(self, prompt: PromptType, params: OmniDiffusionSamplingParams):
+        if isinstance(prompt, dict):
+            unknown = set(prompt) - {"prompt", "negative_prompt", "multi_modal_data"}
+            if unknown:
+                raise ValueError(f"unknown prompt keys: {sorted(unknown)}")
+            if prompt.get("multi_modal_data"):
+                raise ValueError(f"{self.spec.pipeline_class} does not take image inputs")
+            if prompt.get("negative_prompt") is not None:
+                if params.negative_prompt is not None:
+                    raise ValueError("negative_prompt given both in the prompt and the params")
+                params = OmniDiffusionSamplingParams(
+                    **{**params.to_dict(), "negative_prompt": prompt["negative_prompt"]})
+            text = prompt.get("prompt")
+        else:
+            text = prompt
+        self._counter += 1
+        return self._inputs.process(text, params, request_id=f"offline-{self._counter}")
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: OmniDiffusionSamplingParams | Sequence[OmniDiffusionSamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[OmniRequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = OmniDiffusionSamplingParams()
+        if isinstance(sampling_params, OmniDiffusionSamplingParams):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError("need one sampling params object per prompt, or a single one")
+        try:
+            requests = [self._to_request(p, sp) for p, sp in zip(prompts, sampling_params)]
+        except InvalidRequestError as e:
+            raise ValueError(e.message) from None
+
+        for req in requests:
+            self._engine.add_request(req)
+        total = sum(r.num_inference_steps for r in requests)
+        bar = tqdm(total=total, desc="Denoising steps", unit="step", disable=not use_tqdm)
+        done_steps: dict[str, int] = {}
+
+        def on_progress(ids, step, steps):
+            for rid in ids:
+                bar.update(step - done_steps.get(rid, 0))
+                done_steps[rid] = step
+
+        results = {}
+        try:
+            while len(results) < len(requests):
+                for out in self._engine.step(on_progress):
+                    results[out.request_id] = out
+        finally:
+            bar.close()
+        outputs = []
+        for req, prompt in zip(requests, prompts):
+            out = results[req.request_id]
+            if out.error is not None:
+                exc = ValueError if out.error.status < 500 else RuntimeError
+                raise exc(out.error.message)
+            outputs.append(OmniRequestOutput(
+                request_id=req.request_id, prompt=req.prompt, images=out.images, seed=req.seed,
+                metrics=out.metrics))
+        return outputs
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return self._engine.worker_pids
+
+    def close(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()
+            self._engine = None
+
+    def __enter__(self) -> "Omni":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,124 @@
+"""Runs one worker process per rank and turns their messages into results or errors.
+
+Every wait here is bounded and checks that the workers are still alive, so a dead worker becomes
+a ``WorkerDiedError`` within ``POLL_S`` instead of a hang.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import queue
+import time
+from typing import Callable
+
+from vllm_omni.diffusion.data import OmniEngineConfig
+from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
+from vllm_omni.utils.proc import free_port, start_process
+from vllm_omni.worker.worker import worker_main
+
+logger = logging.getLogger(__name__)
+
+POLL_S = 0.2
+
+
+class WorkerDiedError(RuntimeError):
+    pass
+
+
+class WorkerStartupError(RuntimeError):
+    pass
+
+
+class MultiprocExecutor:
+    def __init__(self, config: OmniEngineConfig):
+        self.config = config
+        ctx = mp.get_context("spawn")  # workers must not inherit the parent's threads or CUDA state
+        self.result_queue = ctx.Queue()
+        self.work_queues = [ctx.Queue() for _ in range(config.world_size)]
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+        self.workers = []
+        for rank in range(config.world_size):
+            p = ctx.Process(
+                target=worker_main, name=f"vllm_omni_worker{rank}", daemon=True,
+                args=(rank, config, init_method, self.work_queues[rank], self.result_queue),
+            )
+            start_process(p)
+            self.workers.append(p)
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.workers]
+
+    def _dead_worker(self) -> str | None:
+        for rank, p in enumerate(self.workers):
+            if not p.is_alive():
+                return f"worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
+        return None
+
+    def _recv(self, deadline: float | None = None):
+        while True:
+            try:
+                return self.result_queue.get(timeout=POLL_S)
+            except queue.Empty:
+                pass
+            dead = self._dead_worker()
+            if dead:
+                raise WorkerDiedError(dead)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("timed out waiting for workers")
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.config.load_timeout_s
+        ready: set[int] = set()
+        while len(ready) < len(self.workers):
+            try:
+                msg = self._recv(deadline)
+            except WorkerDiedError as e:
+                # A worker that failed to load reports why before exiting; prefer that message.
+                try:
+                    msg = self.result_queue.get(timeout=1.0)
+                except queue.Empty:
+                    raise WorkerStartupError(f"{e} while loading the model") from None
+            except TimeoutError:
+                raise WorkerStartupError(
+                    f"workers did not load the model within {self.config.load_timeout_s:.0f}s"
+                ) from None
+            if msg[0] == "load_error":
+                raise WorkerStartupError(f"worker rank {msg[1]} failed to load the model:\n{msg[2]}")
+            if msg[0] == "ready":
+                ready.add(msg[1])
+
+    def execute(self, batch: list[DiffusionRequest],
+                on_progress: Callable[[list[str], int, int], None] | None = None
+                ) -> list[DiffusionOutput]:
+        for q in self.work_queues:
+            q.put(("execute", batch))
+        while True:
+            msg = self._recv()
+            if msg[0] == "result":
+                return msg[1]
+            if msg[0] == "progress" and on_progress is not None:
+                on_progress(msg[1], msg[2], msg[3])
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        for q, p in zip(self.work_queues, self.workers):
+            if p.is_alive():
+                try:
+                    q.put(("shutdown",))
+                except (ValueError, OSError):
+                    pass
+        deadline = time.monotonic() + timeout
+        for p in self.workers:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+        for q in [*self.work_queues, self.result_queue]:
+            q.cancel_join_thread()
+            q.close()

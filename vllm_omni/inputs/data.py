@@ -1,0 +1,62 @@
+"""Per-request generation parameters (the offline API's ``OmniDiffusionSamplingParams``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class OmniDiffusionSamplingParams:
+    """What to generate for one prompt. ``None`` means "the model's own default".
+
+    Every field is honoured or rejected: a field the served model cannot use raises
+    ``ValueError`` (HTTP 400) instead of being dropped.
+    """
+
+    num_inference_steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    # Classifier-free guidance with a separate negative pass (Qwen-Image's ``true_cfg_scale``).
+    true_cfg_scale: float | None = None
+    # Guidance embedded in guidance-distilled models (FLUX.1-dev style).
+    guidance_scale: float | None = None
+    negative_prompt: str | None = None
+    seed: int | None = None
+    num_images_per_prompt: int = 1
+    # Video models only; image models reject it.
+    num_frames: int | None = None
+
+    def __post_init__(self) -> None:
+        def _int(name: str, lo: int, hi: int | None = None) -> None:
+            v = getattr(self, name)
+            if v is None:
+                return
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+            if v < lo or (hi is not None and v > hi):
+                bound = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
+                raise ValueError(f"{name} must be {bound}, got {v}")
+
+        _int("num_inference_steps", 1)
+        _int("width", 1)
+        _int("height", 1)
+        _int("seed", 0, MAX_SEED)
+        _int("num_images_per_prompt", 1)
+        _int("num_frames", 1)
+        for name in ("true_cfg_scale", "guidance_scale"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ValueError(f"{name} must be a number, got {v!r}")
+            if v is not None and v < 0:
+                raise ValueError(f"{name} must be >= 0, got {v}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise ValueError("negative_prompt must be a string")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

@@ -1,0 +1,77 @@
+"""What the engine needs to know about a model family, as data plus small pure functions.
+
+An adapter never wraps or forks the diffusers pipeline: it describes the request fields the
+pipeline honours, how they map onto ``pipeline.__call__`` keyword arguments, and checks that
+need the loaded pipeline (e.g. prompt length) in ``check_loaded``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
+
+
+def read_json(model_dir: str, *parts: str) -> dict[str, Any]:
+    path = os.path.join(model_dir, *parts)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{model_dir} is not a diffusers pipeline directory: {path} is missing")
+
+
+@dataclass
+class ModelSpec:
+    """Static facts about one served model, read from its config files without loading it."""
+
+    adapter: "ModelAdapter"
+    model_dir: str
+    pipeline_class: str
+    default_width: int
+    default_height: int
+    default_steps: int
+    size_multiple: int
+    has_guidance_embeds: bool = False
+
+
+class ModelAdapter:
+    name: ClassVar[str]
+    task: ClassVar[str] = "text-to-image"
+    pipeline_classes: ClassVar[tuple[str, ...]] = ()
+    # Request fields (beyond prompt, size, steps, seed and n) the pipeline honours.
+    supported_fields: ClassVar[frozenset[str]] = frozenset()
+    max_side: ClassVar[int] = 4096
+
+    def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
+        raise NotImplementedError
+
+    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
+        """Checks that need only the spec. ``given`` names the optional fields the user set."""
+        for name in sorted(given - self.allowed_fields(spec)):
+            raise InvalidRequestError(
+                f"{name} is not supported by {spec.pipeline_class}", param=name,
+                code="unsupported_parameter",
+            )
+        m = spec.size_multiple
+        for name, v in (("width", req.width), ("height", req.height)):
+            if v % m or not m <= v <= self.max_side:
+                lo, hi = max(m, v // m * m), max(m, (v + m - 1) // m * m)
+                hint = f"{lo}" if lo == hi else f"{lo} or {hi}"
+                raise InvalidRequestError(
+                    f"{name}={v} is not supported by {spec.pipeline_class}: it must be a multiple "
+                    f"of {m} between {m} and {self.max_side} (nearest: {hint})",
+                    param="size",
+                )
+
+    def allowed_fields(self, spec: ModelSpec) -> frozenset[str]:
+        return self.supported_fields
+
+    def check_loaded(self, pipe: Any, req: DiffusionRequest) -> None:
+        """Checks that need the loaded pipeline (run in the worker)."""
+
+    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
+        raise NotImplementedError

@@ -1,0 +1,93 @@
+"""Qwen-Image (text-to-image): ``QwenImagePipeline``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
+from vllm_omni.models.base import ModelAdapter, ModelSpec, read_json
+
+# Qwen's published examples use a single space as the "empty" negative prompt.
+EMPTY_NEGATIVE_PROMPT = " "
+
+
+class QwenImageAdapter(ModelAdapter):
+    name = "qwen-image"
+    task = "text-to-image"
+    pipeline_classes = ("QwenImagePipeline",)
+    supported_fields = frozenset({"negative_prompt", "true_cfg_scale"})
+
+    def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
+        vae = read_json(model_dir, "vae", "config.json")
+        transformer = read_json(model_dir, "transformer", "config.json")
+        vae_scale = 2 ** len(vae.get("temperal_downsample", [False, True, True]))
+        # QwenImagePipeline.default_sample_size is 128 latent pixels.
+        side = 128 * vae_scale
+        return ModelSpec(
+            adapter=self,
+            model_dir=model_dir,
+            pipeline_class=pipeline_class,
+            default_width=side,
+            default_height=side,
+            default_steps=50,
+            size_multiple=vae_scale * transformer.get("patch_size", 2),
+            has_guidance_embeds=bool(transformer.get("guidance_embeds", False)),
+        )
+
+    def allowed_fields(self, spec: ModelSpec) -> frozenset[str]:
+        if spec.has_guidance_embeds:
+            return self.supported_fields | {"guidance_scale"}
+        return self.supported_fields
+
+    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
+        if "guidance_scale" in given and not spec.has_guidance_embeds:
+            raise InvalidRequestError(
+                f"guidance_scale is not supported by {spec.pipeline_class}: this checkpoint is "
+                "not guidance-distilled; use true_cfg_scale (with negative_prompt) instead",
+                param="guidance_scale", code="unsupported_parameter",
+            )
+        super().validate(spec, req, given)
+        if req.negative_prompt is not None and req.true_cfg_scale is not None \
+                and req.true_cfg_scale <= 1:
+            raise InvalidRequestError(
+                "negative_prompt has no effect unless true_cfg_scale > 1", param="negative_prompt"
+            )
+        if spec.has_guidance_embeds and req.guidance_scale is None:
+            raise InvalidRequestError("guidance_scale is required by this guidance-distilled model",
+                                      param="guidance_scale")
+
+    def check_loaded(self, pipe: Any, req: DiffusionRequest) -> None:
+        # The pipeline silently truncates prompts beyond tokenizer_max_length; refuse instead.
+        limit = pipe.tokenizer_max_length
+        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+            if text is None:
+                continue
+            n = len(pipe.tokenizer(text, add_special_tokens=False)["input_ids"])
+            if n > limit:
+                raise InvalidRequestError(
+                    f"{name} is {n} tokens long; {type(pipe).__name__} accepts at most {limit}",
+                    param=name, code="context_length_exceeded",
+                )
+
+    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(
+            prompt=req.prompt,
+            height=req.height,
+            width=req.width,
+            num_inference_steps=req.num_inference_steps,
+            num_images_per_prompt=req.num_images,
+        )
+        negative = req.negative_prompt
+        if req.true_cfg_scale is not None:
+            kwargs["true_cfg_scale"] = req.true_cfg_scale
+            # diffusers would warn and skip CFG without a negative prompt; CFG was asked for.
+            if req.true_cfg_scale > 1 and negative is None:
+                negative = EMPTY_NEGATIVE_PROMPT
+        if negative is not None:
+            kwargs["negative_prompt"] = negative
+        elif req.true_cfg_scale is None:
+            # No CFG either way; saying so explicitly avoids the pipeline's default-4.0 warning.
+            kwargs["true_cfg_scale"] = 1.0
+        if req.guidance_scale is not None:
+            kwargs["guidance_scale"] = req.guidance_scale
+        return kwargs

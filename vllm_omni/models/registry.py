@@ -1,0 +1,44 @@
+"""Maps a pipeline directory's ``model_index.json`` class name to its adapter."""
+
+from __future__ import annotations
+
+import os
+
+from vllm_omni.models.base import ModelAdapter, ModelSpec, read_json
+from vllm_omni.models.qwen_image import QwenImageAdapter
+
+ADAPTERS: tuple[ModelAdapter, ...] = (QwenImageAdapter(),)
+
+_BY_CLASS = {cls: a for a in ADAPTERS for cls in a.pipeline_classes}
+
+
+def supported_pipeline_classes() -> list[str]:
+    return sorted(_BY_CLASS)
+
+
+def load_model_spec(model_dir: str) -> ModelSpec:
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"model directory {model_dir!r} does not exist")
+    index = read_json(model_dir, "model_index.json")
+    cls = index.get("_class_name")
+    adapter = _BY_CLASS.get(cls)
+    if adapter is None:
+        raise ValueError(
+            f"{cls!r} pipelines are not supported; supported pipelines: "
+            + ", ".join(supported_pipeline_classes())
+        )
+    return adapter.load_spec(model_dir, cls)
+
+
+def resolve_model_dir(model: str) -> str:
+    """A local pipeline directory, or a hub id fetched/reused through the Hugging Face cache."""
+    if os.path.isdir(model):
+        return os.path.abspath(model)
+    if os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
+        raise ValueError(f"model {model!r} is neither a pipeline directory nor a hub id")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model)
+    except Exception as e:  # offline, gated, missing: the message says which
+        raise ValueError(f"could not fetch model {model!r}: {e}") from None

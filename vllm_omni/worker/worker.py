@@ -1,0 +1,71 @@
+"""One process per rank: joins vLLM's distributed environment, loads the model, runs work."""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import traceback
+
+from vllm_omni.diffusion.data import OmniEngineConfig
+from vllm_omni.utils.proc import parent_alive, set_process_title
+
+logger = logging.getLogger(__name__)
+
+
+def _init_distributed(rank: int, world_size: int, init_method: str, device_type: str) -> None:
+    from vllm.distributed import parallel_state
+
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    parallel_state.init_distributed_environment(
+        world_size=world_size, rank=rank, distributed_init_method=init_method,
+        local_rank=rank, backend=backend,
+    )
+
+
+def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
+                work_queue, result_queue) -> None:
+    """Messages in: ("execute", batch) | ("shutdown",). Out (rank 0 only, except "ready"):
+    ("ready", rank) | ("load_error", rank, text) | ("progress", ids, step, total) |
+    ("result", outputs)."""
+    set_process_title(f"worker_rank{rank}")
+    logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
+                        format=f"%(levelname)s %(asctime)s [worker{rank}] %(message)s")
+    parent = os.getppid()
+    try:
+        import torch
+
+        from vllm_omni.worker.model_runner import ModelRunner
+
+        if config.device:
+            device = torch.device(config.device)
+        elif torch.cuda.is_available():
+            device = torch.device("cuda", rank)
+        else:
+            device = torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        _init_distributed(rank, config.world_size, init_method, device.type)
+        runner = ModelRunner(config, rank, device)
+        runner.load()
+    except BaseException:
+        result_queue.put(("load_error", rank, traceback.format_exc()))
+        return
+    result_queue.put(("ready", rank))
+
+    def progress(ids, step, total):
+        result_queue.put(("progress", ids, step, total))
+
+    while True:
+        try:
+            msg = work_queue.get(timeout=1.0)
+        except queue.Empty:
+            if not parent_alive(parent):
+                return  # the engine core is gone; nobody will read our results
+            continue
+        if msg[0] == "shutdown":
+            return
+        if msg[0] == "execute":
+            outputs = runner.execute(msg[1], progress if rank == 0 else None)
+            if rank == 0:
+                result_queue.put(("result", outputs))
