@@ -1,0 +1,92 @@
+"""Shared, session-scoped fixtures: each heavy thing (tiny model, engine, server) is built once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from vllm_omni.utils.proc import free_port
+
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(tmp_path_factory) -> str:
+    from vllm_omni.testing.tiny_models import build
+
+    return build("qwen-image", str(tmp_path_factory.mktemp("models") / "tiny-qwen-image"))
+
+
+@pytest.fixture(scope="session")
+def omni(tiny_qwen_image):
+    from vllm_omni import Omni
+
+    engine = Omni(model=tiny_qwen_image)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipe(tiny_qwen_image):
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_qwen_image)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class Server:
+    """A real ``vllm serve DIR --omni`` process on a free port."""
+
+    def __init__(self, model: str, *extra: str, log_path: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [os.path.join(VENV_BIN, "vllm"), "serve", model, "--omni", "--host", "127.0.0.1",
+             "--port", str(self.port), *extra],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_healthy(180)
+
+    def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.logs()}")
+            try:
+                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not healthy after {timeout}s:\n{self.logs()}")
+
+    def logs(self) -> str:
+        self.log.flush()
+        with open(self.log_path) as f:
+            return f.read()[-5000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_qwen_image, tmp_path_factory):
+    s = Server(tiny_qwen_image, "--served-model-name", "tiny-qwen-image",
+               log_path=str(tmp_path_factory.mktemp("logs") / "server.log"))
+    yield s
+    s.stop()

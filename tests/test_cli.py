@@ -1,0 +1,57 @@
+"""The ``--omni`` hook in stock vLLM's CLI and our flag handling."""
+
+import os
+import subprocess
+import sys
+
+VLLM = os.path.join(os.path.dirname(sys.executable), "vllm")
+
+
+def run(*args, timeout=120):
+    return subprocess.run([VLLM, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_omni_flags():
+    r = run("serve", "--omni", "--help")
+    assert r.returncode == 0, r.stderr
+    for flag in ("--usp", "--ring", "--cfg-parallel-size", "--vae-patch-parallel-size",
+                 "--cache-backend", "--cache-config", "--enable-cpu-offload", "--lora-path",
+                 "--api-key", "--served-model-name", "--port"):
+        assert flag in r.stdout, flag
+
+
+def test_rejects_vllm_flags_it_would_ignore(tiny_qwen_image):
+    r = run("serve", tiny_qwen_image, "--omni", "--max-model-len", "128")
+    assert r.returncode == 2
+    assert "--max-model-len" in r.stderr and "no meaning for diffusion" in r.stderr
+
+
+def test_rejects_unavailable_layout_before_starting(tiny_qwen_image):
+    r = run("serve", tiny_qwen_image, "--omni", "--usp", "2")
+    assert r.returncode == 2 and "ulysses_degree=2" in r.stderr
+    r = run("serve", tiny_qwen_image, "--omni", "--cache-config", "{bad")
+    assert r.returncode == 2 and "not valid JSON" in r.stderr
+
+
+def test_rejects_unknown_model_dir(tmp_path):
+    r = run("serve", str(tmp_path / "missing"), "--omni")
+    assert r.returncode == 2 and "neither a pipeline directory nor a hub id" in r.stderr
+
+
+def test_without_omni_vllm_cli_does_not_reach_us():
+    code = ("import sys; sys.argv = ['vllm', 'serve', 'some/model'];"
+            "from vllm.entrypoints.cli.main import maybe_run_omni;"
+            "assert maybe_run_omni() is False;"
+            "assert 'vllm_omni.entrypoints.cli.main' not in sys.modules; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_general_plugin_entry_point_is_registered():
+    from importlib.metadata import entry_points
+
+    eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert eps.get("vllm_omni") == "vllm_omni.plugin:register"
+    from vllm_omni.plugin import register
+
+    register()  # idempotent, cheap

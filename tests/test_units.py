@@ -1,0 +1,62 @@
+"""Small pieces that need no engine."""
+
+import hashlib
+import os
+import time
+
+import pytest
+
+from vllm_omni.engine.request import DiffusionRequest
+from vllm_omni.engine.scheduler import Scheduler
+from vllm_omni.entrypoints.openai.image_store import ImageStore
+from vllm_omni.entrypoints.openai.protocol import OpenAIError, parse_size
+from vllm_omni.testing.tiny_models import build
+
+
+def _req(i):
+    return DiffusionRequest(f"r{i}", "p", None, 64, 64, 2, i)
+
+
+def test_scheduler_is_fifo_and_aborts():
+    s = Scheduler()
+    for i in range(3):
+        s.add(_req(i))
+    assert s.abort("r1") is not None and s.abort("r1") is None
+    assert [r.request_id for r in s.schedule()] == ["r0"]
+    assert [r.request_id for r in s.schedule()] == ["r2"]
+    assert s.schedule() == []
+    with pytest.raises(ValueError):
+        s.add(_req(5)), s.add(_req(5))
+
+
+def test_parse_size():
+    assert parse_size("1024x768") == (1024, 768)
+    assert parse_size("auto") == (None, None) and parse_size(None) == (None, None)
+    for bad in ("1024", "0x64", "64X64", "-1x2", "64x64x3"):
+        with pytest.raises(OpenAIError):
+            parse_size(bad)
+
+
+def test_image_store_expires_and_bounds_bytes():
+    store = ImageStore(ttl_s=0.2, max_bytes=10)
+    store.put("a", b"123456", "png")
+    store.put("b", b"123456", "png")  # over budget: the oldest goes
+    assert store.get("a") is None and store.get("b") == (b"123456", "image/png")
+    time.sleep(0.25)
+    assert store.get("b") is None
+
+
+def _digest(d):
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(d)):
+        for f in sorted(files):
+            h.update(f.encode())
+            h.update(open(os.path.join(root, f), "rb").read())
+    return h.hexdigest()
+
+
+def test_tiny_builder_is_deterministic(tiny_qwen_image, tmp_path):
+    again = build("qwen-image", str(tmp_path / "again"))
+    assert _digest(again) == _digest(tiny_qwen_image)
+    with pytest.raises(ValueError, match="unknown family"):
+        build("nope", str(tmp_path / "x"))

@@ -1,0 +1,36 @@
+"""Entry point that stock vLLM's CLI hands every ``--omni`` command line to."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
+                        format="%(levelname)s %(asctime)s [api_server] %(message)s")
+    from vllm_omni.entrypoints.cli.serve import (
+        config_from_args,
+        make_parser,
+        run_server,
+        unsupported_flags,
+    )
+
+    parser, serve = make_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.subparser != "serve":
+        parser.error("--omni is supported with `vllm serve` only")
+    bad = unsupported_flags(serve, args)
+    if bad:
+        serve.error(f"{', '.join(bad)}: vLLM text-engine option(s) with no meaning for diffusion "
+                    "serving; remove them (see `vllm serve --omni --help`)")
+    try:
+        config = config_from_args(args, serve)
+    except ValueError as e:
+        serve.error(str(e))
+    run_server(args, config)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""``vllm serve MODEL --omni``: vLLM's own serve parser plus our diffusion flags.
+
+vLLM's serve parser defines ~200 text-engine flags. We honour the ones that mean something for
+diffusion serving (``HONOURED``); any other vLLM flag set to a non-default value is an error, so a
+user is never left believing ``--max-model-len`` or ``--enable-prefix-caching`` did something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from vllm_omni.diffusion.data import CACHE_BACKENDS, DiffusionParallelConfig, OmniEngineConfig
+
+logger = logging.getLogger("vllm_omni")
+
+OMNI_GROUP = "Omni diffusion"
+
+# vLLM serve flags (argparse dests) that the diffusion server implements.
+HONOURED = {
+    "model_tag", "model", "host", "port", "api_key", "served_model_name", "seed", "dtype",
+    "tensor_parallel_size", "quantization", "revision", "uvicorn_log_level",
+    "disable_uvicorn_access_log", "root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
+    "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials",
+    "dispatch_function", "subparser", "config",
+}
+
+
+def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
+    g = parser.add_argument_group(OMNI_GROUP, "Diffusion serving (vllm_omni). These flags, and "
+                                  "the vLLM flags listed in the epilog, apply with --omni.")
+    actions = [
+        g.add_argument("--omni", action="store_true",
+                       help="Serve a diffusion pipeline with vllm_omni instead of an LLM."),
+        g.add_argument("--usp", "--ulysses-degree", dest="ulysses_degree", type=int, default=1,
+                       help="Ulysses sequence-parallel degree."),
+        g.add_argument("--ring", "--ring-degree", dest="ring_degree", type=int, default=1,
+                       help="Ring-attention sequence-parallel degree."),
+        g.add_argument("--cfg-parallel-size", type=int, default=1,
+                       help="Ranks over which the CFG branches are split (1 or 2)."),
+        g.add_argument("--vae-patch-parallel-size", type=int, default=1,
+                       help="Ranks over which the VAE decode is split into patches."),
+        g.add_argument("--cache-backend", choices=CACHE_BACKENDS, default="none",
+                       help="Step cache: tea_cache or cache_dit (lossy; off by default)."),
+        g.add_argument("--cache-config", type=str, default=None,
+                       help="JSON object of cache settings, e.g. '{\"rel_l1_thresh\": 0.2}'."),
+        g.add_argument("--enable-cpu-offload", action="store_true",
+                       help="Keep idle pipeline components in CPU memory."),
+        g.add_argument("--lora-path", type=str, default=None, help="LoRA adapter directory."),
+        g.add_argument("--model-load-timeout", type=float, default=1800.0,
+                       help="Seconds the workers may take to load the model."),
+    ]
+    return actions
+
+
+def make_parser():
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    parser = FlexibleArgumentParser(prog="vllm", description="vLLM CLI (vllm_omni diffusion mode)")
+    subparsers = parser.add_subparsers(dest="subparser")
+    serve = subparsers.add_parser(
+        "serve", usage="vllm serve MODEL --omni [options]",
+        description="Serve a diffusers pipeline (a local directory or a Hugging Face id) through "
+                    "OpenAI-compatible image endpoints.")
+    serve = make_arg_parser(serve)
+    actions = _add_omni_args(serve)
+    # vLLM's --help shows only group titles; list our flags in full, as users look for them.
+    fmt = serve._get_formatter()
+    fmt.start_section(f"{OMNI_GROUP} flags")
+    fmt.add_arguments(actions)
+    fmt.end_section()
+    fmt.add_text("vLLM flags honoured with --omni: " + ", ".join(
+        "--" + d.replace("_", "-") for d in sorted(HONOURED - {"model_tag", "dispatch_function",
+                                                                  "subparser"})))
+    serve.epilog = fmt.format_help() + "\n" + (serve.epilog or "")
+    return parser, serve
+
+
+def unsupported_flags(serve_parser, args: argparse.Namespace) -> list[str]:
+    ours = {a.dest for g in serve_parser._action_groups if g.title == OMNI_GROUP
+            for a in g._group_actions}
+    bad = []
+    for action in serve_parser._actions:
+        dest = action.dest
+        if dest in HONOURED or dest in ours or dest == "help" or not hasattr(args, dest):
+            continue
+        if getattr(args, dest) != action.default:
+            bad.append(action.option_strings[0] if action.option_strings else dest)
+    return bad
+
+
+def config_from_args(args: argparse.Namespace, serve_parser) -> OmniEngineConfig:
+    from vllm_omni.models.registry import resolve_model_dir
+
+    # vLLM defaults --model to an LLM; only an explicitly given one counts here.
+    explicit_model = args.model if args.model != serve_parser.get_default("model") else None
+    model = args.model_tag or explicit_model
+    if not model:
+        raise ValueError("no model given: use `vllm serve MODEL --omni`")
+    if args.quantization not in (None, "fp8"):
+        raise ValueError(f"--quantization {args.quantization} is not supported with --omni "
+                         "(supported: fp8)")
+    parallel = DiffusionParallelConfig(
+        ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
+        cfg_parallel_size=args.cfg_parallel_size,
+        tensor_parallel_size=args.tensor_parallel_size,
+        vae_patch_parallel_size=args.vae_patch_parallel_size)
+    if args.revision and not os.path.isdir(model):
+        from huggingface_hub import snapshot_download
+
+        model_dir = snapshot_download(model, revision=args.revision)
+    elif args.revision:
+        raise ValueError("--revision applies to hub ids, not local directories")
+    else:
+        model_dir = resolve_model_dir(model)
+    return OmniEngineConfig(
+        model=model_dir, model_name=model,
+        served_model_names=list(args.served_model_name or [model]),
+        dtype=args.dtype, parallel=parallel, cache_backend=args.cache_backend,
+        cache_config=args.cache_config or {}, quantization=args.quantization,
+        enable_cpu_offload=args.enable_cpu_offload, lora_path=args.lora_path,
+        default_seed=args.seed, load_timeout_s=args.model_load_timeout,
+    )
+
+
+def _api_keys(value) -> list[str]:
+    """vLLM takes one or more keys (--api-key K [K ...]) or VLLM_API_KEY."""
+    if value:
+        return [value] if isinstance(value, str) else list(value)
+    env = os.environ.get("VLLM_API_KEY")
+    return [env] if env else []
+
+
+def run_server(args: argparse.Namespace, config: OmniEngineConfig) -> None:
+    import uvicorn
+
+    from vllm_omni.engine.async_engine import AsyncOmniEngine
+    from vllm_omni.entrypoints.openai.api_server import build_app
+    from vllm_omni.models.registry import load_model_spec
+
+    spec = load_model_spec(config.model)
+    logger.info("starting engine for %s (%s)", config.model_name, spec.pipeline_class)
+    engine = AsyncOmniEngine(config)
+    try:
+        app = build_app(engine, spec, config.served_model_names, model_root=config.model,
+                        api_keys=_api_keys(args.api_key),
+                        seed=args.seed, root_path=args.root_path or "")
+        if args.allowed_origins != ["*"] or args.allow_credentials:
+            from fastapi.middleware.cors import CORSMiddleware
+
+            app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins,
+                               allow_credentials=args.allow_credentials,
+                               allow_methods=args.allowed_methods,
+                               allow_headers=args.allowed_headers)
+        uvicorn.run(app, host=args.host or "0.0.0.0", port=args.port,
+                    log_level=args.uvicorn_log_level,
+                    access_log=not args.disable_uvicorn_access_log,
+                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
+                    ssl_ca_certs=args.ssl_ca_certs, timeout_graceful_shutdown=10)
+    finally:
+        engine.shutdown()

@@ -1,0 +1,87 @@
+"""OpenAI Images API request models (plus the diffusion extensions), validated at the edge."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vllm_omni.inputs.data import MAX_SEED
+
+
+class OpenAIError(Exception):
+    """Raised anywhere in a handler; rendered as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+_SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
+
+
+def parse_size(size: str | None) -> tuple[int | None, int | None]:
+    """``"WxH"`` -> (W, H); ``None``/``"auto"`` -> the model's default."""
+    if size is None or size == "auto":
+        return None, None
+    m = _SIZE.match(size)
+    if not m:
+        raise OpenAIError(400, f"Invalid size {size!r}: expected 'WIDTHxHEIGHT' (e.g. '1024x1024') "
+                          "or 'auto'", param="size", code="invalid_value")
+    return int(m.group(1)), int(m.group(2))
+
+
+class ImageGenerationRequest(BaseModel):
+    # Unknown fields are errors, and "4" is not an integer: nothing is guessed or dropped.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    prompt: str = Field(min_length=1, max_length=32000)
+    model: str | None = None
+    n: int = Field(1, ge=1, le=10)
+    size: str | None = None
+    response_format: Literal["b64_json", "url"] = "b64_json"
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    user: str | None = None
+    # OpenAI fields whose only value we can honour is the neutral one (checked in the handler).
+    quality: str | None = None
+    background: str | None = None
+    style: str | None = None
+    moderation: str | None = None
+    stream: bool | None = None
+    partial_images: int | None = None
+    # Diffusion extensions (top level, so the OpenAI SDK's extra_body reaches them).
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    guidance_scale: float | None = Field(None, ge=0)
+    true_cfg_scale: float | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+
+    def check_openai_options(self) -> None:
+        neutral = {"quality": (None, "auto"), "background": (None, "auto", "opaque"),
+                   "style": (None,), "moderation": (None,), "stream": (None, False),
+                   "partial_images": (None, 0)}
+        why = {
+            "quality": "image quality is set with num_inference_steps",
+            "background": "transparent backgrounds are not produced by this model",
+            "style": "style presets are a DALL-E 3 feature",
+            "moderation": "this server does no content moderation",
+            "stream": "streaming is not supported yet",
+            "partial_images": "partial images need streaming, which is not supported yet",
+        }
+        for name, ok in neutral.items():
+            value = getattr(self, name)
+            if value not in ok:
+                raise OpenAIError(400, f"{name}={value!r} is not supported: {why[name]}",
+                                  param=name, code="unsupported_parameter")
+        if self.output_compression is not None and self.output_format == "png":
+            raise OpenAIError(400, "output_compression applies to jpeg and webp only; "
+                              "png output is lossless", param="output_compression",
+                              code="unsupported_parameter")
