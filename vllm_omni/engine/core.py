@@ -94,7 +94,7 @@ def _error(req: DiffusionRequest, status: int, message: str) -> DiffusionOutput:
 def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
     """Engine core process. In: ("add", req) | ("abort", id) | ("shutdown",).
     Out: ("ready", pids) | ("startup_failed", text) | ("output", out) |
-    ("progress", ids, step, total) | ("status", state, pids)."""
+    ("status", state, pids)."""
     set_process_title("engine_core")
     logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
                         format="%(levelname)s %(asctime)s [engine_core] %(message)s")
@@ -105,9 +105,6 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
         out_queue.put(("startup_failed", str(e)))
         return
     out_queue.put(("ready", core.worker_pids))
-
-    def on_progress(ids, step, total):
-        out_queue.put(("progress", ids, step, total))
 
     try:
         while True:
@@ -135,7 +132,8 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
                 out_queue.put(("status", "restarting", []))
                 core.restart()
                 out_queue.put(("status", core.state, core.worker_pids))
-            for out in core.step(on_progress):
+            # No per-step progress consumer on the server side yet (streaming will add one).
+            for out in core.step():
                 out_queue.put(("output", out))
     finally:
         core.shutdown()

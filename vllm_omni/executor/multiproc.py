@@ -97,8 +97,9 @@ class MultiprocExecutor:
     def execute(self, batch: list[DiffusionRequest],
                 on_progress: Callable[[list[str], int, int], None] | None = None
                 ) -> list[DiffusionOutput]:
+        # Progress costs a queue message per step; only ask for it when someone listens.
         for q in self.work_queues:
-            q.put(("execute", batch))
+            q.put(("execute", batch, on_progress is not None))
         while True:
             msg = self._recv()
             if msg[0] == "result":

@@ -25,7 +25,7 @@ def _init_distributed(rank: int, world_size: int, init_method: str, device_type:
 
 def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
                 work_queue, result_queue) -> None:
-    """Messages in: ("execute", batch) | ("shutdown",). Out (rank 0 only, except "ready"):
+    """Messages in: ("execute", batch, want_progress) | ("shutdown",). Out (rank 0 only, except "ready"):
     ("ready", rank) | ("load_error", rank, text) | ("progress", ids, step, total) |
     ("result", outputs)."""
     set_process_title(f"worker_rank{rank}")
@@ -66,6 +66,7 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
         if msg[0] == "shutdown":
             return
         if msg[0] == "execute":
-            outputs = runner.execute(msg[1], progress if rank == 0 else None)
+            want_progress = msg[2] and rank == 0
+            outputs = runner.execute(msg[1], progress if want_progress else None)
             if rank == 0:
                 result_queue.put(("result", outputs))
