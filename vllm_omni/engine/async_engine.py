@@ -136,6 +136,9 @@ class AsyncOmniEngine:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(2)
+        for q in (self._in, self._out):
+            q.cancel_join_thread()
+            q.close()
 
 
 def _set_result(fut: asyncio.Future, out: DiffusionOutput) -> None:

@@ -116,6 +116,10 @@ class Omni:
                     results[out.request_id] = out
         finally:
             bar.close()
+            # An interrupted call (Ctrl-C) must not leave its requests queued for the next one.
+            for req in requests:
+                if req.request_id not in results:
+                    self._engine.abort_request(req.request_id)
         outputs = []
         for req, prompt in zip(requests, prompts):
             out = results[req.request_id]
