@@ -45,7 +45,7 @@ def _torchvision_extension_loads(spec) -> bool:
             try:
                 torch.ops.load_library(os.path.join(origin_dir, name))
                 return True
-            except OSError:
+            except Exception:  # OSError for a missing symbol; RuntimeError on some torch builds
                 return False
     return False
 
