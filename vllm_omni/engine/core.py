@@ -9,18 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import queue
-from typing import Callable
-
 from vllm_omni.diffusion.data import OmniEngineConfig
-from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, RequestError
+from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, ProgressFn, RequestError
 from vllm_omni.engine.scheduler import Scheduler
 from vllm_omni.executor.multiproc import MultiprocExecutor, WorkerDiedError
 from vllm_omni.utils.proc import parent_alive, set_process_title
 
 logger = logging.getLogger(__name__)
-
-ProgressFn = Callable[[list[str], int, int], None]
-
 
 class EngineCore:
     def __init__(self, config: OmniEngineConfig):

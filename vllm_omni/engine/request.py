@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+# Per-step progress callback: (request ids, steps done, total steps).
+ProgressFn = Callable[[list[str], int, int], None]
 
 
 class InvalidRequestError(ValueError):

@@ -10,10 +10,8 @@ import logging
 import multiprocessing as mp
 import queue
 import time
-from typing import Callable
-
 from vllm_omni.diffusion.data import OmniEngineConfig
-from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
+from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, ProgressFn
 from vllm_omni.utils.proc import free_port, start_process
 from vllm_omni.worker.worker import worker_main
 
@@ -95,8 +93,7 @@ class MultiprocExecutor:
                 ready.add(msg[1])
 
     def execute(self, batch: list[DiffusionRequest],
-                on_progress: Callable[[list[str], int, int], None] | None = None
-                ) -> list[DiffusionOutput]:
+                on_progress: ProgressFn | None = None) -> list[DiffusionOutput]:
         # Progress costs a queue message per step; only ask for it when someone listens.
         for q in self.work_queues:
             q.put(("execute", batch, on_progress is not None))

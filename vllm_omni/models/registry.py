@@ -30,15 +30,17 @@ def load_model_spec(model_dir: str) -> ModelSpec:
     return adapter.load_spec(model_dir, cls)
 
 
-def resolve_model_dir(model: str) -> str:
+def resolve_model_dir(model: str, revision: str | None = None) -> str:
     """A local pipeline directory, or a hub id fetched/reused through the Hugging Face cache."""
     if os.path.isdir(model):
+        if revision:
+            raise ValueError("--revision applies to hub ids, not local directories")
         return os.path.abspath(model)
     if os.path.exists(model) or model.startswith((".", "/")) or model.count("/") != 1:
         raise ValueError(f"model {model!r} is neither a pipeline directory nor a hub id")
     from huggingface_hub import snapshot_download
 
     try:
-        return snapshot_download(model)
+        return snapshot_download(model, revision=revision)
     except Exception as e:  # offline, gated, missing: the message says which
         raise ValueError(f"could not fetch model {model!r}: {e}") from None

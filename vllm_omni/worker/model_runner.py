@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import time
 import traceback
-from typing import Callable
-
 import torch
 
 from vllm_omni.diffusion.data import OmniEngineConfig
@@ -14,6 +12,7 @@ from vllm_omni.engine.request import (
     DiffusionOutput,
     DiffusionRequest,
     InvalidRequestError,
+    ProgressFn,
     RequestError,
 )
 from vllm_omni.models.registry import load_model_spec
@@ -22,8 +21,6 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
-
-ProgressFn = Callable[[list[str], int, int], None]
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

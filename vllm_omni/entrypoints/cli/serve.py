@@ -22,8 +22,7 @@ HONOURED = {
     "model_tag", "model", "host", "port", "api_key", "served_model_name", "seed", "dtype",
     "tensor_parallel_size", "quantization", "revision", "uvicorn_log_level",
     "disable_uvicorn_access_log", "root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
-    "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials",
-    "dispatch_function", "subparser", "config",
+    "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials", "config",
 }
 
 
@@ -72,8 +71,7 @@ def make_parser():
     fmt.add_arguments(actions)
     fmt.end_section()
     fmt.add_text("vLLM flags honoured with --omni: " + ", ".join(
-        "--" + d.replace("_", "-") for d in sorted(HONOURED - {"model_tag", "dispatch_function",
-                                                                  "subparser"})))
+        "--" + d.replace("_", "-") for d in sorted(HONOURED - {"model_tag"})))
     serve.epilog = fmt.format_help() + "\n" + (serve.epilog or "")
     return parser, serve
 
@@ -107,16 +105,8 @@ def config_from_args(args: argparse.Namespace, serve_parser) -> OmniEngineConfig
         cfg_parallel_size=args.cfg_parallel_size,
         tensor_parallel_size=args.tensor_parallel_size,
         vae_patch_parallel_size=args.vae_patch_parallel_size)
-    if args.revision and not os.path.isdir(model):
-        from huggingface_hub import snapshot_download
-
-        model_dir = snapshot_download(model, revision=args.revision)
-    elif args.revision:
-        raise ValueError("--revision applies to hub ids, not local directories")
-    else:
-        model_dir = resolve_model_dir(model)
     return OmniEngineConfig(
-        model=model_dir, model_name=model,
+        model=resolve_model_dir(model, args.revision), model_name=model,
         served_model_names=list(args.served_model_name or [model]),
         dtype=args.dtype, parallel=parallel, cache_backend=args.cache_backend,
         cache_config=args.cache_config or {}, quantization=args.quantization,
