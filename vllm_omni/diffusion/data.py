@@ -26,20 +26,20 @@ class DiffusionParallelConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
+        self.layout  # refuses impossible combinations now, not in the workers
+
+    @property
+    def layout(self):
+        from vllm_omni.distributed.layout import RankLayout
+
+        return RankLayout(ulysses=self.ulysses_degree, ring=self.ring_degree,
+                          cfg=self.cfg_parallel_size, tp=self.tensor_parallel_size,
+                          vae=self.vae_patch_parallel_size)
+
     @property
     def world_size(self) -> int:
-        return (self.ulysses_degree * self.ring_degree * self.cfg_parallel_size
-                * self.tensor_parallel_size)
-
-    def check_supported(self) -> None:
-        """Rejects layouts this release cannot run, rather than running them single-rank."""
-        asked = {k: v for k, v in vars(self).items() if v != 1}
-        if asked:
-            flags = ", ".join(f"{k}={v}" for k, v in asked.items())
-            raise ValueError(
-                f"parallel layout {flags} is not available in this release of vllm_omni; "
-                "run with every parallel degree at 1 (the default)"
-            )
+        """Ranks to start: ulysses x ring x cfg x tp (VAE patch parallelism reuses them)."""
+        return self.layout.world_size
 
 
 @dataclass
@@ -76,7 +76,6 @@ class OmniEngineConfig:
 
     def check_supported(self) -> None:
         """Features that are part of the public contract but not built yet fail loudly."""
-        self.parallel.check_supported()
         not_yet = {
             "cache_backend": self.cache_backend != "none",
             "cache_config": bool(self.cache_config),

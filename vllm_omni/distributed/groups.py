@@ -10,7 +10,7 @@ import torch.distributed as dist
 from vllm_omni.distributed.comm import GroupComm
 from vllm_omni.distributed.layout import RankLayout
 
-KINDS = ("tp", "ulysses", "ring", "cfg", "vae")
+KINDS = ("tp", "ulysses", "ring", "sp", "cfg", "vae")
 
 
 @dataclass
@@ -20,6 +20,7 @@ class ParallelGroups:
     tp: GroupComm
     ulysses: GroupComm
     ring: GroupComm
+    sp: GroupComm  # ulysses x ring, ordered by SP rank
     cfg: GroupComm
     vae: GroupComm
 
@@ -32,6 +33,9 @@ class ParallelGroups:
 
     def bytes_sent(self) -> dict[str, int]:
         return {k: c.bytes_sent for k, c in self.comms().items()}
+
+    def calls(self) -> dict[str, int]:
+        return {k: c.calls for k, c in self.comms().items()}
 
     def reset_counters(self) -> None:
         for c in self.comms().values():

@@ -45,6 +45,7 @@ class InputProcessor:
             num_images=params.num_images_per_prompt,
             true_cfg_scale=params.true_cfg_scale,
             guidance_scale=params.guidance_scale,
+            output_type=params.output_type,
         )
         self.spec.adapter.validate(self.spec, req, given)
         return req

@@ -47,13 +47,14 @@ class DiffusionRequest:
     num_images: int = 1
     true_cfg_scale: float | None = None
     guidance_scale: float | None = None
+    output_type: str = "pil"
     arrival_time: float = field(default_factory=time.monotonic)
 
 
 @dataclass
 class DiffusionOutput:
     request_id: str
-    images: list[Any] = field(default_factory=list)  # PIL images
+    images: list[Any] = field(default_factory=list)  # PIL images, or float arrays for "np"
     error: RequestError | None = None
     metrics: dict[str, float] = field(default_factory=dict)
 

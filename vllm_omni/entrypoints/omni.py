@@ -21,7 +21,7 @@ from vllm_omni.models.registry import load_model_spec, resolve_model_dir
 class OmniRequestOutput:
     request_id: str
     prompt: str
-    images: list[Any] = field(default_factory=list)  # PIL.Image.Image
+    images: list[Any] = field(default_factory=list)  # PIL images; float32 HxWxC arrays for output_type="np"
     seed: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     finished: bool = True
@@ -56,6 +56,7 @@ class Omni:
             lora_path=lora_path, default_seed=seed, load_timeout_s=load_timeout_s,
         )
         self.spec = load_model_spec(model_dir)
+        self.spec.adapter.check_parallel(self.spec, self.config.parallel)
         self._inputs = InputProcessor(self.spec, seed)
         self._engine = EngineCore(self.config)
         self._counter = 0

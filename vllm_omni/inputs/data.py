@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 MAX_SEED = 2**63 - 1
+OUTPUT_TYPES = ("pil", "np")
 
 
 @dataclass
@@ -27,6 +28,8 @@ class OmniDiffusionSamplingParams:
     num_images_per_prompt: int = 1
     # Video models only; image models reject it.
     num_frames: int | None = None
+    # "pil" (8-bit images) or "np" (float32 HxWxC arrays in [0, 1], before 8-bit rounding).
+    output_type: str = "pil"
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int, hi: int | None = None) -> None:
@@ -51,6 +54,9 @@ class OmniDiffusionSamplingParams:
                 raise ValueError(f"{name} must be a number, got {v!r}")
             if v is not None and v < 0:
                 raise ValueError(f"{name} must be >= 0, got {v}")
+        if self.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, "
+                             f"got {self.output_type!r}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise ValueError("negative_prompt must be a string")
 

@@ -36,6 +36,7 @@ class ModelSpec:
     default_steps: int
     size_multiple: int
     has_guidance_embeds: bool = False
+    num_heads: int = 1
 
 
 class ModelAdapter:
@@ -75,3 +76,21 @@ class ModelAdapter:
 
     def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
         raise NotImplementedError
+
+    # -- parallelism -------------------------------------------------------------------------------
+    def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
+        """A ``ParallelPlan`` of what this model can run in parallel; ``loaded`` adds the hooks
+        that need diffusers (worker side). The default supports nothing."""
+        from vllm_omni.distributed.apply import ParallelPlan
+
+        return ParallelPlan(model=spec.pipeline_class, num_heads=1,
+                            cfg_reason=f"{spec.pipeline_class} has no CFG-parallel support")
+
+    def check_parallel(self, spec: ModelSpec, parallel) -> None:
+        from vllm_omni.distributed.apply import check_layout
+
+        check_layout(self.parallel_plan(spec), parallel)
+
+    def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
+        """Whether a request with these pipeline kwargs makes one denoiser call per CFG branch."""
+        return False

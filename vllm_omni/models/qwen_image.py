@@ -32,6 +32,7 @@ class QwenImageAdapter(ModelAdapter):
             default_steps=50,
             size_multiple=vae_scale * transformer.get("patch_size", 2),
             has_guidance_embeds=bool(transformer.get("guidance_embeds", False)),
+            num_heads=int(transformer.get("num_attention_heads", 24)),
         )
 
     def allowed_fields(self, spec: ModelSpec) -> frozenset[str]:
@@ -91,3 +92,33 @@ class QwenImageAdapter(ModelAdapter):
         if req.guidance_scale is not None:
             kwargs["guidance_scale"] = req.guidance_scale
         return kwargs
+
+    # -- parallelism -------------------------------------------------------------------------------
+    def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
+        from vllm_omni.distributed.apply import ParallelPlan
+
+        # The pipeline calls the transformer once for the prompt and once for the negative prompt
+        # (true CFG); guidance-distilled checkpoints embed the scale and make one call.
+        plan = ParallelPlan(
+            model=spec.pipeline_class, num_heads=spec.num_heads, sequence_parallel=True,
+            tensor_parallel=True, vae_patch_parallel=True,
+            cfg_branches=0 if spec.has_guidance_embeds else 2,
+            cfg_reason=f"{spec.pipeline_class} with a guidance-distilled transformer runs without "
+                       "classifier-free guidance",
+        )
+        if loaded:
+            from vllm_omni.models.qwen_image_attention import QwenImageSPAttnProcessor
+
+            plan.sp_processor = QwenImageSPAttnProcessor
+            plan.cfg_output_like = _transformer_output_like
+        return plan
+
+    def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
+        # QwenImagePipeline: do_true_cfg = true_cfg_scale > 1 and a negative prompt is given.
+        return kwargs.get("true_cfg_scale", 4.0) > 1 and kwargs.get("negative_prompt") is not None
+
+
+def _transformer_output_like(transformer: Any, kwargs: dict[str, Any]):
+    """An empty tensor shaped like QwenImageTransformer2DModel's output for these inputs."""
+    x = kwargs["hidden_states"]
+    return x.new_empty(*x.shape[:2], transformer.proj_out.out_features)

@@ -8,6 +8,8 @@ import traceback
 import torch
 
 from vllm_omni.diffusion.data import OmniEngineConfig
+from vllm_omni.distributed.apply import apply_parallel
+from vllm_omni.distributed.groups import ParallelGroups
 from vllm_omni.engine.request import (
     DiffusionOutput,
     DiffusionRequest,
@@ -40,13 +42,16 @@ def make_generators(seed: int, n: int) -> list[torch.Generator]:
 
 
 class ModelRunner:
-    def __init__(self, config: OmniEngineConfig, rank: int, device: torch.device):
+    def __init__(self, config: OmniEngineConfig, rank: int, device: torch.device,
+                 groups: ParallelGroups | None = None):
         self.config = config
         self.rank = rank
         self.device = device
+        self.groups = groups or ParallelGroups.single()
         self.spec = load_model_spec(config.model)
         self.adapter = self.spec.adapter
         self.pipe = None
+        self.parallel: dict = {}
 
     def load(self) -> None:
         from diffusers import DiffusionPipeline
@@ -56,6 +61,9 @@ class ModelRunner:
         self.pipe = DiffusionPipeline.from_pretrained(self.config.model, dtype=dtype)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        if self.groups.layout.world_size > 1:
+            plan = self.adapter.parallel_plan(self.spec, loaded=True)
+            self.parallel = apply_parallel(self.pipe, plan, self.groups)
         logger.info("rank %d loaded %s (%s, %s) in %.2fs", self.rank, self.spec.pipeline_class,
                     dtype, self.device, time.perf_counter() - t0)
 
@@ -77,8 +85,11 @@ class ModelRunner:
                     return callback_kwargs
 
                 kwargs["callback_on_step_end"] = on_step_end
+            if "cfg" in self.parallel:
+                self.parallel["cfg"].begin_request(self.adapter.uses_cfg(kwargs))
+            self.groups.reset_counters()
             images = self.pipe(**kwargs, generator=make_generators(req.seed, req.num_images),
-                               output_type="pil").images
+                               output_type=req.output_type).images
         except InvalidRequestError as e:
             return DiffusionOutput(req.request_id, error=RequestError.invalid(e))
         except Exception as e:  # the worker survives a bad request or an OOM; the client is told
@@ -87,5 +98,7 @@ class ModelRunner:
                 torch.cuda.empty_cache()
             return DiffusionOutput(req.request_id, error=RequestError(
                 500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
-        return DiffusionOutput(req.request_id, images=list(images),
-                               metrics={"execute_s": time.perf_counter() - t0})
+        metrics = {"execute_s": time.perf_counter() - t0}
+        if self.parallel:
+            metrics["comm_bytes_rank0"] = self.groups.bytes_sent()
+        return DiffusionOutput(req.request_id, images=list(images), metrics=metrics)

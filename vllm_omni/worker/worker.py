@@ -13,14 +13,18 @@ from vllm_omni.utils.proc import parent_alive, set_process_title
 logger = logging.getLogger(__name__)
 
 
-def _init_distributed(rank: int, world_size: int, init_method: str, device_type: str) -> None:
+def _init_distributed(rank: int, config: OmniEngineConfig, init_method: str, device_type: str):
+    """Joins vLLM's world group and cuts this rank's ulysses/ring/cfg/tp/vae groups from it."""
     from vllm.distributed import parallel_state
+
+    from vllm_omni.distributed.groups import vllm_groups
 
     backend = "nccl" if device_type == "cuda" else "gloo"
     parallel_state.init_distributed_environment(
-        world_size=world_size, rank=rank, distributed_init_method=init_method,
+        world_size=config.world_size, rank=rank, distributed_init_method=init_method,
         local_rank=rank, backend=backend,
     )
+    return vllm_groups(config.parallel.layout, rank, backend)
 
 
 def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
@@ -45,8 +49,8 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
             device = torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        _init_distributed(rank, config.world_size, init_method, device.type)
-        runner = ModelRunner(config, rank, device)
+        groups = _init_distributed(rank, config, init_method, device.type)
+        runner = ModelRunner(config, rank, device, groups)
         runner.load()
     except BaseException:
         result_queue.put(("load_error", rank, traceback.format_exc()))

@@ -105,7 +105,7 @@ def config_from_args(args: argparse.Namespace, serve_parser) -> OmniEngineConfig
         cfg_parallel_size=args.cfg_parallel_size,
         tensor_parallel_size=args.tensor_parallel_size,
         vae_patch_parallel_size=args.vae_patch_parallel_size)
-    return OmniEngineConfig(
+    config = OmniEngineConfig(
         model=resolve_model_dir(model, args.revision), model_name=model,
         served_model_names=list(args.served_model_name or [model]),
         dtype=args.dtype, parallel=parallel, cache_backend=args.cache_backend,
@@ -113,6 +113,11 @@ def config_from_args(args: argparse.Namespace, serve_parser) -> OmniEngineConfig
         enable_cpu_offload=args.enable_cpu_offload, lora_path=args.lora_path,
         default_seed=args.seed, load_timeout_s=args.model_load_timeout,
     )
+    from vllm_omni.models.registry import load_model_spec
+
+    spec = load_model_spec(config.model)
+    spec.adapter.check_parallel(spec, parallel)
+    return config
 
 
 def _api_keys(value) -> list[str]:

@@ -1,0 +1,72 @@
+"""CFG parallelism for pipelines that call the denoiser once per branch (cond, then uncond).
+
+Rank i of the CFG group computes only branch i; after the last branch of a step the results are
+all-gathered, so every rank returns every branch and the pipeline's own guidance formula runs
+unchanged. A rank that does not compute the first branch returns a correctly shaped placeholder
+for it, filled in place when the gather arrives: the pipeline reads the cond prediction only
+after the uncond call (views of it, e.g. Qwen-Image-Edit's slice, see the fill too).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+from vllm_omni.distributed.comm import GroupComm
+
+HOOK_NAME = "vllm_omni_cfg_parallel"
+
+
+class CFGParallelHook(ModelHook):
+    def __init__(self, comm: GroupComm, output_like: Callable[[torch.nn.Module, dict], torch.Tensor]):
+        super().__init__()
+        self.comm = comm
+        self.output_like = output_like
+        self.active = False
+        self._call = 0
+        self._mine: torch.Tensor | None = None
+        self._placeholders: list[torch.Tensor | None] = []
+
+    def begin_request(self, uses_cfg: bool) -> None:
+        """Each rank computes every call redundantly when a request runs without CFG."""
+        self.active = uses_cfg
+        self._call = 0
+        self._mine = None
+        self._placeholders = []
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self.active:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        branches = self.comm.world_size
+        branch = self._call % branches
+        self._call += 1
+        return_dict = kwargs.get("return_dict", True)
+        if branch == self.comm.rank:
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            sample = out.sample if return_dict else out[0]
+            self._mine = sample
+        else:
+            sample = self.output_like(module, kwargs)
+        self._placeholders.append(sample)
+        if branch == branches - 1:
+            everyone = self.comm.all_gather(self._mine.unsqueeze(0), 0)
+            for i, ph in enumerate(self._placeholders):
+                if i != self.comm.rank:
+                    ph.copy_(everyone[i])
+            sample = self._placeholders[-1]
+            self._placeholders, self._mine = [], None
+        if return_dict:
+            from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+            return Transformer2DModelOutput(sample=sample)
+        return (sample,)
+
+
+def apply_cfg_parallel(model: torch.nn.Module, comm: GroupComm,
+                       output_like: Callable[[torch.nn.Module, dict], torch.Tensor]) -> CFGParallelHook:
+    hook = CFGParallelHook(comm, output_like)
+    HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
+    return hook

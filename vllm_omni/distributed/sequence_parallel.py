@@ -1,0 +1,166 @@
+"""Sequence parallelism applied to an unmodified diffusers transformer.
+
+The split points come from the model's context-parallel plan (diffusers' ``_cp_plan``: which
+inputs/outputs of which submodules are token streams), applied with plain torch module hooks:
+token streams are cut into balanced shards (lengths may differ by one, so no size has to be
+divisible by the degree), every token-local layer runs on its shard, attention runs through
+``sequence_parallel_attention``, and the plan's output is gathered back. The model's attention
+processors are swapped for sequence-parallel ones supplied by the model adapter.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from vllm_omni.distributed.attention import balanced_sizes, offsets, sequence_parallel_attention
+from vllm_omni.distributed.comm import GroupComm
+
+
+class SequenceParallel:
+    def __init__(self, ulysses: GroupComm, ring: GroupComm, sp: GroupComm):
+        self.ulysses, self.ring, self.sp = ulysses, ring, sp
+        self.world_size = ulysses.world_size * ring.world_size
+        self.rank = ring.rank * ulysses.world_size + ulysses.rank
+        assert sp.world_size == self.world_size and sp.rank == self.rank, (sp, ulysses, ring)
+        self._handles: list[Any] = []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the previous forward's streams (run before each transformer forward)."""
+        self.totals: dict[str, int] = {}  # stream name -> unsplit length
+        self.full: dict[str, torch.Tensor] = {}  # stream name -> unsplit tensor, for masks
+        self.memo: dict[str, Any] = {}  # per-forward values derived from the above
+
+    # -- splitting and gathering ---------------------------------------------------------------
+    def split(self, x: torch.Tensor, dim: int, name: str) -> torch.Tensor:
+        n = x.shape[dim]
+        self.totals[name] = n
+        self.full[name] = x
+        sizes = balanced_sizes(n, self.world_size)
+        return x.narrow(dim, offsets(sizes)[self.rank], sizes[self.rank])
+
+    def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        dim = dim % x.dim()
+        n = torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device)
+        sizes = [int(s) for s in self.sp.all_gather(n, 0).tolist()]
+        return self.sp.all_gather(x, dim, sizes)
+
+    def shard_sizes(self, name: str) -> list[int]:
+        return balanced_sizes(self.totals[name], self.world_size)
+
+    # -- attention -------------------------------------------------------------------------------
+    def joint_layout(self, streams: Sequence[str], masks: dict[str, str] | None = None,
+                     ) -> tuple[list[int], list[torch.Tensor | None] | None]:
+        """Per SP rank: local length and key mask of the concatenation of ``streams``' shards.
+
+        ``masks`` maps a stream to the name of its (unsplit, [B, L] boolean) key-mask input.
+        """
+        key = f"joint:{','.join(streams)}"
+        if key in self.memo:
+            return self.memo[key]
+        sizes = [self.shard_sizes(s) for s in streams]
+        totals = [sum(sz[r] for sz in sizes) for r in range(self.world_size)]
+        full_masks = {s: self.full.get((masks or {}).get(s, "")) for s in streams}
+        if all(m is None or bool(m.all()) for m in full_masks.values()):
+            result = (totals, None)
+        else:
+            per_rank = []
+            for r in range(self.world_size):
+                parts = []
+                for s, sz in zip(streams, sizes):
+                    m = full_masks[s]
+                    if m is None:
+                        ref = next(v for v in full_masks.values() if v is not None)
+                        parts.append(torch.ones(ref.shape[0], sz[r], dtype=torch.bool, device=ref.device))
+                    else:
+                        parts.append(m.to(torch.bool).narrow(1, offsets(sz)[r], sz[r]))
+                per_rank.append(torch.cat(parts, dim=1))
+            result = (totals, per_rank)
+        self.memo[key] = result
+        return result
+
+    def attention(self, q, k, v, seq_sizes, key_masks, scale=None) -> torch.Tensor:
+        return sequence_parallel_attention(q, k, v, self.ulysses, self.ring, seq_sizes, key_masks,
+                                           scale)
+
+    # -- installing on a model ---------------------------------------------------------------------
+    def apply(self, model: torch.nn.Module, plan: dict[str, Any],
+              make_processor: Callable[["SequenceParallel"], Any] | None = None) -> None:
+        """Hooks ``plan`` (diffusers' ``_cp_plan`` format) into ``model``."""
+        from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+        self._handles.append(model.register_forward_pre_hook(lambda m, a: self.reset()))
+        modules = dict(model.named_modules())
+        for pattern, spec in plan.items():
+            # "blocks.*" means every block, not every module inside the blocks.
+            names = [n for n in modules if n and n.count(".") == pattern.count(".")
+                     and fnmatch.fnmatchcase(n, pattern)]
+            if not names:
+                raise ValueError(f"sequence-parallel plan names {pattern!r}, which "
+                                 f"{type(model).__name__} does not have")
+            for name in names:
+                module = modules[name]
+                if isinstance(spec, ContextParallelOutput):
+                    self._handles.append(module.register_forward_hook(
+                        _gather_output_hook(self, spec.gather_dim)))
+                    continue
+                inputs = {k: v for k, v in spec.items()
+                          if isinstance(v, ContextParallelInput) and not v.split_output}
+                outputs = {k: v for k, v in spec.items()
+                           if isinstance(v, ContextParallelInput) and v.split_output}
+                if inputs:
+                    self._handles.append(module.register_forward_pre_hook(
+                        _split_inputs_hook(self, module, inputs), with_kwargs=True))
+                if outputs:
+                    self._handles.append(module.register_forward_hook(
+                        _split_outputs_hook(self, name, outputs)))
+        if make_processor is not None:
+            for m in model.modules():
+                if hasattr(m, "set_processor") and hasattr(m, "processor"):
+                    m.set_processor(make_processor(self))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _split_inputs_hook(sp: SequenceParallel, module: torch.nn.Module, inputs: dict[str, Any]):
+    params = list(inspect.signature(module.forward).parameters)
+
+    def hook(mod, args, kwargs):
+        args = list(args)
+        for name, cpi in inputs.items():
+            if name in kwargs:
+                if torch.is_tensor(kwargs[name]):
+                    kwargs[name] = sp.split(kwargs[name], cpi.split_dim, name)
+            elif name in params and params.index(name) < len(args):
+                i = params.index(name)
+                if torch.is_tensor(args[i]):
+                    args[i] = sp.split(args[i], cpi.split_dim, name)
+        return tuple(args), kwargs
+
+    return hook
+
+
+def _split_outputs_hook(sp: SequenceParallel, module_name: str, outputs: dict[int, Any]):
+    def hook(mod, args, output):
+        single = torch.is_tensor(output)
+        out = [output] if single else list(output)
+        for index, cpi in outputs.items():
+            out[index] = sp.split(out[index], cpi.split_dim, f"{module_name}.{index}")
+        return out[0] if single else type(output)(out)
+
+    return hook
+
+
+def _gather_output_hook(sp: SequenceParallel, dim: int):
+    def hook(mod, args, output):
+        return sp.gather(output, dim)
+
+    return hook

@@ -1,0 +1,53 @@
+"""Tensor parallelism by sharding a loaded model's Linear layers in place.
+
+The plan is diffusers' ``_tp_plan`` format (module pattern -> "colwise" | "rowwise"): a colwise
+layer keeps its slice of output features, a rowwise layer its slice of input features plus an
+all-reduce of its output, with the bias added on TP rank 0 only. Attention processors that reshape
+by head_dim then see ``heads / tp`` heads and need no change.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+
+from vllm_omni.distributed.comm import GroupComm
+
+
+def _shard(t: torch.Tensor, dim: int, comm: GroupComm) -> torch.Tensor:
+    n = t.shape[dim]
+    if n % comm.world_size:
+        raise ValueError(f"cannot split {n} features over {comm.world_size} tensor-parallel ranks")
+    size = n // comm.world_size
+    return t.narrow(dim, comm.rank * size, size).clone()
+
+
+def apply_tensor_parallel(model: torch.nn.Module, plan: dict[str, str], comm: GroupComm) -> int:
+    """Shards every Linear the plan names; returns how many were sharded."""
+    if comm.world_size == 1:
+        return 0
+    count = 0
+    for name, module in list(model.named_modules()):
+        style = next((s for p, s in plan.items()
+                      if name.count(".") == p.count(".") and fnmatch.fnmatchcase(name, p)), None)
+        if style is None:
+            continue
+        if not isinstance(module, torch.nn.Linear):
+            raise ValueError(f"tensor-parallel plan names {name}, a {type(module).__name__}, not a Linear")
+        with torch.no_grad():
+            if style == "colwise":
+                module.weight = torch.nn.Parameter(_shard(module.weight, 0, comm), requires_grad=False)
+                if module.bias is not None:
+                    module.bias = torch.nn.Parameter(_shard(module.bias, 0, comm), requires_grad=False)
+                module.out_features //= comm.world_size
+            elif style == "rowwise":
+                module.weight = torch.nn.Parameter(_shard(module.weight, 1, comm), requires_grad=False)
+                if module.bias is not None and comm.rank != 0:
+                    module.bias = None
+                module.in_features //= comm.world_size
+                module.register_forward_hook(lambda m, a, out: comm.all_reduce(out))
+            else:
+                raise ValueError(f"unknown tensor-parallel style {style!r} for {name}")
+        count += 1
+    return count
