@@ -1,0 +1,168 @@
+"""Every parallel layout with world size <= 4 reproduces the single-process output.
+
+Model-level tests run the tiny Qwen-Image transformer/VAE on plain gloo ranks; end-to-end tests
+start the real engine with the layout and compare float outputs (output_type="np").
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_omni.diffusion.data import DiffusionParallelConfig
+from vllm_omni.distributed.layout import RankLayout
+from vllm_omni.testing.dist import run_ranks
+
+TOL = 1e-4
+
+
+# -- model level: the transformer with a padded text batch ---------------------------------------
+def _transformer_inputs(model):
+    g = torch.Generator().manual_seed(1)
+    h, w = 5, 3  # 15 image tokens: uneven over 2 and 4 ranks
+    txt = 7  # odd text length; the second prompt is padded after 4 tokens
+    cfg = model.config
+    mask = torch.ones(2, txt, dtype=torch.bool)
+    mask[1, 4:] = False
+    return dict(
+        hidden_states=torch.randn(2, h * w, cfg.in_channels, generator=g),
+        encoder_hidden_states=torch.randn(2, txt, cfg.joint_attention_dim, generator=g),
+        encoder_hidden_states_mask=mask,
+        timestep=torch.tensor([0.7, 0.7]),
+        img_shapes=[[(1, h, w)]] * 2,
+        return_dict=False,
+    )
+
+
+def _transformer_rank(rank, world, model_dir, layout):
+    from diffusers import QwenImageTransformer2DModel
+
+    from vllm_omni.distributed.groups import torch_groups
+    from vllm_omni.distributed.sequence_parallel import SequenceParallel
+    from vllm_omni.distributed.tensor_parallel import apply_tensor_parallel
+    from vllm_omni.models.qwen_image_attention import QwenImageSPAttnProcessor
+
+    model = QwenImageTransformer2DModel.from_pretrained(model_dir, subfolder="transformer").eval()
+    inputs = _transformer_inputs(model)
+    with torch.inference_mode():
+        expected = model(**inputs)[0]
+        groups = torch_groups(RankLayout(**layout))
+        apply_tensor_parallel(model, type(model)._tp_plan, groups.tp)
+        if groups.sp.world_size > 1:
+            SequenceParallel(groups.ulysses, groups.ring, groups.sp).apply(
+                model, type(model)._cp_plan, QwenImageSPAttnProcessor)
+        out = model(**inputs)[0]
+    return (out - expected).abs().max().item(), groups.bytes_sent()
+
+
+@pytest.mark.parametrize("layout", [
+    dict(ulysses=2), dict(ring=2), dict(ulysses=2, ring=2), dict(tp=2), dict(ring=2, tp=2),
+], ids=lambda d: "x".join(f"{k}{v}" for k, v in d.items()))
+def test_transformer_matches_single_rank_with_padded_text(tiny_qwen_image, layout):
+    results = run_ranks(_transformer_rank, RankLayout(**layout).world_size, tiny_qwen_image, layout)
+    for err, sent in results:
+        assert err < TOL, results
+        assert sum(sent.values()) > 0
+
+
+# -- model level: the VAE decoded in bands ----------------------------------------------------------
+def _vae_rank(rank, world, model_dir, halo):
+    from diffusers import AutoencoderKLQwenImage
+
+    from vllm_omni.distributed.groups import torch_groups
+    from vllm_omni.distributed.vae_patch_parallel import apply_vae_patch_parallel
+
+    vae = AutoencoderKLQwenImage.from_pretrained(model_dir, subfolder="vae").eval()
+    z = torch.randn(1, vae.config.z_dim, 1, 40, 6, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = vae.decode(z).sample
+        pp = apply_vae_patch_parallel(vae, torch_groups(RankLayout(vae=world)).vae)
+        computed_halo = pp.halo
+        if halo is not None:
+            pp.halo = halo
+        out = vae.decode(z).sample
+    return (out - expected).abs().max().item(), computed_halo
+
+
+def test_vae_patch_parallel_is_exact_and_needs_its_halo(tiny_qwen_image):
+    for err, halo in run_ranks(_vae_rank, 2, tiny_qwen_image, None):
+        assert err < TOL and 0 < halo < 20  # 40 latent rows: the bands really are cropped
+    # The check can fail: a halo shallower than the receptive field changes the seam.
+    errs = [e for e, _ in run_ranks(_vae_rank, 2, tiny_qwen_image, 2)]
+    assert max(errs) > 1e-3
+
+
+# -- startup checks ------------------------------------------------------------------------------------
+def test_impossible_layouts_fail_at_startup_naming_a_fix(tiny_qwen_image):
+    from vllm_omni import Omni
+
+    with pytest.raises(ValueError, match=r"2 attention heads.*--usp 2"):
+        Omni(model=tiny_qwen_image, parallel_config=DiffusionParallelConfig(ulysses_degree=3))
+    with pytest.raises(ValueError, match=r"must be 1 or 2"):
+        Omni(model=tiny_qwen_image, parallel_config=DiffusionParallelConfig(cfg_parallel_size=4))
+    with pytest.raises(ValueError, match=r"vae_patch_parallel_size <= 2"):
+        DiffusionParallelConfig(ulysses_degree=2, vae_patch_parallel_size=4)
+
+
+def test_layout_groups():
+    lay = RankLayout(ulysses=2, ring=2, cfg=2)
+    g = lay.groups()
+    assert lay.world_size == 8
+    assert g["ulysses"] == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert g["ring"] == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert g["sp"] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert g["cfg"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert RankLayout(vae=2).world_size == 2 and RankLayout(vae=2).groups()["vae"] == [[0, 1]]
+    assert RankLayout(tp=2, cfg=2).groups()["tp"] == [[0, 1], [2, 3]]
+
+
+# -- end to end, offline ----------------------------------------------------------------------------
+REQUESTS = [
+    # odd image-token count (5 x 3) and a negative prompt
+    ({"prompt": "a red fox", "negative_prompt": "blurry watercolour"},
+     dict(width=80, height=48, true_cfg_scale=3.0)),
+    # tall: 34 latent rows, so VAE bands are cropped; CFG with the default empty negative
+    ("an old lighthouse on a rocky coast at dusk, oil painting",
+     dict(width=48, height=272, true_cfg_scale=2.5)),
+    # no CFG: a CFG-parallel engine runs it on every rank
+    ("snow", dict(width=64, height=48)),
+]
+
+
+def _generate(engine):
+    from vllm_omni import OmniDiffusionSamplingParams
+
+    prompts = [p for p, _ in REQUESTS]
+    params = [OmniDiffusionSamplingParams(num_inference_steps=2, seed=11, output_type="np", **kw)
+              for _, kw in REQUESTS]
+    return [o.images[0] for o in engine.generate(prompts, params, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def single_rank_outputs(omni):
+    return _generate(omni)
+
+
+LAYOUTS = {
+    "U2": dict(ulysses_degree=2),
+    "R2": dict(ring_degree=2),
+    "U2xR2": dict(ulysses_degree=2, ring_degree=2),
+    "CFG2": dict(cfg_parallel_size=2),
+    "TP2": dict(tensor_parallel_size=2),
+    "U2xCFG2": dict(ulysses_degree=2, cfg_parallel_size=2),
+    "TP2xCFG2": dict(tensor_parallel_size=2, cfg_parallel_size=2),
+    "R2xCFG2": dict(ring_degree=2, cfg_parallel_size=2),
+    "VAE-PP2": dict(vae_patch_parallel_size=2),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_offline_layout_matches_single_rank(tiny_qwen_image, single_rank_outputs, name):
+    from vllm_omni import Omni
+
+    config = DiffusionParallelConfig(**LAYOUTS[name])
+    with Omni(model=tiny_qwen_image, parallel_config=config) as engine:
+        assert len(engine.worker_pids) == config.world_size
+        outputs = _generate(engine)
+    for got, want in zip(outputs, single_rank_outputs):
+        assert got.shape == want.shape
+        assert float(np.abs(got - want).max()) <= TOL
