@@ -26,9 +26,12 @@ def test_rejects_vllm_flags_it_would_ignore(tiny_qwen_image):
     assert "--max-model-len" in r.stderr and "no meaning for diffusion" in r.stderr
 
 
-def test_rejects_unavailable_layout_before_starting(tiny_qwen_image):
-    r = run("serve", tiny_qwen_image, "--omni", "--usp", "2")
-    assert r.returncode == 2 and "ulysses_degree=2" in r.stderr
+def test_rejects_impossible_layout_before_starting(tiny_qwen_image):
+    # The tiny model has 2 heads: Ulysses 3 cannot split them; the message names --usp 2.
+    r = run("serve", tiny_qwen_image, "--omni", "--usp", "3")
+    assert r.returncode == 2 and "2 attention heads" in r.stderr and "--usp 2" in r.stderr
+    r = run("serve", tiny_qwen_image, "--omni", "--usp", "2", "--vae-patch-parallel-size", "4")
+    assert r.returncode == 2 and "vae_patch_parallel_size <= 2" in r.stderr
     r = run("serve", tiny_qwen_image, "--omni", "--cache-config", "{bad")
     assert r.returncode == 2 and "not valid JSON" in r.stderr
 

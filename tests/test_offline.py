@@ -84,11 +84,8 @@ def test_too_long_prompt_is_rejected_not_truncated(omni):
 
 def test_unimplemented_features_fail_loudly(tiny_qwen_image):
     from vllm_omni import Omni
-    from vllm_omni.diffusion.data import DiffusionParallelConfig
 
     with pytest.raises(ValueError, match="cache_backend"):
         Omni(model=tiny_qwen_image, cache_backend="tea_cache")
-    with pytest.raises(ValueError, match="ulysses_degree=2"):
-        Omni(model=tiny_qwen_image, parallel_config=DiffusionParallelConfig(ulysses_degree=2))
     with pytest.raises(ValueError, match="cache_backend must be one of"):
         Omni(model=tiny_qwen_image, cache_backend="magic")

@@ -28,10 +28,22 @@ class WorkerStartupError(RuntimeError):
     pass
 
 
+def worker_context():
+    """Workers are forked from a fork server that has preloaded the heavy imports.
+
+    Forking the engine itself would copy its threads and any CUDA state; the fork server is a
+    fresh single-threaded process (started on first use, gone when its parent goes), and a
+    worker whose fork server exits sees its parent change and exits too.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["vllm_omni.worker.preload"])
+    return ctx
+
+
 class MultiprocExecutor:
     def __init__(self, config: OmniEngineConfig):
         self.config = config
-        ctx = mp.get_context("spawn")  # workers must not inherit the parent's threads or CUDA state
+        ctx = worker_context()
         self.result_queue = ctx.Queue()
         self.work_queues = [ctx.Queue() for _ in range(config.world_size)]
         init_method = f"tcp://127.0.0.1:{free_port()}"

@@ -1,0 +1,15 @@
+"""Imported once by the worker fork server, so each worker starts with these modules loaded.
+
+Importing torch, diffusers' pipelines and vLLM's distributed package takes about 10 s of CPU per
+process; forking workers from a server that already holds them makes worker start-up and
+restart after a crash that much faster. Nothing here starts threads or touches a GPU.
+"""
+
+import diffusers  # noqa: F401
+import torch  # noqa: F401
+from diffusers import DiffusionPipeline  # noqa: F401
+from diffusers.pipelines import qwenimage  # noqa: F401
+from vllm.distributed import parallel_state  # noqa: F401
+
+import vllm_omni.worker.model_runner  # noqa: F401
+import vllm_omni.worker.worker  # noqa: F401
