@@ -166,3 +166,38 @@ def test_offline_layout_matches_single_rank(tiny_qwen_image, single_rank_outputs
     for got, want in zip(outputs, single_rank_outputs):
         assert got.shape == want.shape
         assert float(np.abs(got - want).max()) <= TOL
+
+
+# -- end to end, through `vllm serve --omni` with the flags ------------------------------------------
+def test_server_with_parallel_flags_matches_single_rank(tiny_qwen_image, single_rank_outputs,
+                                                        tmp_path):
+    import base64
+    import io
+
+    import requests
+    from conftest import Server
+    from PIL import Image
+
+    flags = ["--usp", "2", "--cfg-parallel-size", "2", "--vae-patch-parallel-size", "2"]
+    server = Server(tiny_qwen_image, *flags, log_path=str(tmp_path / "server.log"))
+    try:
+        for (prompt, kw), want in zip(REQUESTS, single_rank_outputs):
+            body = {"prompt": prompt if isinstance(prompt, str) else prompt["prompt"],
+                    "size": f"{kw['width']}x{kw['height']}", "num_inference_steps": 2, "seed": 11,
+                    "response_format": "b64_json"}
+            if isinstance(prompt, dict):
+                body["negative_prompt"] = prompt["negative_prompt"]
+            if "true_cfg_scale" in kw:
+                body["true_cfg_scale"] = kw["true_cfg_scale"]
+            r = requests.post(f"{server.url}/v1/images/generations", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            png = base64.b64decode(r.json()["data"][0]["b64_json"])
+            got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+            # The server sends 8-bit PNGs; the float outputs agree to 1e-4, so after rounding
+            # a pixel can differ by at most one level, and almost none do.
+            ref = np.round(want * 255).astype(np.int16)
+            diff = np.abs(got - ref)
+            assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+        assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
+    finally:
+        server.stop()
