@@ -4,6 +4,8 @@ Model-level tests run the tiny Qwen-Image transformer/VAE on plain gloo ranks; e
 start the real engine with the layout and compare float outputs (output_type="np").
 """
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -201,3 +203,23 @@ def test_server_with_parallel_flags_matches_single_rank(tiny_qwen_image, single_
         assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
     finally:
         server.stop()
+
+
+def test_rank_failing_alone_does_not_hang_the_group(tiny_qwen_image, single_rank_outputs,
+                                                    monkeypatch):
+    """Rank 1 fails while rank 0 waits in an all-to-all: the request errors, workers restart."""
+    from vllm_omni import Omni, OmniDiffusionSamplingParams
+    from vllm_omni.worker.model_runner import FAULT_MARKER
+
+    monkeypatch.setenv("VLLM_OMNI_TEST_FAIL_RANK", "1")
+    monkeypatch.setattr("vllm_omni.executor.multiproc.DESYNC_GRACE_S", 3.0)
+    params = OmniDiffusionSamplingParams(num_inference_steps=2, width=64, height=48, seed=1)
+    with Omni(model=tiny_qwen_image,
+              parallel_config=DiffusionParallelConfig(ulysses_degree=2)) as engine:
+        before = engine.worker_pids
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="did not finish"):
+            engine.generate(f"a cat {FAULT_MARKER}", params, use_tqdm=False)
+        assert time.monotonic() - t0 < 20
+        assert _generate(engine)[0].shape == single_rank_outputs[0].shape  # serving again
+        assert engine.worker_pids != before

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import queue
 import time
 from vllm_omni.diffusion.data import OmniEngineConfig
@@ -24,6 +25,11 @@ class WorkerDiedError(RuntimeError):
     pass
 
 
+# After a rank reports a failed request, how long its peers get to finish before the parallel
+# group is declared out of step and the workers are restarted.
+DESYNC_GRACE_S = float(os.environ.get("VLLM_OMNI_DESYNC_GRACE_S", "30"))
+
+
 class WorkerStartupError(RuntimeError):
     pass
 
@@ -33,7 +39,8 @@ def worker_context():
 
     Forking the engine itself would copy its threads and any CUDA state; the fork server is a
     fresh single-threaded process (started on first use, gone when its parent goes), and a
-    worker whose fork server exits sees its parent change and exits too.
+    worker whose fork server exits sees its parent change and exits too. The fork server keeps
+    the environment it started with, so each worker is handed the engine's current one.
     """
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["vllm_omni.worker.preload"])
@@ -51,7 +58,8 @@ class MultiprocExecutor:
         for rank in range(config.world_size):
             p = ctx.Process(
                 target=worker_main, name=f"vllm_omni_worker{rank}", daemon=True,
-                args=(rank, config, init_method, self.work_queues[rank], self.result_queue),
+                args=(rank, config, init_method, self.work_queues[rank], self.result_queue,
+                      dict(os.environ)),
             )
             start_process(p)
             self.workers.append(p)
@@ -109,12 +117,27 @@ class MultiprocExecutor:
         # Progress costs a queue message per step; only ask for it when someone listens.
         for q in self.work_queues:
             q.put(("execute", batch, on_progress is not None))
-        while True:
-            msg = self._recv()
+        outputs, done, failed = None, set(), []
+        deadline = None
+        while outputs is None or len(done) < len(self.workers):
+            try:
+                msg = self._recv(deadline)
+            except TimeoutError:
+                stuck = sorted(set(range(len(self.workers))) - done)
+                raise WorkerDiedError(
+                    f"rank(s) {failed} failed mid-request and rank(s) {stuck} did not finish within "
+                    f"{DESYNC_GRACE_S:.0f}s (blocked in a collective with the failed rank)") from None
             if msg[0] == "result":
-                return msg[1]
-            if msg[0] == "progress" and on_progress is not None:
+                outputs = msg[1]
+            elif msg[0] == "done":
+                done.add(msg[1])
+                if msg[2]:
+                    failed.append(msg[1])
+            elif msg[0] == "progress" and on_progress is not None:
                 on_progress(msg[1], msg[2], msg[3])
+            if failed and deadline is None and len(self.workers) > 1:
+                deadline = time.monotonic() + DESYNC_GRACE_S
+        return outputs
 
     def shutdown(self, timeout: float = 5.0) -> None:
         for q, p in zip(self.work_queues, self.workers):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 import torch
@@ -23,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
+
+
+FAULT_MARKER = "__vllm_omni_test_fault__"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -52,6 +56,8 @@ class ModelRunner:
         self.adapter = self.spec.adapter
         self.pipe = None
         self.parallel: dict = {}
+        # Tests make one rank fail a marked request, to prove a desynchronised group recovers.
+        self._fault_rank = int(os.environ.get("VLLM_OMNI_TEST_FAIL_RANK", "-1"))
 
     def load(self) -> None:
         from diffusers import DiffusionPipeline
@@ -76,6 +82,8 @@ class ModelRunner:
         t0 = time.perf_counter()
         try:
             self.adapter.check_loaded(self.pipe, req)
+            if self._fault_rank == self.rank and FAULT_MARKER in req.prompt:
+                raise RuntimeError(f"fault injected on rank {self.rank} (tests)")
             kwargs = self.adapter.pipeline_kwargs(self.spec, req)
             if progress is not None:
                 ids, total = [req.request_id], req.num_inference_steps

@@ -28,10 +28,13 @@ def _init_distributed(rank: int, config: OmniEngineConfig, init_method: str, dev
 
 
 def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
-                work_queue, result_queue) -> None:
-    """Messages in: ("execute", batch, want_progress) | ("shutdown",). Out (rank 0 only, except "ready"):
-    ("ready", rank) | ("load_error", rank, text) | ("progress", ids, step, total) |
-    ("result", outputs)."""
+                work_queue, result_queue, environ: dict[str, str] | None = None) -> None:
+    """Messages in: ("execute", batch, want_progress) | ("shutdown",). Out: ("ready", rank) |
+    ("load_error", rank, text) | ("done", rank, failed) per batch from every rank; from rank 0
+    only: ("progress", ids, step, total) | ("result", outputs)."""
+    if environ is not None:  # the engine's environment now, not the fork server's at its start
+        os.environ.clear()
+        os.environ.update(environ)
     set_process_title(f"worker_rank{rank}")
     logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
                         format=f"%(levelname)s %(asctime)s [worker{rank}] %(message)s")
@@ -74,3 +77,7 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
             outputs = runner.execute(msg[1], progress if want_progress else None)
             if rank == 0:
                 result_queue.put(("result", outputs))
+            # Every rank says it is through the batch, so the executor can tell a rank stuck in
+            # a collective (its peer failed) from one that is merely slow.
+            failed = any(o.error is not None and o.error.status >= 500 for o in outputs)
+            result_queue.put(("done", rank, failed))
