@@ -52,6 +52,9 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
             device = torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        elif "OMP_NUM_THREADS" not in os.environ:
+            # Ranks share the host's cores; more threads than cores makes every rank spin-wait.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
         groups = _init_distributed(rank, config, init_method, device.type)
         runner = ModelRunner(config, rank, device, groups)
         runner.load()
