@@ -32,10 +32,11 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
     """Messages in: ("execute", batch, want_progress) | ("shutdown",). Out: ("ready", rank) |
     ("load_error", rank, text) | ("done", rank, failed) per batch from every rank; from rank 0
     only: ("progress", ids, step, total) | ("result", outputs)."""
+    # Title first: setproctitle finds its memory next to the original environment block.
+    set_process_title(f"worker_rank{rank}")
     if environ is not None:  # the engine's environment now, not the fork server's at its start
         os.environ.clear()
         os.environ.update(environ)
-    set_process_title(f"worker_rank{rank}")
     logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
                         format=f"%(levelname)s %(asctime)s [worker{rank}] %(message)s")
     parent = os.getppid()
