@@ -25,23 +25,14 @@ import time
 
 import numpy as np
 
-LAYOUTS = {
-    "1": {},
-    "U2": dict(ulysses_degree=2),
-    "R2": dict(ring_degree=2),
-    "U2xR2": dict(ulysses_degree=2, ring_degree=2),
-    "CFG2": dict(cfg_parallel_size=2),
-    "TP2": dict(tensor_parallel_size=2),
-    "U2xCFG2": dict(ulysses_degree=2, cfg_parallel_size=2),
-    "VAE-PP2": dict(vae_patch_parallel_size=2),
-}
+LAYOUTS = "1,U2,R2,U2xR2,CFG2,TP2,U2xCFG2,VAE-PP2"
 PROMPT = "a lighthouse on a rocky coast at dusk, oil painting"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen-image-bench", help="tiny family to build, or a dir")
-    ap.add_argument("--layouts", default=",".join(LAYOUTS))
+    ap.add_argument("--layouts", default=LAYOUTS, help="comma-separated, e.g. 1,U2,R2xCFG2,TP2")
     ap.add_argument("--size", default="256x256")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
@@ -52,6 +43,7 @@ def main() -> None:
 
     from vllm_omni import Omni, OmniDiffusionSamplingParams
     from vllm_omni.diffusion.data import DiffusionParallelConfig
+    from vllm_omni.distributed.layout import parse_layout_name
     from vllm_omni.testing.tiny_models import FAMILIES, build
 
     model = args.model
@@ -77,7 +69,7 @@ def main() -> None:
 
     rows, reference = [], None
     for name in args.layouts.split(","):
-        config = DiffusionParallelConfig(**LAYOUTS[name])
+        config = DiffusionParallelConfig(**parse_layout_name(name))
         with Omni(model=model, parallel_config=config) as engine:
             engine.generate(PROMPT, params, use_tqdm=False)  # warm-up
             runs = [engine.generate(PROMPT, params, use_tqdm=False)[0]

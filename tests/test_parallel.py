@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from vllm_omni.diffusion.data import DiffusionParallelConfig
-from vllm_omni.distributed.layout import RankLayout
+from vllm_omni.distributed.layout import RankLayout, parse_layout_name
 from vllm_omni.testing.dist import run_ranks
 
 TOL = 1e-4
@@ -115,6 +115,10 @@ def test_layout_groups():
     assert g["cfg"] == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert RankLayout(vae=2).world_size == 2 and RankLayout(vae=2).groups()["vae"] == [[0, 1]]
     assert RankLayout(tp=2, cfg=2).groups()["tp"] == [[0, 1], [2, 3]]
+    assert parse_layout_name("U2xR2xCFG2xVAE-PP2") == dict(
+        ulysses_degree=2, ring_degree=2, cfg_parallel_size=2, vae_patch_parallel_size=2)
+    with pytest.raises(ValueError, match="bad layout"):
+        parse_layout_name("Q2")
 
 
 # -- end to end, offline ----------------------------------------------------------------------------
@@ -144,24 +148,14 @@ def single_rank_outputs(omni):
     return _generate(omni)
 
 
-LAYOUTS = {
-    "U2": dict(ulysses_degree=2),
-    "R2": dict(ring_degree=2),
-    "U2xR2": dict(ulysses_degree=2, ring_degree=2),
-    "CFG2": dict(cfg_parallel_size=2),
-    "TP2": dict(tensor_parallel_size=2),
-    "U2xCFG2": dict(ulysses_degree=2, cfg_parallel_size=2),
-    "TP2xCFG2": dict(tensor_parallel_size=2, cfg_parallel_size=2),
-    "R2xCFG2": dict(ring_degree=2, cfg_parallel_size=2),
-    "VAE-PP2": dict(vae_patch_parallel_size=2),
-}
+LAYOUTS = ["U2", "R2", "U2xR2", "CFG2", "TP2", "U2xCFG2", "TP2xCFG2", "R2xCFG2", "VAE-PP2"]
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", LAYOUTS)
 def test_offline_layout_matches_single_rank(tiny_qwen_image, single_rank_outputs, name):
     from vllm_omni import Omni
 
-    config = DiffusionParallelConfig(**LAYOUTS[name])
+    config = DiffusionParallelConfig(**parse_layout_name(name))
     with Omni(model=tiny_qwen_image, parallel_config=config) as engine:
         assert len(engine.worker_pids) == config.world_size
         outputs = _generate(engine)
