@@ -76,9 +76,15 @@ class OmniEngineConfig:
 
     def check_supported(self) -> None:
         """Features that are part of the public contract but not built yet fail loudly."""
+        if self.cache_backend == "none" and self.cache_config:
+            raise ValueError("cache_config was given without a cache backend; "
+                             "add --cache-backend tea_cache (or cache_backend=...)")
+        if self.cache_backend == "tea_cache":
+            from vllm_omni.cache.teacache import TeaCacheConfig
+
+            TeaCacheConfig.from_dict(self.cache_config)
         not_yet = {
-            "cache_backend": self.cache_backend != "none",
-            "cache_config": bool(self.cache_config),
+            "cache_backend=cache_dit": self.cache_backend == "cache_dit",
             "quantization": self.quantization is not None,
             "enable_cpu_offload": self.enable_cpu_offload,
             "lora_path": self.lora_path is not None,

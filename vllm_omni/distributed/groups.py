@@ -10,7 +10,7 @@ import torch.distributed as dist
 from vllm_omni.distributed.comm import GroupComm
 from vllm_omni.distributed.layout import RankLayout
 
-KINDS = ("tp", "ulysses", "ring", "sp", "cfg", "vae")
+KINDS = ("tp", "ulysses", "ring", "sp", "cfg", "branch", "vae")
 
 
 @dataclass
@@ -22,6 +22,7 @@ class ParallelGroups:
     ring: GroupComm
     sp: GroupComm  # ulysses x ring, ordered by SP rank
     cfg: GroupComm
+    branch: GroupComm  # every rank working on one CFG branch (sp x tp): cache decisions
     vae: GroupComm
 
     @classmethod

@@ -60,18 +60,22 @@ class RankLayout:
     def groups(self) -> dict[str, list[list[int]]]:
         """Every group of every kind, as vLLM's ``init_model_parallel_group`` wants them."""
         axes = {"tp": self.tp, "ulysses": self.ulysses, "ring": self.ring, "cfg": self.cfg}
-        out: dict[str, list[list[int]]] = {k: [] for k in ("tp", "ulysses", "ring", "sp", "cfg")}
+        out: dict[str, list[list[int]]] = {
+            k: [] for k in ("tp", "ulysses", "ring", "sp", "cfg", "branch")}
         seen: dict[str, set[tuple[int, ...]]] = {k: set() for k in out}
         for rank in range(self.world_size):
             c = self.coords(rank)
             for kind in out:
-                varying = ("ring", "ulysses") if kind == "sp" else (kind,)
+                varying = {"sp": ("ring", "ulysses"), "branch": ("ring", "ulysses", "tp")}.get(
+                    kind, (kind,))
                 fixed = {k: c[k] for k in axes if k not in varying}
                 ranks = []
-                if kind == "sp":
+                if kind in ("sp", "branch"):
                     for r in range(self.ring):
                         for u in range(self.ulysses):
-                            ranks.append(self.rank_of(ring=r, ulysses=u, replica=c["replica"], **fixed))
+                            for t in (range(self.tp) if kind == "branch" else (c["tp"],)):
+                                ranks.append(self.rank_of(ring=r, ulysses=u, replica=c["replica"],
+                                                          **{**fixed, "tp": t}))
                 else:
                     for i in range(axes[kind]):
                         ranks.append(self.rank_of(**{kind: i}, replica=c["replica"], **fixed))

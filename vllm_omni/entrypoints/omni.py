@@ -56,7 +56,7 @@ class Omni:
             lora_path=lora_path, default_seed=seed, load_timeout_s=load_timeout_s,
         )
         self.spec = load_model_spec(model_dir)
-        self.spec.adapter.check_parallel(self.spec, self.config.parallel)
+        self.spec.adapter.check_engine(self.spec, self.config)
         self._inputs = InputProcessor(self.spec, seed)
         self._engine = EngineCore(self.config)
         self._counter = 0

@@ -91,6 +91,33 @@ class ModelAdapter:
 
         check_layout(self.parallel_plan(spec), parallel)
 
+    # -- caching ---------------------------------------------------------------------------------
+    # TeaCache's rescaling polynomial (highest power first); None: the model refuses TeaCache.
+    teacache_coefficients: ClassVar[list[float] | None] = None
+
+    def teacache_modulated_input(self, block: Any, kwargs: dict[str, Any]) -> Any:
+        """The first block's timestep-modulated image input, which TeaCache compares."""
+        raise NotImplementedError
+
+    def check_cache(self, spec: ModelSpec, backend: str, cache_config: dict[str, Any]) -> None:
+        if backend == "none":
+            return
+        if backend == "tea_cache" and self.teacache_coefficients is None \
+                and "coefficients" not in cache_config:
+            raise ValueError(f"{spec.pipeline_class} has no TeaCache support (no rescaling "
+                             "coefficients for it); use --cache-backend none")
+        scheduler = read_json(spec.model_dir, "scheduler", "scheduler_config.json")
+        name = scheduler.get("_class_name", "")
+        if scheduler.get("stochastic_sampling") or "Ancestral" in name or "SDE" in name:
+            raise ValueError(f"{backend} reuses transformer outputs across steps, which a "
+                             f"stochastic scheduler ({name}) breaks; use a deterministic scheduler "
+                             "or --cache-backend none")
+
+    def check_engine(self, spec: ModelSpec, config) -> None:
+        """Everything about an engine config that depends on the model; run before starting."""
+        self.check_parallel(spec, config.parallel)
+        self.check_cache(spec, config.cache_backend, config.cache_config)
+
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
         """Whether a request with these pipeline kwargs makes one denoiser call per CFG branch."""
         return False

@@ -113,6 +113,15 @@ class QwenImageAdapter(ModelAdapter):
             plan.cfg_output_like = _transformer_output_like
         return plan
 
+    # From ComfyUI-TeaCache's Qwen-Image support, as shipped by vLLM-Omni
+    # (vllm_omni/diffusion/cache/teacache/config.py, "QwenImageTransformer2DModel").
+    teacache_coefficients = [-4.5e02, 2.8e02, -4.5e01, 3.2e00, -2.0e-02]
+
+    def teacache_modulated_input(self, block: Any, kwargs: dict[str, Any]):
+        img_mod1 = block.img_mod(kwargs["temb"]).chunk(2, dim=-1)[0]
+        normed = block.img_norm1(kwargs["hidden_states"])
+        return block._modulate(normed, img_mod1, kwargs.get("modulate_index"))[0]
+
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
         # QwenImagePipeline: do_true_cfg = true_cfg_scale > 1 and a negative prompt is given.
         return kwargs.get("true_cfg_scale", 4.0) > 1 and kwargs.get("negative_prompt") is not None

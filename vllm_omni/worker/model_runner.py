@@ -56,6 +56,7 @@ class ModelRunner:
         self.adapter = self.spec.adapter
         self.pipe = None
         self.parallel: dict = {}
+        self.cache = None
         # Tests make one rank fail a marked request, to prove a desynchronised group recovers.
         self._fault_rank = int(os.environ.get("VLLM_OMNI_TEST_FAIL_RANK", "-1"))
 
@@ -70,8 +71,32 @@ class ModelRunner:
         if self.groups.layout.world_size > 1:
             plan = self.adapter.parallel_plan(self.spec, loaded=True)
             self.parallel = apply_parallel(self.pipe, plan, self.groups)
+        self.cache = self._apply_cache()
         logger.info("rank %d loaded %s (%s, %s) in %.2fs", self.rank, self.spec.pipeline_class,
                     dtype, self.device, time.perf_counter() - t0)
+
+    def _apply_cache(self):
+        """After the parallel hooks, as DESIGN.md orders features; None without a cache backend."""
+        if self.config.cache_backend != "tea_cache":
+            return None
+        from diffusers.hooks import HookRegistry
+
+        from vllm_omni.cache.teacache import TeaCache, TeaCacheConfig, apply_teacache
+
+        config = TeaCacheConfig.from_dict(self.config.cache_config)
+        transformer = self.pipe.transformer
+        cache = TeaCache(config, config.coefficients or self.adapter.teacache_coefficients,
+                         self.adapter.teacache_modulated_input, reduce=self.groups.branch)
+        apply_teacache(transformer.transformer_blocks, cache)
+        # diffusers caches which submodules carry hooks; ours were just added below it.
+        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+        return cache
+
+    def _cache_metrics(self) -> dict[str, int]:
+        stats = torch.tensor([self.cache.stats.computed, self.cache.stats.skipped])
+        # Under CFG parallel each rank saw one branch's calls; count both.
+        self.groups.cfg.all_reduce(stats)
+        return {"transformer_calls_computed": int(stats[0]), "transformer_calls_skipped": int(stats[1])}
 
     @torch.inference_mode()
     def execute(self, batch: list[DiffusionRequest],
@@ -96,6 +121,8 @@ class ModelRunner:
             if "cfg" in self.parallel:
                 self.parallel["cfg"].begin_request(self.adapter.uses_cfg(kwargs))
             self.groups.reset_counters()
+            if self.cache is not None:
+                self.cache.begin_request(req.num_inference_steps)
             images = self.pipe(**kwargs, generator=make_generators(req.seed, req.num_images),
                                output_type=req.output_type).images
         except InvalidRequestError as e:
@@ -107,6 +134,8 @@ class ModelRunner:
             return DiffusionOutput(req.request_id, error=RequestError(
                 500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
         metrics = {"execute_s": time.perf_counter() - t0}
+        if self.cache is not None:
+            metrics.update(self._cache_metrics())
         if self.parallel:
             metrics["comm_bytes_rank0"] = self.groups.bytes_sent()
         return DiffusionOutput(req.request_id, images=list(images), metrics=metrics)

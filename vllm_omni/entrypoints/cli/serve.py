@@ -116,7 +116,7 @@ def config_from_args(args: argparse.Namespace, serve_parser) -> OmniEngineConfig
     from vllm_omni.models.registry import load_model_spec
 
     spec = load_model_spec(config.model)
-    spec.adapter.check_parallel(spec, parallel)
+    spec.adapter.check_engine(spec, config)
     return config
 
 

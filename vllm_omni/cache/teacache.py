@@ -1,0 +1,203 @@
+"""TeaCache: skip the transformer while its timestep-modulated input barely changes.
+
+At each denoiser call the first block's modulated image input is compared with the previous
+call's (relative L1). The change is rescaled with a per-model polynomial and accumulated; while the
+sum stays under ``rel_l1_thresh`` the whole block stack is skipped and the cached residual of the
+last computed call (stack output minus stack input) is added instead. The first and last steps
+always compute. State is kept per cache context ("cond"/"uncond"), so the two CFG branches cache
+independently.
+
+Applied as diffusers hooks on the unmodified blocks: the head block decides, the others pass
+through when skipping, the tail records the residual. Under sequence/tensor parallelism the L1
+sums are all-reduced over the ranks of one CFG branch, so every rank takes the same decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.hooks.hooks import BaseState, StateManager
+
+from vllm_omni.distributed.comm import GroupComm
+
+HEAD_HOOK, BLOCK_HOOK = "vllm_omni_teacache_head", "vllm_omni_teacache_block"
+
+
+@dataclass
+class TeaCacheConfig:
+    rel_l1_thresh: float = 0.2
+    coefficients: list[float] | None = None  # overrides the model's; highest power first
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TeaCacheConfig":
+        unknown = set(d) - {"rel_l1_thresh", "coefficients"}
+        if unknown:
+            raise ValueError(f"unknown tea_cache cache_config key(s): {', '.join(sorted(unknown))}; "
+                             "accepted: rel_l1_thresh, coefficients")
+        c = cls(**d)
+        t = c.rel_l1_thresh
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
+            raise ValueError(f"rel_l1_thresh must be a number >= 0, got {t!r}")
+        if c.coefficients is not None and (
+                not isinstance(c.coefficients, list) or len(c.coefficients) != 5
+                or not all(isinstance(x, (int, float)) for x in c.coefficients)):
+            raise ValueError("coefficients must be a list of 5 numbers (highest power first)")
+        return c
+
+
+class _State(BaseState):
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.calls = 0
+        self.prev_modulated: torch.Tensor | None = None
+        self.accumulated = 0.0
+        self.skip = False
+        self.head_input: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.residual: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class TeaCacheStats:
+    computed: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class BlockIO:
+    """Where a block's streams are: input kwarg names and output tuple indices."""
+
+    inputs: Sequence[str] = ("hidden_states", "encoder_hidden_states")
+    outputs: Sequence[int] = (1, 0)  # Qwen-Image blocks return (encoder_hidden_states, hidden_states)
+
+
+@dataclass
+class TeaCache:
+    config: TeaCacheConfig
+    coefficients: list[float]
+    modulated_input: Callable[[torch.nn.Module, dict], torch.Tensor]
+    io: BlockIO = field(default_factory=BlockIO)
+    reduce: GroupComm | None = None  # the ranks of one CFG branch
+    num_steps: int = 0
+    stats: TeaCacheStats = field(default_factory=TeaCacheStats)
+
+    def __post_init__(self):
+        self.state = StateManager(_State)
+
+    def begin_request(self, num_steps: int) -> None:
+        self.state.reset()
+        self.num_steps = num_steps
+        self.stats = TeaCacheStats()
+
+    def rescale(self, x: float) -> float:
+        y = 0.0
+        for c in self.coefficients:
+            y = y * x + c
+        return max(y, 0.0)  # a negative "distance" would let the cache run ahead; floor it
+
+    def decide(self, modulated: torch.Tensor) -> bool:
+        """True: compute this call. Runs once per denoiser call, on every rank alike."""
+        s = self.state.get_state()
+        step = s.calls
+        s.calls += 1
+        prev, s.prev_modulated = s.prev_modulated, modulated
+        if prev is None or s.residual is None or step == 0 or step >= self.num_steps - 1 \
+                or self.config.rel_l1_thresh <= 0:
+            s.accumulated = 0.0
+            return True
+        sums = torch.stack([(modulated - prev).abs().sum(), prev.abs().sum()]).double()
+        if self.reduce is not None and self.reduce.world_size > 1:
+            self.reduce.all_reduce(sums)
+        s.accumulated += self.rescale(float(sums[0] / sums[1].clamp_min(1e-30)))
+        if s.accumulated < self.config.rel_l1_thresh:
+            return False
+        s.accumulated = 0.0
+        return True
+
+
+class _HeadHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, cache: TeaCache, is_tail: bool):
+        super().__init__()
+        self.cache = cache
+        self.state_manager = cache.state  # diffusers sets the cond/uncond context through this
+        self.is_tail = is_tail
+
+    def new_forward(self, module, *args, **kwargs):
+        cache = self.cache
+        s = self.state_manager.get_state()
+        compute = cache.decide(cache.modulated_input(module, kwargs))
+        s.skip = not compute
+        if compute:
+            cache.stats.computed += 1
+            s.head_input = tuple(kwargs[n] for n in cache.io.inputs)
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            if self.is_tail:
+                _record(cache, s, out)
+            return out
+        cache.stats.skipped += 1
+        return _apply_residual(cache, s, kwargs)
+
+    def reset_state(self, module):
+        self.state_manager.reset()
+        return module
+
+
+class _BlockHook(ModelHook):
+    _is_stateful = True
+
+    def __init__(self, cache: TeaCache, is_tail: bool):
+        super().__init__()
+        self.cache = cache
+        self.state_manager = cache.state
+        self.is_tail = is_tail
+
+    def new_forward(self, module, *args, **kwargs):
+        s = self.state_manager.get_state()
+        if s.skip:
+            return _passthrough(self.cache, kwargs)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if self.is_tail:
+            _record(self.cache, s, out)
+        return out
+
+    def reset_state(self, module):
+        self.state_manager.reset()
+        return module
+
+
+def _record(cache: TeaCache, s: _State, out) -> None:
+    s.residual = tuple(out[i] - x for i, x in zip(cache.io.outputs, s.head_input))
+    s.head_input = None
+
+
+def _passthrough(cache: TeaCache, kwargs):
+    out = [None] * len(cache.io.outputs)
+    for i, name in zip(cache.io.outputs, cache.io.inputs):
+        out[i] = kwargs[name]
+    return tuple(out)
+
+
+def _apply_residual(cache: TeaCache, s: _State, kwargs):
+    out = [None] * len(cache.io.outputs)
+    for i, name, r in zip(cache.io.outputs, cache.io.inputs, s.residual):
+        out[i] = kwargs[name] + r
+    return tuple(out)
+
+
+def apply_teacache(blocks: Sequence[torch.nn.Module], cache: TeaCache) -> TeaCache:
+    """Hooks ``cache`` onto a transformer's block list (called with keyword arguments)."""
+    for i, block in enumerate(blocks):
+        registry = HookRegistry.check_if_exists_or_initialize(block)
+        is_tail = i == len(blocks) - 1
+        if i == 0:
+            registry.register_hook(_HeadHook(cache, is_tail), HEAD_HOOK)
+        else:
+            registry.register_hook(_BlockHook(cache, is_tail), BLOCK_HOOK)
+    return cache
