@@ -71,6 +71,11 @@ class ServingImages:
                              "revised_prompt": None})
             else:
                 data.append({"b64_json": base64.b64encode(blob).decode(), "revised_prompt": None})
+        # Our extension (OpenAI clients ignore unknown fields): what was run, to reproduce it.
+        extra: dict[str, Any] = {"seed": req.seed}
+        for key in ("transformer_calls_computed", "transformer_calls_skipped"):
+            if key in out.metrics:
+                extra[key] = out.metrics[key]
         return {
             "created": int(time.time()),
             "data": data,
@@ -78,4 +83,5 @@ class ServingImages:
             "size": f"{req.width}x{req.height}",
             "quality": "auto",
             "background": "opaque",
+            "vllm_omni": extra,
         }
