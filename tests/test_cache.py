@@ -53,6 +53,19 @@ def test_threshold_zero_is_exactly_no_cache(tiny_qwen_image, uncached):
         assert got.metrics["transformer_calls_computed"] == 24  # 12 steps x (cond + uncond)
 
 
+def test_named_preset_is_its_threshold(tiny_qwen_image, cached):
+    from vllm_omni import Omni
+    from vllm_omni.models.qwen_image import QwenImageAdapter
+
+    assert QwenImageAdapter.teacache_presets["balanced"] == 0.2
+    with Omni(model=tiny_qwen_image, cache_backend="tea_cache",
+              cache_config={"preset": "fast"}) as engine:
+        fast = _generate(engine)
+    # "fast" (0.4) skips at least as often as the 0.3 threshold of the cached fixture.
+    for got, ref in zip(fast, cached):
+        assert got.metrics["transformer_calls_skipped"] >= ref.metrics["transformer_calls_skipped"]
+
+
 def test_cache_skips_steps_and_reports_them(cached, uncached):
     for got, want in zip(cached, uncached):
         computed = got.metrics["transformer_calls_computed"]
@@ -87,6 +100,11 @@ def test_bad_cache_settings_fail_at_startup(tiny_qwen_image, tmp_path):
         Omni(model=tiny_qwen_image, cache_backend="tea_cache", cache_config={"thresh": 0.2})
     with pytest.raises(ValueError, match="rel_l1_thresh must be a number"):
         Omni(model=tiny_qwen_image, cache_backend="tea_cache", cache_config={"rel_l1_thresh": "x"})
+    with pytest.raises(ValueError, match="unknown tea_cache preset 'turbo'.*balanced, fast"):
+        Omni(model=tiny_qwen_image, cache_backend="tea_cache", cache_config={"preset": "turbo"})
+    with pytest.raises(ValueError, match="not both"):
+        Omni(model=tiny_qwen_image, cache_backend="tea_cache",
+             cache_config={"preset": "fast", "rel_l1_thresh": 0.1})
     with pytest.raises(ValueError, match="without a cache backend"):
         Omni(model=tiny_qwen_image, cache_config={"rel_l1_thresh": 0.2})
     with pytest.raises(ValueError, match="cache_dit"):

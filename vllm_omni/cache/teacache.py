@@ -31,14 +31,19 @@ HEAD_HOOK, BLOCK_HOOK = "vllm_omni_teacache_head", "vllm_omni_teacache_block"
 class TeaCacheConfig:
     rel_l1_thresh: float = 0.2
     coefficients: list[float] | None = None  # overrides the model's; highest power first
+    preset: str | None = None  # a model's named threshold (see the adapters), instead of a number
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TeaCacheConfig":
-        unknown = set(d) - {"rel_l1_thresh", "coefficients"}
+        unknown = set(d) - {"rel_l1_thresh", "coefficients", "preset"}
         if unknown:
             raise ValueError(f"unknown tea_cache cache_config key(s): {', '.join(sorted(unknown))}; "
-                             "accepted: rel_l1_thresh, coefficients")
+                             "accepted: rel_l1_thresh, coefficients, preset")
+        if "preset" in d and "rel_l1_thresh" in d:
+            raise ValueError("give either preset or rel_l1_thresh in cache_config, not both")
         c = cls(**d)
+        if c.preset is not None and not isinstance(c.preset, str):
+            raise ValueError(f"preset must be a string, got {c.preset!r}")
         t = c.rel_l1_thresh
         if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
             raise ValueError(f"rel_l1_thresh must be a number >= 0, got {t!r}")
@@ -47,6 +52,16 @@ class TeaCacheConfig:
                 or not all(isinstance(x, (int, float)) for x in c.coefficients)):
             raise ValueError("coefficients must be a list of 5 numbers (highest power first)")
         return c
+
+    def resolve(self, presets: dict[str, float], model: str) -> "TeaCacheConfig":
+        """Replaces a preset name by its threshold for this model."""
+        if self.preset is None:
+            return self
+        if self.preset not in presets:
+            names = ", ".join(sorted(presets)) or "none"
+            raise ValueError(f"unknown tea_cache preset {self.preset!r} for {model} "
+                             f"(available: {names})")
+        return TeaCacheConfig(rel_l1_thresh=presets[self.preset], coefficients=self.coefficients)
 
 
 class _State(BaseState):

@@ -94,6 +94,8 @@ class ModelAdapter:
     # -- caching ---------------------------------------------------------------------------------
     # TeaCache's rescaling polynomial (highest power first); None: the model refuses TeaCache.
     teacache_coefficients: ClassVar[list[float] | None] = None
+    # Named rel_l1_thresh values: cache_config {"preset": name}. Off unless asked for.
+    teacache_presets: ClassVar[dict[str, float]] = {}
 
     def teacache_modulated_input(self, block: Any, kwargs: dict[str, Any]) -> Any:
         """The first block's timestep-modulated image input, which TeaCache compares."""
@@ -106,6 +108,11 @@ class ModelAdapter:
                 and "coefficients" not in cache_config:
             raise ValueError(f"{spec.pipeline_class} has no TeaCache support (no rescaling "
                              "coefficients for it); use --cache-backend none")
+        if backend == "tea_cache":
+            from vllm_omni.cache.teacache import TeaCacheConfig
+
+            TeaCacheConfig.from_dict(cache_config).resolve(self.teacache_presets,
+                                                           spec.pipeline_class)
         scheduler = read_json(spec.model_dir, "scheduler", "scheduler_config.json")
         name = scheduler.get("_class_name", "")
         if scheduler.get("stochastic_sampling") or "Ancestral" in name or "SDE" in name:

@@ -83,7 +83,8 @@ class ModelRunner:
 
         from vllm_omni.cache.teacache import TeaCache, TeaCacheConfig, apply_teacache
 
-        config = TeaCacheConfig.from_dict(self.config.cache_config)
+        config = TeaCacheConfig.from_dict(self.config.cache_config).resolve(
+            self.adapter.teacache_presets, self.spec.pipeline_class)
         transformer = self.pipe.transformer
         cache = TeaCache(config, config.coefficients or self.adapter.teacache_coefficients,
                          self.adapter.teacache_modulated_input, reduce=self.groups.branch)
