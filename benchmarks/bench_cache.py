@@ -19,12 +19,11 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 
 import numpy as np
+from common import PROMPT, add_model_args, model_and_params
 
-PROMPT = "a lighthouse on a rocky coast at dusk, oil painting"
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -34,24 +33,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="qwen-image-bench", help="tiny family to build, or a dir")
-    ap.add_argument("--size", default="256x256")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--repeats", type=int, default=3)
+    add_model_args(ap, steps=50)
     ap.add_argument("--thresholds", default="0.1,0.2,0.3,0.4,0.6,0.8,1.0")
     ap.add_argument("--presets", default="", help="comma-separated named presets to add")
     args = ap.parse_args()
-    width, height = (int(v) for v in args.size.split("x"))
+    model, params = model_and_params(args)
 
-    from vllm_omni import Omni, OmniDiffusionSamplingParams
-    from vllm_omni.testing.tiny_models import FAMILIES, build
-
-    model = args.model
-    if model in FAMILIES:
-        model = build(model, os.path.join(tempfile.gettempdir(), "vllm_omni_bench", model))
-    params = OmniDiffusionSamplingParams(num_inference_steps=args.steps, width=width,
-                                         height=height, seed=0, true_cfg_scale=4.0,
-                                         output_type="np")
+    from vllm_omni import Omni
 
     def measure(**engine_kw):
         with Omni(model=model, **engine_kw) as engine:

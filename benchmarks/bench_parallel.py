@@ -20,38 +20,27 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 
 import numpy as np
+from common import PROMPT, add_model_args, model_and_params
 
 LAYOUTS = "1,U2,R2,U2xR2,CFG2,TP2,U2xCFG2,VAE-PP2"
-PROMPT = "a lighthouse on a rocky coast at dusk, oil painting"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="qwen-image-bench", help="tiny family to build, or a dir")
+    add_model_args(ap, steps=8)
     ap.add_argument("--layouts", default=LAYOUTS, help="comma-separated, e.g. 1,U2,R2xCFG2,TP2")
-    ap.add_argument("--size", default="256x256")
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    width, height = (int(v) for v in args.size.split("x"))
+    model, params = model_and_params(args)
+    width, height = params.width, params.height
 
     from diffusers import DiffusionPipeline
 
-    from vllm_omni import Omni, OmniDiffusionSamplingParams
+    from vllm_omni import Omni
     from vllm_omni.diffusion.data import DiffusionParallelConfig
     from vllm_omni.distributed.layout import parse_layout_name
-    from vllm_omni.testing.tiny_models import FAMILIES, build
-
-    model = args.model
-    if model in FAMILIES:
-        model = build(model, os.path.join(tempfile.gettempdir(), "vllm_omni_bench", model))
-    params = OmniDiffusionSamplingParams(num_inference_steps=args.steps, width=width,
-                                         height=height, seed=0, true_cfg_scale=4.0,
-                                         output_type="np")
 
     pipe = DiffusionPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)

@@ -33,14 +33,15 @@ class SequenceParallel:
     def reset(self) -> None:
         """Forgets the previous forward's streams (run before each transformer forward)."""
         self.totals: dict[str, int] = {}  # stream name -> unsplit length
-        self.full: dict[str, torch.Tensor] = {}  # stream name -> unsplit tensor, for masks
+        self.full: dict[str, torch.Tensor] = {}  # stream name -> unsplit mask/index tensor
         self.memo: dict[str, Any] = {}  # per-forward values derived from the above
 
     # -- splitting and gathering ---------------------------------------------------------------
     def split(self, x: torch.Tensor, dim: int, name: str) -> torch.Tensor:
         n = x.shape[dim]
         self.totals[name] = n
-        self.full[name] = x
+        if x.dim() <= 2:  # masks and indices; activations are not kept past their split
+            self.full[name] = x
         sizes = balanced_sizes(n, self.world_size)
         return x.narrow(dim, offsets(sizes)[self.rank], sizes[self.rank])
 
