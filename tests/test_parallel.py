@@ -165,8 +165,12 @@ def test_offline_layout_matches_single_rank(tiny_qwen_image, single_rank_outputs
 
 
 # -- end to end, through `vllm serve --omni` with the flags ------------------------------------------
+@pytest.mark.parametrize("flags", [
+    ["--usp", "2", "--cfg-parallel-size", "2", "--vae-patch-parallel-size", "2"],
+    ["--ring", "2", "--tensor-parallel-size", "2"],
+], ids=["U2xCFG2xVAE-PP2", "R2xTP2"])
 def test_server_with_parallel_flags_matches_single_rank(tiny_qwen_image, single_rank_outputs,
-                                                        tmp_path):
+                                                        tmp_path, flags):
     import base64
     import io
 
@@ -174,9 +178,13 @@ def test_server_with_parallel_flags_matches_single_rank(tiny_qwen_image, single_
     from conftest import Server
     from PIL import Image
 
-    flags = ["--usp", "2", "--cfg-parallel-size", "2", "--vae-patch-parallel-size", "2"]
+    import psutil
+
     server = Server(tiny_qwen_image, *flags, log_path=str(tmp_path / "server.log"))
     try:
+        workers = [p for p in psutil.Process(server.proc.pid).children(recursive=True)
+                   if "vllm_omni::worker_rank" in " ".join(p.cmdline())]
+        assert len(workers) == 4  # both flag sets make four ranks
         for (prompt, kw), want in zip(REQUESTS, single_rank_outputs):
             body = {"prompt": prompt if isinstance(prompt, str) else prompt["prompt"],
                     "size": f"{kw['width']}x{kw['height']}", "num_inference_steps": 2, "seed": 11,
