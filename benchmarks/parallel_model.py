@@ -75,8 +75,10 @@ def eff(n: float) -> float:
     return n / (n + 512)
 
 
-def block_terms(m: QwenImage, lay: Layout, side: int, link: Link) -> tuple[float, float, float]:
-    """(flops at full efficiency, seconds of exposed communication, bytes sent) per block per rank."""
+def block_terms(m: QwenImage, lay: Layout, side: int, link: Link):
+    """Per block and rank: (flops scaled by shard efficiency, seconds of exposed communication,
+    bytes sent, ring terms or None). Ring terms are (seconds per K/V transfer, attention flops per
+    ring step, transfers), for overlapping at the fitted rate."""
     n_all = m.tokens(side)
     d, b = m.dim, m.bytes_per_el
     n = n_all / (lay.u * lay.r)  # tokens this rank holds between attentions
