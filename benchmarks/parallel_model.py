@@ -85,7 +85,7 @@ def block_terms(m: QwenImage, lay: Layout, side: int, link: Link):
     linear = 24 * d * d * n / lay.t  # q,k,v,o + 4x MLP, both streams
     attn = 4 * n_all * n * d / lay.t
     flops = (linear + attn) / eff(n)
-    comm_s, sent = 0.0, 0.0
+    comm_s, sent, ring = 0.0, 0.0, None
     if lay.u > 1:  # q,k,v in and the output back, each leaving (u-1)/u of the local share
         x = 4 * n * d / lay.t * b * (lay.u - 1) / lay.u
         sent += x
@@ -93,14 +93,14 @@ def block_terms(m: QwenImage, lay: Layout, side: int, link: Link):
     if lay.r > 1:  # K and V of every other ring member, overlapped with one block's attention
         kv = 2 * (n_all / lay.r) * d / (lay.u * lay.t) * b
         sent += kv * (lay.r - 1)
-        per_step_attn = attn / lay.r  # seconds filled in below, at the fitted rate
         comm_s += (lay.r - 1) * link.latency_s
-        return flops, comm_s, sent, (kv / (link.p2p_GBps * 1e9), per_step_attn / eff(n), lay.r - 1)
+        # The overlap needs the attention's seconds, which only the fitted rate gives.
+        ring = (kv / (link.p2p_GBps * 1e9), attn / lay.r / eff(n), lay.r - 1)
     if lay.t > 1:  # four all-reduces of the activations (attention out, MLP out; two streams)
         x = 2 * n * d * b * 2 * (lay.t - 1) / lay.t
         sent += x
         comm_s += x / (link.allreduce_GBps * 1e9) + 4 * link.latency_s
-    return flops, comm_s, sent, None
+    return flops, comm_s, sent, ring
 
 
 VAE_SHARE = 0.9  # of the serial time, a priori: the VAE decoder dominates at these sizes
@@ -123,11 +123,6 @@ def image_seconds(m: QwenImage, lay: Layout, side: int, link: Link, rate: float,
     if ring is not None:
         transfer_s, step_flops, steps = ring
         t += steps * max(0.0, transfer_s - step_flops / rate)
-    if lay.t > 1 and ring is not None:  # TP with ring: add the all-reduces too
-        n = m.tokens(side) / (lay.u * lay.r)
-        x = 2 * n * m.dim * m.bytes_per_el * 2 * (lay.t - 1) / lay.t
-        sent += x
-        t += x / (link.allreduce_GBps * 1e9) + 4 * link.latency_s
     calls = (2 if m.cfg else 1) / (lay.c if m.cfg else 1)
     step = m.blocks * t * calls
     if lay.c > 1:  # all-gather of the two predictions, once per step
