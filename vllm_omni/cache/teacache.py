@@ -135,7 +135,9 @@ class TeaCache:
         return True
 
 
-class _HeadHook(ModelHook):
+class _BlockHook(ModelHook):
+    """A block after the head: passes its inputs through while the head skips."""
+
     _is_stateful = True
 
     def __init__(self, cache: TeaCache, is_tail: bool):
@@ -143,6 +145,23 @@ class _HeadHook(ModelHook):
         self.cache = cache
         self.state_manager = cache.state  # diffusers sets the cond/uncond context through this
         self.is_tail = is_tail
+
+    def new_forward(self, module, *args, **kwargs):
+        s = self.state_manager.get_state()
+        if s.skip:
+            return _passthrough(self.cache, kwargs)
+        out = self.fn_ref.original_forward(*args, **kwargs)
+        if self.is_tail:
+            _record(self.cache, s, out)
+        return out
+
+    def reset_state(self, module):
+        self.state_manager.reset()
+        return module
+
+
+class _HeadHook(_BlockHook):
+    """The first block: decides whether this call computes or reuses the cached residual."""
 
     def new_forward(self, module, *args, **kwargs):
         cache = self.cache
@@ -158,33 +177,6 @@ class _HeadHook(ModelHook):
             return out
         cache.stats.skipped += 1
         return _apply_residual(cache, s, kwargs)
-
-    def reset_state(self, module):
-        self.state_manager.reset()
-        return module
-
-
-class _BlockHook(ModelHook):
-    _is_stateful = True
-
-    def __init__(self, cache: TeaCache, is_tail: bool):
-        super().__init__()
-        self.cache = cache
-        self.state_manager = cache.state
-        self.is_tail = is_tail
-
-    def new_forward(self, module, *args, **kwargs):
-        s = self.state_manager.get_state()
-        if s.skip:
-            return _passthrough(self.cache, kwargs)
-        out = self.fn_ref.original_forward(*args, **kwargs)
-        if self.is_tail:
-            _record(self.cache, s, out)
-        return out
-
-    def reset_state(self, module):
-        self.state_manager.reset()
-        return module
 
 
 def _record(cache: TeaCache, s: _State, out) -> None:
