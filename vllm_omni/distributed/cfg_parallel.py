@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from vllm_omni.distributed.comm import GroupComm
 
@@ -59,8 +60,6 @@ class CFGParallelHook(ModelHook):
             sample = self._placeholders[-1]
             self._placeholders, self._mine = [], None
         if return_dict:
-            from diffusers.models.modeling_outputs import Transformer2DModelOutput
-
             return Transformer2DModelOutput(sample=sample)
         return (sample,)
 
