@@ -16,6 +16,16 @@ from vllm_omni.utils.proc import free_port
 VENV_BIN = os.path.dirname(sys.executable)
 
 
+def decode(b64: str):
+    """A ``b64_json`` image from a response, as a PIL image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
 @pytest.fixture(scope="session")
 def tiny_qwen_image(tmp_path_factory) -> str:
     from vllm_omni.testing.tiny_models import build

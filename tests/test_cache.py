@@ -125,12 +125,8 @@ def test_bad_cache_settings_fail_at_startup(tiny_qwen_image, tmp_path):
 
 
 def test_server_with_cache_and_usp_reports_skips(tiny_qwen_image, cached, tmp_path):
-    import base64
-    import io
-
     import requests
-    from conftest import Server
-    from PIL import Image
+    from conftest import Server, decode
 
     server = Server(tiny_qwen_image, "--usp", "2", "--cache-backend", "tea_cache",
                     "--cache-config", json.dumps({"rel_l1_thresh": THRESH}),
@@ -145,8 +141,7 @@ def test_server_with_cache_and_usp_reports_skips(tiny_qwen_image, cached, tmp_pa
         extra = r.json()["vllm_omni"]
         assert extra["seed"] == 5
         assert extra["transformer_calls_skipped"] == want.metrics["transformer_calls_skipped"] > 0
-        png = base64.b64decode(r.json()["data"][0]["b64_json"])
-        got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+        got = np.asarray(decode(r.json()["data"][0]["b64_json"]).convert("RGB"), dtype=np.int16)
         assert np.abs(got - np.round(want.images[0] * 255)).max() <= 1
     finally:
         server.stop()

@@ -171,14 +171,9 @@ def test_offline_layout_matches_single_rank(tiny_qwen_image, single_rank_outputs
 ], ids=["U2xCFG2xVAE-PP2", "R2xTP2"])
 def test_server_with_parallel_flags_matches_single_rank(tiny_qwen_image, single_rank_outputs,
                                                         tmp_path, flags):
-    import base64
-    import io
-
-    import requests
-    from conftest import Server
-    from PIL import Image
-
     import psutil
+    import requests
+    from conftest import Server, decode
 
     server = Server(tiny_qwen_image, *flags, log_path=str(tmp_path / "server.log"))
     try:
@@ -195,8 +190,7 @@ def test_server_with_parallel_flags_matches_single_rank(tiny_qwen_image, single_
                 body["true_cfg_scale"] = kw["true_cfg_scale"]
             r = requests.post(f"{server.url}/v1/images/generations", json=body, timeout=120)
             assert r.status_code == 200, r.text
-            png = base64.b64decode(r.json()["data"][0]["b64_json"])
-            got = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+            got = np.asarray(decode(r.json()["data"][0]["b64_json"]).convert("RGB"), dtype=np.int16)
             # The server sends 8-bit PNGs; the float outputs agree to 1e-4, so after rounding
             # a pixel can differ by at most one level, and almost none do.
             ref = np.round(want * 255).astype(np.int16)

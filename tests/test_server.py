@@ -1,6 +1,5 @@
 """End-to-end: the real ``vllm serve DIR --omni`` process, the official client and raw HTTP."""
 
-import base64
 import io
 
 import numpy as np
@@ -8,6 +7,7 @@ import openai
 import pytest
 import requests
 import torch
+from conftest import decode
 from PIL import Image
 
 GEN = "/v1/images/generations"
@@ -15,10 +15,6 @@ GEN = "/v1/images/generations"
 
 def post(server, body, **kw):
     return requests.post(server.url + GEN, json=body, timeout=120, **kw)
-
-
-def decode(b64: str) -> Image.Image:
-    return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
 def test_openai_client_generates(server, diffusers_pipe):
