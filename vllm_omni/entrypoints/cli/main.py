@@ -26,10 +26,10 @@ def main(argv: list[str] | None = None) -> None:
         serve.error(f"{', '.join(bad)}: vLLM text-engine option(s) with no meaning for diffusion "
                     "serving; remove them (see `vllm serve --omni --help`)")
     try:
-        config = config_from_args(args, serve)
+        config, spec = config_from_args(args, serve)
     except ValueError as e:
         serve.error(str(e))
-    run_server(args, config)
+    run_server(args, config, spec)
 
 
 if __name__ == "__main__":

@@ -89,8 +89,9 @@ def unsupported_flags(serve_parser, args: argparse.Namespace) -> list[str]:
     return bad
 
 
-def config_from_args(args: argparse.Namespace, serve_parser) -> OmniEngineConfig:
-    from vllm_omni.models.registry import resolve_model_dir
+def config_from_args(args: argparse.Namespace, serve_parser):
+    """The engine config and the model's spec, checked against each other; ValueError if not."""
+    from vllm_omni.models.registry import load_model_spec, resolve_model_dir
 
     # vLLM defaults --model to an LLM; only an explicitly given one counts here.
     explicit_model = args.model if args.model != serve_parser.get_default("model") else None
@@ -113,11 +114,9 @@ def config_from_args(args: argparse.Namespace, serve_parser) -> OmniEngineConfig
         enable_cpu_offload=args.enable_cpu_offload, lora_path=args.lora_path,
         default_seed=args.seed, load_timeout_s=args.model_load_timeout,
     )
-    from vllm_omni.models.registry import load_model_spec
-
     spec = load_model_spec(config.model)
     spec.adapter.check_engine(spec, config)
-    return config
+    return config, spec
 
 
 def _api_keys(value) -> list[str]:
@@ -128,14 +127,12 @@ def _api_keys(value) -> list[str]:
     return [env] if env else []
 
 
-def run_server(args: argparse.Namespace, config: OmniEngineConfig) -> None:
+def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec) -> None:
     import uvicorn
 
     from vllm_omni.engine.async_engine import AsyncOmniEngine
     from vllm_omni.entrypoints.openai.api_server import build_app
-    from vllm_omni.models.registry import load_model_spec
 
-    spec = load_model_spec(config.model)
     logger.info("starting engine for %s (%s)", config.model_name, spec.pipeline_class)
     engine = AsyncOmniEngine(config)
     try:
