@@ -78,7 +78,9 @@ class _State(BaseState):
 
 
 @dataclass
-class TeaCacheStats:
+class CacheStats:
+    """Denoiser calls of the last request: run in full, and served from the cache."""
+
     computed: int = 0
     skipped: int = 0
 
@@ -99,15 +101,16 @@ class TeaCache:
     io: BlockIO = field(default_factory=BlockIO)
     reduce: GroupComm | None = None  # the ranks of one CFG branch
     num_steps: int = 0
-    stats: TeaCacheStats = field(default_factory=TeaCacheStats)
+    stats: CacheStats = field(default_factory=CacheStats)
 
     def __post_init__(self):
         self.state = StateManager(_State)
 
-    def begin_request(self, num_steps: int) -> None:
+    def begin_request(self, num_steps: int, uses_cfg: bool = False) -> None:
+        # CFG needs nothing here: the pipeline names each call's branch through cache_context.
         self.state.reset()
         self.num_steps = num_steps
-        self.stats = TeaCacheStats()
+        self.stats = CacheStats()
 
     def rescale(self, x: float) -> float:
         y = 0.0

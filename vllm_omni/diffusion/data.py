@@ -83,8 +83,11 @@ class OmniEngineConfig:
             from vllm_omni.cache.teacache import TeaCacheConfig
 
             TeaCacheConfig.from_dict(self.cache_config)
+        if self.cache_backend == "cache_dit":
+            from vllm_omni.cache.cache_dit import CacheDiTConfig
+
+            CacheDiTConfig.from_dict(self.cache_config)
         not_yet = {
-            "cache_backend=cache_dit": self.cache_backend == "cache_dit",
             "quantization": self.quantization is not None,
             "enable_cpu_offload": self.enable_cpu_offload,
             "lora_path": self.lora_path is not None,

@@ -38,11 +38,14 @@ class SequenceParallel:
 
     # -- splitting and gathering ---------------------------------------------------------------
     def split(self, x: torch.Tensor, dim: int, name: str) -> torch.Tensor:
-        n = x.shape[dim]
-        self.totals[name] = n
+        self.totals[name] = x.shape[dim]
         if x.dim() <= 2:  # masks and indices; activations are not kept past their split
             self.full[name] = x
-        sizes = balanced_sizes(n, self.world_size)
+        return self.shard(x, dim)
+
+    def shard(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's part of ``x`` along ``dim``."""
+        sizes = balanced_sizes(x.shape[dim], self.world_size)
         return x.narrow(dim, offsets(sizes)[self.rank], sizes[self.rank])
 
     def gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -117,6 +120,7 @@ class SequenceParallel:
                 if inputs:
                     self._handles.append(module.register_forward_pre_hook(
                         _split_inputs_hook(self, module, inputs), with_kwargs=True))
+                    _describe_split(self, module, inputs, pattern)
                 if outputs:
                     self._handles.append(module.register_forward_hook(
                         _split_outputs_hook(self, name, outputs)))
@@ -147,6 +151,37 @@ def _split_inputs_hook(sp: SequenceParallel, module: torch.nn.Module, inputs: di
         return tuple(args), kwargs
 
     return hook
+
+
+def _describe_split(sp: SequenceParallel, module: torch.nn.Module, inputs: dict[str, Any],
+                    pattern: str) -> None:
+    """Registers the split in diffusers' form, for libraries that replay it.
+
+    cache-dit compares a block stack's output with its input. When the stack's first block
+    splits its inputs, the input it holds is unsplit. It then looks for a diffusers
+    ``ContextParallelSplitHook`` on that block and reshards the input with the hook's
+    ``_prepare_cp_input``. This hook answers that call with our shard. It leaves the forward
+    alone: the torch pre-hook above splits before any diffusers hook (TeaCache's included) runs.
+    """
+    from diffusers.hooks import HookRegistry, ModelHook
+    from diffusers.hooks.context_parallel import ContextParallelSplitHook
+
+    class SplitDescription(ContextParallelSplitHook):
+        def __init__(self):
+            ModelHook.__init__(self)
+            self.metadata = inputs
+            self.parallel_config = None
+
+        pre_forward = ModelHook.pre_forward
+        post_forward = ModelHook.post_forward
+
+        def _prepare_cp_input(self, x, cp_input):
+            if cp_input.expected_dims is not None and x.dim() != cp_input.expected_dims:
+                return x
+            return sp.shard(x, cp_input.split_dim)
+
+    HookRegistry.check_if_exists_or_initialize(module).register_hook(
+        SplitDescription(), f"vllm_omni_sp_split:{pattern}")
 
 
 def _split_outputs_hook(sp: SequenceParallel, module_name: str, outputs: dict[int, Any]):

@@ -37,6 +37,7 @@ class ModelSpec:
     size_multiple: int
     has_guidance_embeds: bool = False
     num_heads: int = 1
+    num_blocks: int = 1  # transformer blocks (cache-dit's Fn + Bn must fit in them)
 
 
 class ModelAdapter:
@@ -97,6 +98,11 @@ class ModelAdapter:
     # Named rel_l1_thresh values: cache_config {"preset": name}. Off unless asked for.
     teacache_presets: ClassVar[dict[str, float]] = {}
 
+    # Whether cache-dit knows this model's transformer (its BlockAdapter registry).
+    cache_dit_supported: ClassVar[bool] = False
+    # Named cache_dit settings: cache_config {"preset": name, ...other keys override}.
+    cache_dit_presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
     def teacache_modulated_input(self, block: Any, kwargs: dict[str, Any]) -> Any:
         """The first block's timestep-modulated image input, which TeaCache compares."""
         raise NotImplementedError
@@ -113,6 +119,15 @@ class ModelAdapter:
 
             TeaCacheConfig.from_dict(cache_config).resolve(self.teacache_presets,
                                                            spec.pipeline_class)
+        if backend == "cache_dit":
+            if not self.cache_dit_supported:
+                raise ValueError(f"{spec.pipeline_class} has no Cache-DiT support; "
+                                 "use --cache-backend none")
+            from vllm_omni.cache.cache_dit import CacheDiTConfig
+
+            CacheDiTConfig.resolve(cache_config, self.cache_dit_presets,
+                                   spec.pipeline_class).check_model(spec.pipeline_class,
+                                                                    spec.num_blocks)
         scheduler = read_json(spec.model_dir, "scheduler", "scheduler_config.json")
         name = scheduler.get("_class_name", "")
         if scheduler.get("stochastic_sampling") or "Ancestral" in name or "SDE" in name:

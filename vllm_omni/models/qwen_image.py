@@ -33,6 +33,7 @@ class QwenImageAdapter(ModelAdapter):
             size_multiple=vae_scale * transformer.get("patch_size", 2),
             has_guidance_embeds=bool(transformer.get("guidance_embeds", False)),
             num_heads=int(transformer.get("num_attention_heads", 24)),
+            num_blocks=int(transformer.get("num_layers", 60)),
         )
 
     def allowed_fields(self, spec: ModelSpec) -> frozenset[str]:
@@ -119,6 +120,13 @@ class QwenImageAdapter(ModelAdapter):
     # "balanced" is the threshold vLLM-Omni measured at 1.91x on real Qwen-Image (1024², 50 steps);
     # "fast" skips about twice as often. Measured on our bench model: docs/caching.md.
     teacache_presets = {"balanced": 0.2, "fast": 0.4}
+
+    cache_dit_supported = True
+    cache_dit_presets = {
+        "balanced": {"residual_diff_threshold": 0.24, "max_warmup_steps": 4},
+        "fast": {"residual_diff_threshold": 0.4, "max_warmup_steps": 4,
+                 "max_continuous_cached_steps": 4},
+    }
 
     def teacache_modulated_input(self, block: Any, kwargs: dict[str, Any]):
         img_mod1 = block.img_mod(kwargs["temb"]).chunk(2, dim=-1)[0]

@@ -8,6 +8,7 @@ import time
 import traceback
 import torch
 
+from vllm_omni.cache.apply import apply_cache
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.distributed.apply import apply_parallel
 from vllm_omni.distributed.groups import ParallelGroups
@@ -71,32 +72,18 @@ class ModelRunner:
         if self.groups.layout.world_size > 1:
             plan = self.adapter.parallel_plan(self.spec, loaded=True)
             self.parallel = apply_parallel(self.pipe, plan, self.groups)
-        self.cache = self._apply_cache()
+        # After the parallel hooks, as DESIGN.md orders features.
+        self.cache = apply_cache(self.pipe, self.config.cache_backend, self.config.cache_config,
+                                 self.adapter, self.spec, self.groups)
         logger.info("rank %d loaded %s (%s, %s) in %.2fs", self.rank, self.spec.pipeline_class,
                     dtype, self.device, time.perf_counter() - t0)
 
-    def _apply_cache(self):
-        """After the parallel hooks, as DESIGN.md orders features; None without a cache backend."""
-        if self.config.cache_backend != "tea_cache":
-            return None
-        from diffusers.hooks import HookRegistry
-
-        from vllm_omni.cache.teacache import TeaCache, TeaCacheConfig, apply_teacache
-
-        config = TeaCacheConfig.from_dict(self.config.cache_config).resolve(
-            self.adapter.teacache_presets, self.spec.pipeline_class)
-        transformer = self.pipe.transformer
-        cache = TeaCache(config, config.coefficients or self.adapter.teacache_coefficients,
-                         self.adapter.teacache_modulated_input, reduce=self.groups.branch)
-        apply_teacache(transformer.transformer_blocks, cache)
-        # diffusers caches which submodules carry hooks; ours were just added below it.
-        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
-        return cache
-
     def _cache_metrics(self) -> dict[str, int]:
         stats = torch.tensor([self.cache.stats.computed, self.cache.stats.skipped])
-        # Under CFG parallel each rank saw one branch's calls; count both.
-        self.groups.cfg.all_reduce(stats)
+        cfg = self.parallel.get("cfg")
+        if cfg is not None and cfg.active:
+            # Each rank saw one branch's calls; count both. (Without CFG every rank ran them all.)
+            self.groups.cfg.all_reduce(stats)
         return {"transformer_calls_computed": int(stats[0]), "transformer_calls_skipped": int(stats[1])}
 
     @torch.inference_mode()
@@ -119,11 +106,12 @@ class ModelRunner:
                     return callback_kwargs
 
                 kwargs["callback_on_step_end"] = on_step_end
+            uses_cfg = self.adapter.uses_cfg(kwargs)
             if "cfg" in self.parallel:
-                self.parallel["cfg"].begin_request(self.adapter.uses_cfg(kwargs))
+                self.parallel["cfg"].begin_request(uses_cfg)
             self.groups.reset_counters()
             if self.cache is not None:
-                self.cache.begin_request(req.num_inference_steps)
+                self.cache.begin_request(req.num_inference_steps, uses_cfg)
             images = self.pipe(**kwargs, generator=make_generators(req.seed, req.num_images),
                                output_type=req.output_type).images
         except InvalidRequestError as e:

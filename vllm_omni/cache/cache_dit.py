@@ -1,0 +1,207 @@
+"""Cache-DiT backend: DBCache (+ TaylorSeer, SCM step masks) from the pinned ``cache-dit`` library.
+
+DBCache always computes the first ``Fn_compute_blocks`` blocks; it compares their residual with the
+previous step's and, while the relative L1 change stays under ``residual_diff_threshold``, reuses
+the cached residual of the middle blocks (the last ``Bn_compute_blocks`` blocks still compute).
+
+The library is applied to the transformer alone (its persistent-context mode) rather than to the
+pipeline, for three reasons:
+- it would otherwise patch ``__call__`` on the pipeline *class*;
+- its pipeline mode fixes CFG handling once, while here each request says whether it runs CFG.
+  cache-dit tells the cond and uncond calls apart by the parity of the call count, so a request
+  without CFG must run with ``enable_separate_cfg=False``, or every other step would be treated as
+  the uncond branch;
+- SCM masks depend on the request's step count.
+So every request rebuilds the context with its own settings (``begin_request``).
+
+Parallel layouts: the residual-diff metric is replaced (``_BranchSimilarity``) by one whose sums
+are all-reduced over the ranks of one CFG branch. The library's own parallel path uses AVG on
+the world group, which gloo lacks, which mixes CFG branches, and whose mean of per-rank means is
+wrong for uneven shards. Under CFG parallelism each rank sees a single branch, so it runs with
+``enable_separate_cfg=False``. Its own cond/uncond state is then exactly the state that one
+process keeps per branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+
+from vllm_omni.cache.teacache import CacheStats
+from vllm_omni.distributed.comm import GroupComm
+
+SCM_MASK_POLICIES = ("slow", "medium", "fast", "ultra")
+SCM_STEPS_POLICIES = ("dynamic", "static")
+
+
+@dataclass
+class CacheDiTConfig:
+    """``cache_config`` for ``--cache-backend cache_dit``; defaults are vLLM-Omni's."""
+
+    Fn_compute_blocks: int = 1
+    Bn_compute_blocks: int = 0
+    max_warmup_steps: int = 4
+    residual_diff_threshold: float = 0.24
+    max_continuous_cached_steps: int = 3
+    max_cached_steps: int = -1  # -1: no limit
+    enable_taylorseer: bool = False
+    taylorseer_order: int = 1
+    scm_steps_mask_policy: str | None = None
+    scm_steps_policy: str = "dynamic"
+    preset: str | None = None  # a model's named settings (see the adapters); other keys override it
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CacheDiTConfig":
+        unknown = set(d) - set(cls.keys())
+        if unknown:
+            raise ValueError(f"unknown cache_dit cache_config key(s): {', '.join(sorted(unknown))}; "
+                             f"accepted: {', '.join(cls.keys())}")
+        c = cls(**d)
+        c._check()
+        return c
+
+    def _check(self) -> None:
+        def integer(name: str, lo: int) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+        for name in ("Fn_compute_blocks", "Bn_compute_blocks", "max_warmup_steps"):
+            integer(name, 0)
+        integer("max_continuous_cached_steps", -1)
+        integer("max_cached_steps", -1)
+        integer("taylorseer_order", 1)
+        if self.Fn_compute_blocks < 1:
+            raise ValueError("Fn_compute_blocks must be >= 1: DBCache measures the change of "
+                             "the first blocks' residual")
+        t = self.residual_diff_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
+            raise ValueError(f"residual_diff_threshold must be a number >= 0, got {t!r}")
+        if not isinstance(self.enable_taylorseer, bool):
+            raise ValueError(f"enable_taylorseer must be true or false, got {self.enable_taylorseer!r}")
+        if self.scm_steps_mask_policy not in (None, *SCM_MASK_POLICIES):
+            raise ValueError(f"scm_steps_mask_policy must be null or one of "
+                             f"{', '.join(SCM_MASK_POLICIES)}, got {self.scm_steps_mask_policy!r}")
+        if self.scm_steps_policy not in SCM_STEPS_POLICIES:
+            raise ValueError(f"scm_steps_policy must be one of {', '.join(SCM_STEPS_POLICIES)}, "
+                             f"got {self.scm_steps_policy!r}")
+        if self.preset is not None and not isinstance(self.preset, str):
+            raise ValueError(f"preset must be a string, got {self.preset!r}")
+
+    @classmethod
+    def resolve(cls, d: dict[str, Any], presets: dict[str, dict[str, Any]],
+                model: str) -> "CacheDiTConfig":
+        """Parses ``d``; a ``preset`` supplies defaults that the other keys override."""
+        given = cls.from_dict(d)
+        if given.preset is None:
+            return given
+        if given.preset not in presets:
+            names = ", ".join(sorted(presets)) or "none"
+            raise ValueError(f"unknown cache_dit preset {given.preset!r} for {model} "
+                             f"(available: {names})")
+        merged = {**presets[given.preset], **{k: v for k, v in d.items() if k != "preset"}}
+        return cls.from_dict(merged)
+
+    def check_model(self, model: str, num_blocks: int) -> None:
+        if self.Fn_compute_blocks + self.Bn_compute_blocks > num_blocks:
+            raise ValueError(
+                f"Fn_compute_blocks + Bn_compute_blocks = "
+                f"{self.Fn_compute_blocks + self.Bn_compute_blocks} exceeds the {num_blocks} "
+                f"transformer blocks of {model}")
+
+    def db_cache_config(self, num_steps: int | None, separate_cfg: bool):
+        import cache_dit
+
+        mask = None
+        if self.scm_steps_mask_policy is not None and num_steps is not None:
+            mask = cache_dit.steps_mask(total_steps=num_steps,
+                                        mask_policy=self.scm_steps_mask_policy)
+        return cache_dit.DBCacheConfig(
+            Fn_compute_blocks=self.Fn_compute_blocks,
+            Bn_compute_blocks=self.Bn_compute_blocks,
+            max_warmup_steps=self.max_warmup_steps,
+            residual_diff_threshold=float(self.residual_diff_threshold),
+            max_continuous_cached_steps=self.max_continuous_cached_steps,
+            max_cached_steps=self.max_cached_steps,
+            enable_separate_cfg=separate_cfg,
+            num_inference_steps=num_steps,
+            steps_computation_mask=mask,
+            steps_computation_policy=self.scm_steps_policy,
+        )
+
+    def calibrator_config(self):
+        if not self.enable_taylorseer:
+            return None
+        import cache_dit
+
+        return cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _BranchSimilarity:
+    """cache-dit's residual-diff test with its sums all-reduced over one CFG branch's ranks.
+
+    Installed on every rank, so one process and N ranks evaluate the same formula (only the
+    summation order differs).
+    """
+
+    def __init__(self, manager: Any, comm: GroupComm | None):
+        self.manager = manager
+        self.comm = comm
+        self.original = manager.similarity
+
+    def __call__(self, t1: torch.Tensor, t2: torch.Tensor, *, threshold: float,
+                 parallelized: bool = False, prefix: str = "Fn") -> bool:
+        m = self.manager
+        reuses_cond_diff = (m.enable_separate_cfg() and m.is_separate_cfg_step()
+                            and not m.cfg_diff_compute_separate())
+        if threshold <= 0.0 or threshold >= 1.0 or t1.shape != t2.shape or reuses_cond_diff:
+            # Decided without looking at the tensors: identical on every rank already.
+            return self.original(t1, t2, threshold=threshold, parallelized=False, prefix=prefix)
+        sums = torch.stack([(t1 - t2).abs().sum(), t1.abs().sum()]).double()
+        if self.comm is not None and self.comm.world_size > 1:
+            self.comm.all_reduce(sums)
+        diff = float(sums[0] / sums[1].clamp_min(1e-30))
+        m.add_residual_diff(diff)
+        return diff < threshold
+
+
+class CacheDiT:
+    """DBCache on one transformer; ``begin_request`` before each pipeline call."""
+
+    def __init__(self, transformer: torch.nn.Module, config: CacheDiTConfig,
+                 reduce: GroupComm | None = None, cfg_parallel: bool = False):
+        import cache_dit
+
+        self.transformer = transformer
+        self.config = config
+        self.cfg_parallel = cfg_parallel
+        cache_dit.enable_cache(transformer, cache_config=config.db_cache_config(None, False),
+                               calibrator_config=config.calibrator_config())
+        manager = transformer._context_manager
+        manager.similarity = _BranchSimilarity(manager, reduce)
+
+    def begin_request(self, num_steps: int, uses_cfg: bool) -> None:
+        import cache_dit
+
+        separate_cfg = uses_cfg and not self.cfg_parallel
+        cache_dit.refresh_context(
+            self.transformer, cache_config=self.config.db_cache_config(num_steps, separate_cfg),
+            calibrator_config=self.config.calibrator_config())
+
+    @property
+    def stats(self) -> CacheStats:
+        """Calls of the last request that ran the whole block stack, and those served from cache
+        (only the Fn and Bn blocks ran)."""
+        ctx = self.transformer._context_manager.get_context(self.transformer._context_names[0])
+        calls = max(ctx.transformer_executed_steps, 0)
+        skipped = len(ctx.get_cached_steps()) + len(ctx.get_cfg_cached_steps())
+        return CacheStats(computed=calls - skipped, skipped=skipped)
