@@ -24,6 +24,7 @@ process keeps per branch.
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -31,6 +32,10 @@ import torch
 
 from vllm_omni.cache.teacache import CacheStats
 from vllm_omni.distributed.comm import GroupComm
+
+# cache-dit logs its configuration at INFO on stdout from every rank; keep stdout for our logs
+# unless the user asks for its messages (CACHE_DIT_LOG_LEVEL=info). Read when it is imported.
+os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
 
 SCM_MASK_POLICIES = ("slow", "medium", "fast", "ultra")
 SCM_STEPS_POLICIES = ("dynamic", "static")
