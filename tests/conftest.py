@@ -55,6 +55,9 @@ class Server:
     """A real ``vllm serve DIR --omni`` process on a free port."""
 
     def __init__(self, model: str, *extra: str, log_path: str):
+        if "--warmup-sizes" not in extra:
+            # The tiny model's default size (1024x1024) warms up in seconds; tests need not.
+            extra = (*extra, "--warmup-sizes", "64x64")
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from vllm_omni.distributed.comm import GroupComm
 from vllm_omni.distributed.layout import RankLayout
 
-KINDS = ("tp", "ulysses", "ring", "sp", "cfg", "branch", "vae")
+KINDS = ("tp", "ulysses", "ring", "sp", "cfg", "branch", "vae", "world")
 
 
 @dataclass
@@ -24,6 +24,7 @@ class ParallelGroups:
     cfg: GroupComm
     branch: GroupComm  # every rank working on one CFG branch (sp x tp): cache decisions
     vae: GroupComm
+    world: GroupComm
 
     @classmethod
     def single(cls) -> "ParallelGroups":

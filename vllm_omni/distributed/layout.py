@@ -84,6 +84,7 @@ class RankLayout:
                     seen[kind].add(key)
                     out[kind].append(ranks)
         out["vae"] = [list(range(self.vae))] + [[r] for r in range(self.vae, self.world_size)]
+        out["world"] = [list(range(self.world_size))]  # per-step agreement (cancellation)
         return out
 
 

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine.core import run_engine_core
@@ -26,8 +27,11 @@ class EngineStartupError(RuntimeError):
 
 
 class AsyncOmniEngine:
-    def __init__(self, config: OmniEngineConfig):
+    def __init__(self, config: OmniEngineConfig,
+                 on_output: Callable[[DiffusionOutput], None] | None = None):
         self.config = config
+        # Sees every engine output, also those of requests nobody waits for any more (metrics).
+        self.on_output = on_output
         ctx = mp.get_context("spawn")
         self._in = ctx.Queue()
         self._out = ctx.Queue()
@@ -108,6 +112,11 @@ class AsyncOmniEngine:
                 self._core_died()
                 return
             if msg[0] == "output":
+                if self.on_output is not None:
+                    try:
+                        self.on_output(msg[1])
+                    except Exception:
+                        logger.exception("output observer failed")
                 self._resolve(msg[1])
             elif msg[0] == "status":
                 self.state, self.worker_pids = msg[1], msg[2] or self.worker_pids

@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+from collections.abc import Callable
+
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, ProgressFn, RequestError
 from vllm_omni.engine.scheduler import Scheduler
@@ -38,12 +40,17 @@ class EngineCore:
         self.scheduler.add(request)
 
     def abort_request(self, request_id: str) -> bool:
-        return self.scheduler.abort(request_id) is not None
+        """Drops a waiting request, or stops a running one at its next step end."""
+        if self.scheduler.abort(request_id) is not None:
+            return True
+        return self.executor is not None and self.executor.cancel(request_id)
 
     def has_work(self) -> bool:
         return self.scheduler.has_waiting() or bool(self._immediate)
 
-    def step(self, on_progress: ProgressFn | None = None) -> list[DiffusionOutput]:
+    def step(self, on_progress: ProgressFn | None = None,
+             poll: Callable[[], None] | None = None) -> list[DiffusionOutput]:
+        """Runs one batch. ``poll`` is called while it runs, to take new requests and aborts."""
         if self.needs_restart:
             self.restart()
         outputs, self._immediate = self._immediate, []
@@ -51,7 +58,7 @@ class EngineCore:
         if not batch:
             return outputs
         try:
-            results = self.executor.execute(batch, on_progress)
+            results = self.executor.execute(batch, on_progress, poll)
         except WorkerDiedError as e:
             logger.error("%s; failing %d in-flight request(s) and restarting workers", e, len(batch))
             results = [_error(r, 500, f"generation failed: {e}") for r in batch]
@@ -101,34 +108,44 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
         return
     out_queue.put(("ready", core.worker_pids))
 
+    class Shutdown(Exception):
+        pass
+
+    def handle(msg) -> None:
+        if msg[0] == "add":
+            core.add_request(msg[1])
+        elif msg[0] == "abort":
+            core.abort_request(msg[1])
+        elif msg[0] == "shutdown":
+            raise Shutdown
+
+    def poll() -> None:
+        """Takes everything queued so far (while a batch runs, too: aborts reach it)."""
+        while True:
+            try:
+                msg = in_queue.get_nowait()
+            except queue.Empty:
+                return
+            handle(msg)
+
     try:
         while True:
-            msgs = []
             if not core.has_work() and not core.needs_restart:
                 try:
-                    msgs.append(in_queue.get(timeout=1.0))
+                    handle(in_queue.get(timeout=1.0))
                 except queue.Empty:
                     if not parent_alive(parent):
                         return
                     continue
-            while True:
-                try:
-                    msgs.append(in_queue.get_nowait())
-                except queue.Empty:
-                    break
-            for msg in msgs:
-                if msg[0] == "add":
-                    core.add_request(msg[1])
-                elif msg[0] == "abort":
-                    core.abort_request(msg[1])
-                elif msg[0] == "shutdown":
-                    return
+            poll()
             if core.needs_restart:
                 out_queue.put(("status", "restarting", []))
                 core.restart()
                 out_queue.put(("status", core.state, core.worker_pids))
             # No per-step progress consumer on the server side yet (streaming will add one).
-            for out in core.step():
+            for out in core.step(poll=poll):
                 out_queue.put(("output", out))
+    except Shutdown:
+        pass
     finally:
         core.shutdown()

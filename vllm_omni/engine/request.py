@@ -49,6 +49,7 @@ class DiffusionRequest:
     guidance_scale: float | None = None
     output_type: str = "pil"
     arrival_time: float = field(default_factory=time.monotonic)
+    scheduled_time: float | None = None  # when the scheduler handed it to the executor
 
 
 @dataclass

@@ -26,8 +26,10 @@ class Scheduler:
 
     def schedule(self) -> list[DiffusionRequest]:
         batch = []
+        now = time.monotonic()
         while self.waiting and len(batch) < self.max_batch_size:
             _, req = self.waiting.popitem(last=False)
+            req.scheduled_time = now
             batch.append(req)
         return batch
 
@@ -36,6 +38,8 @@ class Scheduler:
         now = time.monotonic()
         for req, out in zip(batch, outputs):
             out.metrics.setdefault("e2e_s", now - req.arrival_time)
+            out.metrics["queue_wait_s"] = req.scheduled_time - req.arrival_time
+            out.metrics["batch_size"] = len(batch)
         return outputs
 
     def drain(self) -> list[DiffusionRequest]:

@@ -11,6 +11,8 @@ import multiprocessing as mp
 import os
 import queue
 import time
+from collections.abc import Callable
+
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, ProgressFn
 from vllm_omni.utils.proc import free_port, start_process
@@ -19,6 +21,7 @@ from vllm_omni.worker.worker import worker_main
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2
+MAX_BATCH = 256  # cancel-flag slots; far above any useful --max-num-seqs
 
 
 class WorkerDiedError(RuntimeError):
@@ -54,12 +57,16 @@ class MultiprocExecutor:
         self.result_queue = ctx.Queue()
         self.work_queues = [ctx.Queue() for _ in range(config.world_size)]
         init_method = f"tcp://127.0.0.1:{free_port()}"
+        # One flag per batch slot, shared with every rank: set to cancel that request, which the
+        # ranks agree on at their next step end.
+        self.cancel_flags = ctx.RawArray("b", MAX_BATCH)
+        self.running: list[str] = []
         self.workers = []
         for rank in range(config.world_size):
             p = ctx.Process(
                 target=worker_main, name=f"vllm_omni_worker{rank}", daemon=True,
                 args=(rank, config, init_method, self.work_queues[rank], self.result_queue,
-                      dict(os.environ)),
+                      self.cancel_flags, dict(os.environ)),
             )
             start_process(p)
             self.workers.append(p)
@@ -79,12 +86,14 @@ class MultiprocExecutor:
                 return f"worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
         return None
 
-    def _recv(self, deadline: float | None = None):
+    def _recv(self, deadline: float | None = None, poll: Callable[[], None] | None = None):
         while True:
             try:
                 return self.result_queue.get(timeout=POLL_S)
             except queue.Empty:
                 pass
+            if poll is not None:
+                poll()
             dead = self._dead_worker()
             if dead:
                 raise WorkerDiedError(dead)
@@ -112,8 +121,27 @@ class MultiprocExecutor:
             if msg[0] == "ready":
                 ready.add(msg[1])
 
-    def execute(self, batch: list[DiffusionRequest],
-                on_progress: ProgressFn | None = None) -> list[DiffusionOutput]:
+    def cancel(self, request_id: str) -> bool:
+        """Stops a running request at its next step end; False if it is not running."""
+        if request_id not in self.running:
+            return False
+        self.cancel_flags[self.running.index(request_id)] = 1
+        return True
+
+    def execute(self, batch: list[DiffusionRequest], on_progress: ProgressFn | None = None,
+                poll: Callable[[], None] | None = None) -> list[DiffusionOutput]:
+        """Runs ``batch`` on every rank; ``poll`` is called while waiting (to take aborts)."""
+        if len(batch) > MAX_BATCH:
+            raise ValueError(f"batch of {len(batch)} exceeds {MAX_BATCH}")
+        for i in range(len(batch)):
+            self.cancel_flags[i] = 0
+        self.running = [r.request_id for r in batch]
+        try:
+            return self._execute(batch, on_progress, poll)
+        finally:
+            self.running = []
+
+    def _execute(self, batch, on_progress, poll) -> list[DiffusionOutput]:
         # Progress costs a queue message per step; only ask for it when someone listens.
         for q in self.work_queues:
             q.put(("execute", batch, on_progress is not None))
@@ -121,7 +149,7 @@ class MultiprocExecutor:
         deadline = None
         while outputs is None or len(done) < len(self.workers):
             try:
-                msg = self._recv(deadline)
+                msg = self._recv(deadline, poll)
             except TimeoutError:
                 stuck = sorted(set(range(len(self.workers))) - done)
                 raise WorkerDiedError(
@@ -135,6 +163,8 @@ class MultiprocExecutor:
                     failed.append(msg[1])
             elif msg[0] == "progress" and on_progress is not None:
                 on_progress(msg[1], msg[2], msg[3])
+            if poll is not None:
+                poll()
             if failed and deadline is None and len(self.workers) > 1:
                 deadline = time.monotonic() + DESYNC_GRACE_S
         return outputs

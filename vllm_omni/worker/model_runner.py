@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import resource
 import time
 import traceback
+from dataclasses import dataclass
+
 import torch
 
 from vllm_omni.cache.apply import apply_cache
@@ -48,7 +52,7 @@ def make_generators(seed: int, n: int) -> list[torch.Generator]:
 
 class ModelRunner:
     def __init__(self, config: OmniEngineConfig, rank: int, device: torch.device,
-                 groups: ParallelGroups | None = None):
+                 groups: ParallelGroups | None = None, cancel_flags=None):
         self.config = config
         self.rank = rank
         self.device = device
@@ -58,6 +62,8 @@ class ModelRunner:
         self.pipe = None
         self.parallel: dict = {}
         self.cache = None
+        self.cancel_flags = cancel_flags  # shared per-slot flags set by the engine (or None)
+        self.timing = StepTiming()
         # Tests make one rank fail a marked request, to prove a desynchronised group recovers.
         self._fault_rank = int(os.environ.get("VLLM_OMNI_TEST_FAIL_RANK", "-1"))
 
@@ -75,8 +81,28 @@ class ModelRunner:
         # After the parallel hooks, as DESIGN.md orders features.
         self.cache = apply_cache(self.pipe, self.config.cache_backend, self.config.cache_config,
                                  self.adapter, self.spec, self.groups)
+        self._install_timing()
         logger.info("rank %d loaded %s (%s, %s) in %.2fs", self.rank, self.spec.pipeline_class,
                     dtype, self.device, time.perf_counter() - t0)
+
+    def _install_timing(self) -> None:
+        """Times the denoising loop (from the first transformer call) and the VAE decode."""
+        def first_call(module, args):
+            if self.timing.denoise_start is None:
+                self.timing.denoise_start = time.perf_counter()
+
+        self.pipe.transformer.register_forward_pre_hook(first_call)
+        decode = self.pipe.vae.decode
+
+        @functools.wraps(decode)
+        def timed_decode(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return decode(*args, **kwargs)
+            finally:
+                self.timing.vae_s += time.perf_counter() - t0
+
+        self.pipe.vae.decode = timed_decode
 
     def _cache_metrics(self) -> dict[str, int]:
         stats = torch.tensor([self.cache.stats.computed, self.cache.stats.skipped])
@@ -89,23 +115,43 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[DiffusionRequest],
                 progress: ProgressFn | None = None) -> list[DiffusionOutput]:
-        return [self._run_one(req, progress) for req in batch]
+        return [self._run_one(slot, req, progress) for slot, req in enumerate(batch)]
 
-    def _run_one(self, req: DiffusionRequest, progress: ProgressFn | None) -> DiffusionOutput:
+    def _cancelled(self, slot: int) -> bool:
+        """Whether the engine cancelled batch slot ``slot``, agreed by every rank."""
+        flag = int(self.cancel_flags[slot]) if self.cancel_flags is not None else 0
+        if self.groups.world.world_size > 1:
+            # Ranks read the flag at slightly different moments; all must stop at the same step.
+            t = torch.tensor([flag], dtype=torch.int32)
+            flag = int(self.groups.world.all_reduce(t)[0])
+        return flag > 0
+
+    def _step_callback(self, slot: int, req: DiffusionRequest, progress: ProgressFn | None):
+        ids, total, timing = [req.request_id], req.num_inference_steps, self.timing
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            timing.steps = step + 1
+            timing.denoise_end = time.perf_counter()
+            if progress is not None:
+                progress(ids, step + 1, total)
+            if self._cancelled(slot):
+                raise RequestCancelled
+            return callback_kwargs
+
+        return on_step_end
+
+    def _run_one(self, slot: int, req: DiffusionRequest,
+                 progress: ProgressFn | None) -> DiffusionOutput:
         t0 = time.perf_counter()
+        self.timing = timing = StepTiming()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         try:
             self.adapter.check_loaded(self.pipe, req)
             if self._fault_rank == self.rank and FAULT_MARKER in req.prompt:
                 raise RuntimeError(f"fault injected on rank {self.rank} (tests)")
             kwargs = self.adapter.pipeline_kwargs(self.spec, req)
-            if progress is not None:
-                ids, total = [req.request_id], req.num_inference_steps
-
-                def on_step_end(pipe, step, timestep, callback_kwargs):
-                    progress(ids, step + 1, total)
-                    return callback_kwargs
-
-                kwargs["callback_on_step_end"] = on_step_end
+            kwargs["callback_on_step_end"] = self._step_callback(slot, req, progress)
             uses_cfg = self.adapter.uses_cfg(kwargs)
             if "cfg" in self.parallel:
                 self.parallel["cfg"].begin_request(uses_cfg)
@@ -114,17 +160,52 @@ class ModelRunner:
                 self.cache.begin_request(req.num_inference_steps, uses_cfg)
             images = self.pipe(**kwargs, generator=make_generators(req.seed, req.num_images),
                                output_type=req.output_type).images
+        except RequestCancelled:
+            logger.info("request %s cancelled after %d of %d steps", req.request_id, timing.steps,
+                        req.num_inference_steps)
+            return DiffusionOutput(req.request_id, metrics=self._metrics(t0), error=RequestError(
+                499, f"cancelled after {timing.steps} of {req.num_inference_steps} steps",
+                "cancelled", code="cancelled"))
         except InvalidRequestError as e:
             return DiffusionOutput(req.request_id, error=RequestError.invalid(e))
         except Exception as e:  # the worker survives a bad request or an OOM; the client is told
             logger.error("request %s failed:\n%s", req.request_id, traceback.format_exc())
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            return DiffusionOutput(req.request_id, error=RequestError(
+            return DiffusionOutput(req.request_id, metrics=self._metrics(t0), error=RequestError(
                 500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
-        metrics = {"execute_s": time.perf_counter() - t0}
+        metrics = self._metrics(t0)
         if self.cache is not None:
             metrics.update(self._cache_metrics())
         if self.parallel:
             metrics["comm_bytes_rank0"] = self.groups.bytes_sent()
         return DiffusionOutput(req.request_id, images=list(images), metrics=metrics)
+
+    def _metrics(self, t0: float) -> dict:
+        t = self.timing
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:  # the worker process's peak resident memory (Linux reports KiB)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return {"execute_s": time.perf_counter() - t0, "steps_completed": t.steps,
+                "denoise_s": t.denoise_s, "vae_s": t.vae_s, "peak_memory_bytes": peak}
+
+
+class RequestCancelled(Exception):
+    """Raised at a step end on every rank when the engine cancelled the request."""
+
+
+@dataclass
+class StepTiming:
+    """Where one request's time went, filled by the step callback and the timing hooks."""
+
+    steps: int = 0
+    denoise_start: float | None = None  # the first transformer call
+    denoise_end: float | None = None  # the last step end
+    vae_s: float = 0.0
+
+    @property
+    def denoise_s(self) -> float:
+        if self.denoise_start is None or self.denoise_end is None:
+            return 0.0
+        return self.denoise_end - self.denoise_start

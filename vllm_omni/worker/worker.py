@@ -28,7 +28,8 @@ def _init_distributed(rank: int, config: OmniEngineConfig, init_method: str, dev
 
 
 def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
-                work_queue, result_queue, environ: dict[str, str] | None = None) -> None:
+                work_queue, result_queue, cancel_flags=None,
+                environ: dict[str, str] | None = None) -> None:
     """Messages in: ("execute", batch, want_progress) | ("shutdown",). Out: ("ready", rank) |
     ("load_error", rank, text) | ("done", rank, failed) per batch from every rank; from rank 0
     only: ("progress", ids, step, total) | ("result", outputs)."""
@@ -57,7 +58,7 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
             # Ranks share the host's cores; more threads than cores makes every rank spin-wait.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
         groups = _init_distributed(rank, config, init_method, device.type)
-        runner = ModelRunner(config, rank, device, groups)
+        runner = ModelRunner(config, rank, device, groups, cancel_flags)
         runner.load()
     except BaseException:
         result_queue.put(("load_error", rank, traceback.format_exc()))

@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(levelname)s %(asctime)s [api_server] %(message)s")
     from vllm_omni.entrypoints.cli.serve import (
         config_from_args,
+        limits_from_args,
         make_parser,
         run_server,
         unsupported_flags,
@@ -27,9 +28,10 @@ def main(argv: list[str] | None = None) -> None:
                     "serving; remove them (see `vllm serve --omni --help`)")
     try:
         config, spec = config_from_args(args, serve)
+        limits = limits_from_args(args, spec)
     except ValueError as e:
         serve.error(str(e))
-    run_server(args, config, spec)
+    run_server(args, config, spec, limits)
 
 
 if __name__ == "__main__":

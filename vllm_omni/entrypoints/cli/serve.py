@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 
 from vllm_omni.diffusion.data import CACHE_BACKENDS, DiffusionParallelConfig, OmniEngineConfig
 
@@ -49,6 +50,26 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
         g.add_argument("--lora-path", type=str, default=None, help="LoRA adapter directory."),
         g.add_argument("--model-load-timeout", type=float, default=1800.0,
                        help="Seconds the workers may take to load the model."),
+        g.add_argument("--max-queue-len", type=int, default=64,
+                       help="Requests that may wait beyond the running one; more get HTTP 429 "
+                            "with Retry-After."),
+        g.add_argument("--request-timeout", type=float, default=None,
+                       help="Seconds a request may take end to end; then it is cancelled and "
+                            "answered 504. Default: no deadline."),
+        g.add_argument("--max-images-per-request", type=int, default=10,
+                       help="Largest n accepted (400 beyond)."),
+        g.add_argument("--max-inference-steps", type=int, default=1000,
+                       help="Largest num_inference_steps accepted (400 beyond)."),
+        g.add_argument("--max-pixels", type=int, default=None,
+                       help="Largest width x height accepted (400 beyond). Default: the model's "
+                            "own limit."),
+        g.add_argument("--max-upload-mb", type=float, default=50.0,
+                       help="Largest request body in MiB, uploads included (413 beyond)."),
+        g.add_argument("--warmup-sizes", type=str, default=None,
+                       help="Sizes generated before /health reports ready, e.g. "
+                            "'1024x1024,512x512', or 'none'. Default: the model's default size."),
+        g.add_argument("--warmup-steps", type=int, default=2,
+                       help="Denoising steps of each warm-up request."),
     ]
     return actions
 
@@ -119,6 +140,29 @@ def config_from_args(args: argparse.Namespace, serve_parser):
     return config, spec
 
 
+def limits_from_args(args: argparse.Namespace, spec):
+    """The API server's admission limits; warm-up sizes are checked against the model now."""
+    from vllm_omni.engine.input_processor import InputProcessor
+    from vllm_omni.engine.request import InvalidRequestError
+    from vllm_omni.entrypoints.openai.limits import ServingLimits, parse_sizes
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+
+    limits = ServingLimits(
+        max_queue_len=args.max_queue_len, request_timeout_s=args.request_timeout,
+        max_images_per_request=args.max_images_per_request,
+        max_inference_steps=args.max_inference_steps, max_pixels=args.max_pixels,
+        max_body_bytes=int(args.max_upload_mb * 2**20),
+        warmup_sizes=parse_sizes(args.warmup_sizes) if args.warmup_sizes else None,
+        warmup_steps=args.warmup_steps)
+    for w, h in limits.warmup_sizes or []:
+        try:
+            InputProcessor(spec).process("warm-up", OmniDiffusionSamplingParams(
+                num_inference_steps=limits.warmup_steps, width=w, height=h))
+        except InvalidRequestError as e:
+            raise ValueError(f"--warmup-sizes {w}x{h}: {e.message}") from None
+    return limits
+
+
 def _api_keys(value) -> list[str]:
     """vLLM takes one or more keys (--api-key K [K ...]) or VLLM_API_KEY."""
     if value:
@@ -127,18 +171,29 @@ def _api_keys(value) -> list[str]:
     return [env] if env else []
 
 
-def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec) -> None:
+def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=None) -> None:
     import uvicorn
 
     from vllm_omni.engine.async_engine import AsyncOmniEngine
     from vllm_omni.entrypoints.openai.api_server import build_app
 
+    # Bind the port before the engine starts, as vLLM does: the workers open many TCP
+    # connections while loading, and one of them could take a port chosen but not yet bound.
+    host = args.host or "0.0.0.0"
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, args.port))
+    except OSError as e:
+        sock.close()
+        raise SystemExit(f"cannot listen on {host}:{args.port}: {e}") from None
+    sock.set_inheritable(False)
     logger.info("starting engine for %s (%s)", config.model_name, spec.pipeline_class)
     engine = AsyncOmniEngine(config)
     try:
         app = build_app(engine, spec, config.served_model_names, model_root=config.model,
                         api_keys=_api_keys(args.api_key),
-                        seed=args.seed, root_path=args.root_path or "")
+                        seed=args.seed, root_path=args.root_path or "", limits=limits)
         if args.allowed_origins != ["*"] or args.allow_credentials:
             from fastapi.middleware.cors import CORSMiddleware
 
@@ -146,10 +201,12 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec) -> None
                                allow_credentials=args.allow_credentials,
                                allow_methods=args.allowed_methods,
                                allow_headers=args.allowed_headers)
-        uvicorn.run(app, host=args.host or "0.0.0.0", port=args.port,
-                    log_level=args.uvicorn_log_level,
-                    access_log=not args.disable_uvicorn_access_log,
-                    ssl_keyfile=args.ssl_keyfile, ssl_certfile=args.ssl_certfile,
-                    ssl_ca_certs=args.ssl_ca_certs, timeout_graceful_shutdown=10)
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=host, port=args.port, log_level=args.uvicorn_log_level,
+            access_log=not args.disable_uvicorn_access_log, ssl_keyfile=args.ssl_keyfile,
+            ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
+            timeout_graceful_shutdown=10))
+        server.run(sockets=[sock])
     finally:
         engine.shutdown()
+        sock.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
 import time
@@ -15,8 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import vllm_omni
 from vllm_omni.engine.async_engine import AsyncOmniEngine
 from vllm_omni.entrypoints.openai.image_store import ImageStore
+from vllm_omni.entrypoints.openai.limits import ServingLimits
+from vllm_omni.entrypoints.openai.metrics import ServerMetrics
 from vllm_omni.entrypoints.openai.protocol import ImageGenerationRequest, OpenAIError
-from vllm_omni.entrypoints.openai.serving_images import ServingImages
+from vllm_omni.entrypoints.openai.serving_images import ClientDisconnected, ServingImages
 from vllm_omni.models.base import ModelSpec
 
 logger = logging.getLogger("vllm_omni.api")
@@ -39,13 +43,108 @@ def _validation_error(exc: RequestValidationError) -> OpenAIError:
                        code="invalid_value")
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413, declared or streamed."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def message(self) -> str:
+        return (f"Request body too large: this server accepts at most {self.max_bytes} bytes "
+                "(--max-upload-mb)")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            e = OpenAIError(413, self.message(), code="request_too_large")
+            return await JSONResponse(e.body(), status_code=413)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    # An HTTPException passes FastAPI's body parsing and reaches our handler.
+                    raise StarletteHTTPException(413, self.message())
+            return msg
+
+        await self.app(scope, counted, send)
+
+
+class ApiKeyAuth:
+    """ASGI middleware: every ``/v1`` route needs ``Authorization: Bearer <key>`` (401 if not)."""
+
+    def __init__(self, app, keys: list[str]):
+        self.app = app
+        self.accepted = [f"Bearer {k}".encode() for k in keys]
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            if not any(hmac.compare_digest(given, a) for a in self.accepted):
+                e = OpenAIError(401, "Incorrect or missing API key (send "
+                                "'Authorization: Bearer <key>')", code="invalid_api_key")
+                return await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class CountResponses:
+    """ASGI middleware: counts ``/v1`` answers by route and status (rejections included).
+
+    Plain ASGI rather than ``@app.middleware``: Starlette's BaseHTTPMiddleware hides a client's
+    disconnect from ``Request.is_disconnected``, which cancellation relies on.
+    """
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+            return await self.app(scope, receive, send)
+        status = 500
+
+        async def send_status(msg):
+            nonlocal status
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+            await send(msg)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.answered(route, status)
+
+
 def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str], *,
               model_root: str, api_keys: list[str] | None = None, seed: int | None = None,
-              root_path: str = "") -> FastAPI:
-    app = FastAPI(title="vllm_omni", version=vllm_omni.__version__, root_path=root_path)
+              root_path: str = "", limits: ServingLimits | None = None,
+              metrics: ServerMetrics | None = None) -> FastAPI:
+    limits = limits or ServingLimits()
+    metrics = metrics or ServerMetrics(served_model_names[0])
     store = ImageStore()
-    images = ServingImages(engine, spec, served_model_names, seed, store)
+    images = ServingImages(engine, spec, served_model_names, seed, store, limits, metrics)
     created = int(time.time())
+    warm = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        task = asyncio.create_task(_warm_up(images, spec, limits, warm))
+        yield
+        task.cancel()
+
+    app = FastAPI(title="vllm_omni", version=vllm_omni.__version__, root_path=root_path,
+                  lifespan=lifespan)
+    app.state.warm = warm
+    engine.on_output = metrics.observe
+    # Added first, so innermost (add_middleware prepends): the router reads the body through it
+    # directly, and its 413 reaches our error handler.
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    metrics.max_in_flight.labels(**metrics._labels).set(limits.max_in_flight)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
@@ -59,7 +158,8 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        e = OpenAIError(exc.status_code, str(exc.detail), kind)
+        code = "request_too_large" if exc.status_code == 413 else None
+        e = OpenAIError(exc.status_code, str(exc.detail), kind, code=code)
         return JSONResponse(e.body(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
@@ -69,24 +169,25 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
         return JSONResponse(e.body(), status_code=500)
 
     if api_keys:
-        accepted = [f"Bearer {k}".encode() for k in api_keys]
-
-        @app.middleware("http")
-        async def _authenticate(request: Request, call_next):
-            if request.url.path.startswith("/v1"):
-                given = request.headers.get("authorization", "").encode()
-                if not any(hmac.compare_digest(given, a) for a in accepted):
-                    e = OpenAIError(401, "Incorrect or missing API key (send "
-                                    "'Authorization: Bearer <key>')", code="invalid_api_key")
-                    return JSONResponse(e.body(), status_code=401)
-            return await call_next(request)
+        app.add_middleware(ApiKeyAuth, keys=api_keys)
+    app.add_middleware(CountResponses, metrics=metrics)
 
     @app.get("/health")
     async def health():
-        if engine.healthy:
+        """200 once the model is loaded and warmed up and while every worker is alive."""
+        ok = engine.healthy and warm.is_set()
+        metrics.healthy.labels(**metrics._labels).set(1 if ok else 0)
+        if ok:
             return Response(status_code=200)
-        e = OpenAIError(503, f"engine is {engine.state}", "server_error")
+        state = engine.state if not engine.healthy else "warming up"
+        e = OpenAIError(503, f"engine is {state}", "server_error")
         return JSONResponse(e.body(), status_code=503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        metrics.running.labels(**metrics._labels).set(images.in_flight)
+        metrics.healthy.labels(**metrics._labels).set(1 if engine.healthy and warm.is_set() else 0)
+        return Response(content=metrics.render(), media_type=metrics.content_type)
 
     @app.get("/version")
     async def version():
@@ -103,7 +204,11 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
     @app.post("/v1/images/generations")
     async def generations(body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
-        return await images.generate(body, str(request.base_url))
+        try:
+            return await images.generate(body, str(request.base_url), request.is_disconnected)
+        except ClientDisconnected:
+            # Nobody reads this; 499 is what proxies log for a client that closed the request.
+            return Response(status_code=499)
 
     @app.get("/v1/images/{image_id}/content")
     async def image_content(image_id: str):
@@ -114,3 +219,32 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
         return Response(content=item[0], media_type=item[1])
 
     return app
+
+
+async def _warm_up(images: ServingImages, spec: ModelSpec, limits: ServingLimits,
+                   warm: asyncio.Event) -> None:
+    """Runs requests through the real path (input processing, engine, workers) before /health
+    reports ready, so the first user request does not pay for first-call initialisation."""
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+
+    sizes = limits.warmup_sizes
+    if sizes is None:
+        sizes = [(spec.default_width, spec.default_height)]
+    t0 = time.perf_counter()
+    for width, height in sizes:
+        try:
+            params = OmniDiffusionSamplingParams(num_inference_steps=limits.warmup_steps,
+                                                 width=width, height=height, seed=0)
+            req = images.inputs.process("warm-up", params, request_id=f"warmup-{width}x{height}")
+            out = await images.engine.generate(req)
+            error = out.error.message if out.error is not None else None
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        if error is not None:
+            # Stay unhealthy: the server cannot serve this model as configured.
+            logger.error("warm-up at %dx%d failed: %s", width, height, error)
+            return
+    if sizes:
+        logger.info("warmed up at %s in %.1fs", ", ".join(f"{w}x{h}" for w, h in sizes),
+                    time.perf_counter() - t0)
+    warm.set()

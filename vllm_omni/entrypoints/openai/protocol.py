@@ -44,7 +44,7 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=32000)
     model: str | None = None
-    n: int = Field(1, ge=1, le=10)
+    n: int = Field(1, ge=1)  # the upper bound is a server flag (--max-images-per-request)
     size: str | None = None
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
@@ -59,7 +59,7 @@ class ImageGenerationRequest(BaseModel):
     partial_images: int | None = None
     # Diffusion extensions (top level, so the OpenAI SDK's extra_body reaches them).
     negative_prompt: str | None = None
-    num_inference_steps: int | None = Field(None, ge=1, le=1000)
+    num_inference_steps: int | None = Field(None, ge=1)  # bounded by --max-inference-steps
     guidance_scale: float | None = Field(None, ge=0)
     true_cfg_scale: float | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import time
 import uuid
 from typing import Any
 
 from vllm_omni.engine.async_engine import AsyncOmniEngine
 from vllm_omni.engine.input_processor import InputProcessor
-from vllm_omni.engine.request import InvalidRequestError
+from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, InvalidRequestError
 from vllm_omni.entrypoints.openai.image_store import ImageStore
+from vllm_omni.entrypoints.openai.limits import ServingLimits
+from vllm_omni.entrypoints.openai.metrics import ServerMetrics
 from vllm_omni.entrypoints.openai.protocol import ImageGenerationRequest, OpenAIError, parse_size
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
@@ -20,15 +23,94 @@ from vllm_omni.utils.image import encode_image
 
 logger = logging.getLogger("vllm_omni.api")
 
+DISCONNECT_POLL_S = 0.2
+
+
+class ClientDisconnected(Exception):
+    """The client went away; nobody is left to answer."""
+
+
+async def _never_disconnected() -> bool:
+    return False
+
 
 class ServingImages:
     def __init__(self, engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str],
-                 seed: int | None, store: ImageStore):
+                 seed: int | None, store: ImageStore, limits: ServingLimits | None = None,
+                 metrics: ServerMetrics | None = None):
         self.engine = engine
         self.spec = spec
         self.served_model_names = served_model_names
         self.inputs = InputProcessor(spec, seed)
         self.store = store
+        self.limits = limits or ServingLimits()
+        self.metrics = metrics
+        self.in_flight = 0  # admitted, not yet answered (the event loop is single-threaded)
+        self._latency_s = 0.0  # moving average of engine time per request, for Retry-After
+
+    def check_limits(self, n: int, steps: int | None, width: int | None,
+                     height: int | None) -> None:
+        lim = self.limits
+        if n > lim.max_images_per_request:
+            raise OpenAIError(400, f"n={n} exceeds this server's limit of "
+                              f"{lim.max_images_per_request} images per request "
+                              "(--max-images-per-request)", param="n", code="invalid_value")
+        if steps is not None and steps > lim.max_inference_steps:
+            raise OpenAIError(400, f"num_inference_steps={steps} exceeds this server's limit of "
+                              f"{lim.max_inference_steps} (--max-inference-steps)",
+                              param="num_inference_steps", code="invalid_value")
+        w, h = width or self.spec.default_width, height or self.spec.default_height
+        if lim.max_pixels is not None and w * h > lim.max_pixels:
+            raise OpenAIError(400, f"size {w}x{h} is {w * h} pixels, over this server's limit of "
+                              f"{lim.max_pixels} (--max-pixels)", param="size",
+                              code="invalid_value")
+
+    def admit(self) -> None:
+        """Counts a request in, or refuses it with 429 when the queue is full."""
+        lim = self.limits
+        if self.in_flight >= lim.max_in_flight:
+            if self.metrics is not None:
+                self.metrics.reject("queue_full")
+            waits = max(1, self.in_flight - lim.max_num_seqs + 1) / lim.max_num_seqs
+            retry = max(1, math.ceil(waits * (self._latency_s or 1.0)))
+            raise OpenAIError(429, f"The server is busy: {self.in_flight} requests are queued or "
+                              f"running (limit {lim.max_in_flight}, --max-queue-len "
+                              f"{lim.max_queue_len}). Retry after {retry} s.",
+                              "rate_limit_error", code="queue_full",
+                              headers={"Retry-After": str(retry)})
+        self.in_flight += 1
+
+    async def run(self, req: DiffusionRequest, is_disconnected) -> DiffusionOutput:
+        """The engine's answer, cancelling the work if the client leaves or the deadline passes."""
+        task = asyncio.ensure_future(self.engine.generate(req))
+        deadline = None
+        if self.limits.request_timeout_s is not None:
+            deadline = time.monotonic() + self.limits.request_timeout_s
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    out = task.result()
+                    if out.error is None and "execute_s" in out.metrics:
+                        t = out.metrics["execute_s"]
+                        self._latency_s = t if not self._latency_s else 0.8 * self._latency_s + 0.2 * t
+                    return out
+                if deadline is not None and time.monotonic() > deadline:
+                    task.cancel()  # AsyncOmniEngine.generate sends the abort
+                    if self.metrics is not None:
+                        self.metrics.reject("timeout")
+                    raise OpenAIError(504, f"the request did not finish within "
+                                      f"{self.limits.request_timeout_s:g} s (--request-timeout) "
+                                      "and was cancelled", "server_error", code="timeout")
+                if await is_disconnected():
+                    task.cancel()
+                    logger.info("request %s: client disconnected; cancelling", req.request_id)
+                    if self.metrics is not None:
+                        self.metrics.reject("client_disconnected")
+                    raise ClientDisconnected
+        finally:
+            if not task.done():
+                task.cancel()
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model not in self.served_model_names:
@@ -36,10 +118,12 @@ class ServingImages:
                               f"{', '.join(self.served_model_names)}.", param="model",
                               code="model_not_found")
 
-    async def generate(self, body: ImageGenerationRequest, base_url: str) -> dict[str, Any]:
+    async def generate(self, body: ImageGenerationRequest, base_url: str,
+                       is_disconnected=None) -> dict[str, Any]:
         self.check_model(body.model)
         body.check_openai_options()
         width, height = parse_size(body.size)
+        self.check_limits(body.n, body.num_inference_steps, width, height)
         request_id = f"img-{uuid.uuid4().hex}"
         try:
             params = OmniDiffusionSamplingParams(
@@ -54,7 +138,11 @@ class ServingImages:
         logger.info("request %s: %dx%d, %d steps, n=%d, seed=%d, user=%s", request_id, req.width,
                     req.height, req.num_inference_steps, req.num_images, req.seed, body.user)
 
-        out = await self.engine.generate(req)
+        self.admit()
+        try:
+            out = await self.run(req, is_disconnected or _never_disconnected)
+        finally:
+            self.in_flight -= 1
         if out.error is not None:
             e = out.error
             raise OpenAIError(e.status, e.message, e.type, e.param, e.code)

@@ -1,0 +1,98 @@
+"""Prometheus metrics of the API server (``GET /metrics``), named ``vllm_omni:*`` like vLLM's
+``vllm:*``.
+
+HTTP outcomes are counted where the answer is sent; engine-side figures (queue wait, denoise and
+VAE time, steps, batch size, cache skips, peak memory) come from every engine output, including
+those of requests whose client has gone (a cancelled request's steps show up here).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from vllm_omni.engine.request import DiffusionOutput
+
+_SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640)
+
+
+class ServerMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, model_name: str):
+        # One registry per app: several servers (tests) can live in one process.
+        self.registry = r = CollectorRegistry()
+        labels = {"model_name": model_name}
+        self._labels = labels
+        names = ["model_name"]
+        self.requests = Counter("vllm_omni:requests", "HTTP requests answered, by route and "
+                                "status code", [*names, "route", "status"], registry=r)
+        self.engine_outcomes = Counter("vllm_omni:engine_requests", "Requests the engine "
+                                       "finished, by outcome (ok, cancelled, error)",
+                                       [*names, "outcome"], registry=r)
+        self.rejected = Counter("vllm_omni:requests_rejected", "Requests refused before reaching "
+                                "the engine, by reason", [*names, "reason"], registry=r)
+        self.queue_wait = Histogram("vllm_omni:queue_wait_seconds", "Time from arrival to the "
+                                    "start of execution", names, buckets=_SECONDS, registry=r)
+        self.denoise = Histogram("vllm_omni:denoise_seconds", "Denoising loop time per request",
+                                 names, buckets=_SECONDS, registry=r)
+        self.vae = Histogram("vllm_omni:vae_decode_seconds", "VAE decode time per request", names,
+                             buckets=_SECONDS, registry=r)
+        self.e2e = Histogram("vllm_omni:e2e_request_latency_seconds", "Arrival to result, in the "
+                             "engine", names, buckets=_SECONDS, registry=r)
+        self.steps = Counter("vllm_omni:denoise_steps", "Denoising steps completed (cancelled "
+                             "requests count the steps they ran)", names, registry=r)
+        self.steps_per_request = Histogram(
+            "vllm_omni:request_denoise_steps", "Denoising steps completed per request", names,
+            buckets=(1, 2, 4, 8, 16, 20, 28, 30, 40, 50, 75, 100, 250, 500, 1000), registry=r)
+        self.batch_size = Histogram("vllm_omni:batch_size", "Requests per executed batch", names,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.cache_skip_ratio = Histogram(
+            "vllm_omni:cache_skip_ratio", "Share of transformer calls served from the step cache",
+            names, buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
+        self.peak_memory = Gauge("vllm_omni:peak_memory_bytes", "Peak device memory of rank 0 "
+                                 "(CUDA allocator; on CPU the worker's peak resident set)", names,
+                                 registry=r)
+        self.running = Gauge("vllm_omni:num_requests_in_flight", "Requests admitted and not yet "
+                             "answered", names, registry=r)
+        self.max_in_flight = Gauge("vllm_omni:max_requests_in_flight", "Admission limit "
+                                   "(--max-queue-len plus one running batch)", names, registry=r)
+        self.healthy = Gauge("vllm_omni:healthy", "1 when /health answers 200", names, registry=r)
+
+    def answered(self, route: str, status: int) -> None:
+        self.requests.labels(**self._labels, route=route, status=str(status)).inc()
+
+    def reject(self, reason: str) -> None:
+        self.rejected.labels(**self._labels, reason=reason).inc()
+
+    def observe(self, out: DiffusionOutput) -> None:
+        """One engine output (success, error or cancellation)."""
+        m, lab = out.metrics, self._labels
+        if out.error is None:
+            outcome = "ok"
+        elif out.error.code == "cancelled":
+            outcome = "cancelled"
+        else:
+            outcome = "error"
+        self.engine_outcomes.labels(**lab, outcome=outcome).inc()
+        if "queue_wait_s" in m:
+            self.queue_wait.labels(**lab).observe(m["queue_wait_s"])
+        if "batch_size" in m:
+            self.batch_size.labels(**lab).observe(m["batch_size"])
+        if "e2e_s" in m:
+            self.e2e.labels(**lab).observe(m["e2e_s"])
+        if m.get("denoise_s"):
+            self.denoise.labels(**lab).observe(m["denoise_s"])
+        if m.get("vae_s"):
+            self.vae.labels(**lab).observe(m["vae_s"])
+        if "steps_completed" in m:
+            self.steps.labels(**lab).inc(m["steps_completed"])
+            self.steps_per_request.labels(**lab).observe(m["steps_completed"])
+        calls = m.get("transformer_calls_computed", 0) + m.get("transformer_calls_skipped", 0)
+        if calls:
+            self.cache_skip_ratio.labels(**lab).observe(m["transformer_calls_skipped"] / calls)
+        if "peak_memory_bytes" in m:
+            self.peak_memory.labels(**lab).set(m["peak_memory_bytes"])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
