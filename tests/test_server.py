@@ -84,7 +84,7 @@ def test_jpeg_and_cfg_extensions(server):
     ({"prompt": "x", "guidance_scale": 3.5}, 400, "guidance_scale", "unsupported_parameter"),
     ({"prompt": "x", "num_inference_steps": 0}, 400, "num_inference_steps", "invalid_value"),
     ({"prompt": "x", "seed": -1}, 400, "seed", "invalid_value"),
-    ({"prompt": "x", "stream": True}, 400, "stream", "unsupported_parameter"),
+    ({"prompt": "x", "stream": True, "n": 2}, 400, "n", "unsupported_parameter"),
     ({"prompt": "x", "quality": "high"}, 400, "quality", "unsupported_parameter"),
     ({"prompt": "x", "background": "transparent"}, 400, "background", "unsupported_parameter"),
     ({"prompt": "x", "negative_prompt": "y", "true_cfg_scale": 1.0}, 400, "negative_prompt",

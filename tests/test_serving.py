@@ -19,6 +19,7 @@ LONG = 50000  # steps: minutes on the tiny model (~4 ms a step at 256x256), so i
 @pytest.fixture(scope="module")
 def server(tiny_qwen_image, tmp_path_factory):
     s = Server(tiny_qwen_image, "--max-queue-len", str(QUEUE), "--request-timeout", str(TIMEOUT_S),
+               "--max-num-seqs", "4",
                "--max-images-per-request", "2", "--max-inference-steps", str(LONG),
                "--max-pixels", str(256 * 256), "--max-upload-mb", "0.05",
                "--warmup-sizes", "64x64,48x80",
@@ -165,3 +166,82 @@ def test_metrics_cover_the_request_path(server):
         assert name in text, name
     assert metric(server, "vllm_omni:requests_total", route=GEN, status="200") >= 1
     assert metric(server, "vllm_omni:peak_memory_bytes") > 0
+
+
+def test_concurrent_requests_are_batched_with_their_own_images(server):
+    """--max-num-seqs 4: concurrent compatible requests share a pipeline call, and each image is
+    the one its seed gives alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from conftest import decode
+
+    def gen(seed):
+        r = requests.post(server.url + GEN, timeout=120, json={
+            "prompt": f"a fox number {seed}", "size": "64x64", "num_inference_steps": 30,
+            "seed": seed})
+        assert r.status_code == 200, r.text[:300]
+        return np.asarray(decode(r.json()["data"][0]["b64_json"]).convert("RGB"), np.int16)
+
+    alone = {seed: gen(seed) for seed in range(4)}
+    batches_before = metric(server, "vllm_omni:batch_size_sum")
+    count_before = metric(server, "vllm_omni:batch_size_count")
+    with ThreadPoolExecutor(8) as pool:
+        together = dict(zip(range(8), pool.map(gen, [s % 4 for s in range(8)])))
+    batched = metric(server, "vllm_omni:batch_size_sum") - batches_before
+    executions = metric(server, "vllm_omni:batch_size_count") - count_before
+    assert executions == 8 and batched / executions > 1, (batched, executions)
+    for i, image in together.items():
+        assert np.abs(image - alone[i % 4]).max() <= 1
+
+
+def _sse(text: str) -> list[tuple[str, dict]]:
+    import json
+
+    events = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((lines["event"], json.loads(lines["data"])))
+    return events
+
+
+def test_stream_sends_partial_images_then_the_completed_one(server):
+    import numpy as np
+    from conftest import decode
+
+    body = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 8, "seed": 3}
+    r = requests.post(server.url + GEN, json={**body, "stream": True, "partial_images": 2},
+                      timeout=60, stream=True)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _sse(r.text)
+    assert [e for e, _ in events] == ["image_generation.partial_image"] * 2 + [
+        "image_generation.completed"]
+    assert [d["partial_image_index"] for _, d in events[:2]] == [0, 1]
+    for kind, data in events:
+        assert data["type"] == kind and data["size"] == "64x64" and data["output_format"] == "png"
+    final = np.asarray(decode(events[-1][1]["b64_json"]).convert("RGB"), np.int16)
+    plain = requests.post(server.url + GEN, json=body, timeout=60).json()["data"][0]["b64_json"]
+    assert np.abs(final - np.asarray(decode(plain).convert("RGB"), np.int16)).max() <= 1
+    # The previews are the denoising in progress: not the final image yet.
+    first = np.asarray(decode(events[0][1]["b64_json"]).convert("RGB"), np.int16)
+    assert np.abs(first - final).max() > 1
+
+
+def test_stream_through_the_openai_client(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+    kinds = [e.type for e in client.images.generate(
+        prompt="a red fox", size="64x64", stream=True, partial_images=1,
+        extra_body={"num_inference_steps": 4})]
+    assert kinds == ["image_generation.partial_image", "image_generation.completed"]
+
+
+def test_stream_options_are_checked_before_streaming(server):
+    for extra, param in [({"partial_images": 2}, "partial_images"),
+                         ({"stream": True, "n": 2}, "n"),
+                         ({"stream": True, "response_format": "url"}, "response_format"),
+                         ({"stream": True, "partial_images": 4}, "partial_images")]:
+        r = requests.post(server.url + GEN, timeout=30,
+                          json={"prompt": "a fox", "size": "64x64", **extra})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (extra, r.text[:200])

@@ -57,6 +57,8 @@ class OmniEngineConfig:
     enable_cpu_offload: bool = False
     lora_path: str | None = None
     default_seed: int | None = None
+    # Compatible waiting requests run together, up to this many (vLLM's --max-num-seqs).
+    max_num_seqs: int = 1
     # Seconds to wait for workers to load the model before giving up.
     load_timeout_s: float = 1800.0
     device: str | None = None  # None: CUDA when available, else CPU
@@ -70,6 +72,14 @@ class OmniEngineConfig:
             raise ValueError(
                 f"cache_backend must be one of {', '.join(CACHE_BACKENDS)}, got {self.cache_backend!r}"
             )
+        if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) \
+                or not 1 <= self.max_num_seqs <= 256:
+            raise ValueError(f"max_num_seqs must be an integer from 1 to 256, got "
+                             f"{self.max_num_seqs!r}")
+        if self.max_num_seqs > 1 and self.cache_backend != "none":
+            raise ValueError("max_num_seqs > 1 with a cache backend: the cache decides for a whole "
+                             "batch, so an image would depend on the requests batched with it; "
+                             "use max_num_seqs 1 (--max-num-seqs 1) with caching")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.check_supported()

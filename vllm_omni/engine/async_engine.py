@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine.core import run_engine_core
@@ -42,6 +43,7 @@ class AsyncOmniEngine:
         self.state = "starting"
         self.worker_pids: list[int] = []
         self._pending: dict[str, asyncio.Future] = {}
+        self._partials: dict[str, tuple[asyncio.AbstractEventLoop, Callable]] = {}
         self._lock = threading.Lock()
         self._closed = False
         self._wait_ready()
@@ -77,13 +79,18 @@ class AsyncOmniEngine:
     def healthy(self) -> bool:
         return self.state == "ready" and self._proc.is_alive()
 
-    async def generate(self, request: DiffusionRequest) -> DiffusionOutput:
+    async def generate(self, request: DiffusionRequest,
+                       on_partial: Callable[[int, Any], None] | None = None) -> DiffusionOutput:
+        """The request's output; ``on_partial(index, image)`` gets its previews (streaming)."""
         if self.state == "dead" or self._closed:
             return DiffusionOutput(request.request_id, error=RequestError(
                 503, "the engine is not running", "server_error"))
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
         with self._lock:
             self._pending[request.request_id] = fut
+            if on_partial is not None:
+                self._partials[request.request_id] = (loop, on_partial)
         self._in.put(("add", request))
         try:
             return await fut
@@ -92,6 +99,9 @@ class AsyncOmniEngine:
                 self._pending.pop(request.request_id, None)
             self._in.put(("abort", request.request_id))
             raise
+        finally:
+            with self._lock:
+                self._partials.pop(request.request_id, None)
 
     def _resolve(self, out: DiffusionOutput) -> None:
         with self._lock:
@@ -118,6 +128,11 @@ class AsyncOmniEngine:
                     except Exception:
                         logger.exception("output observer failed")
                 self._resolve(msg[1])
+            elif msg[0] == "partial":
+                with self._lock:
+                    target = self._partials.get(msg[1])
+                if target is not None:
+                    target[0].call_soon_threadsafe(target[1], msg[2], msg[3])
             elif msg[0] == "status":
                 self.state, self.worker_pids = msg[1], msg[2] or self.worker_pids
                 logger.info("engine state: %s", self.state)

@@ -12,7 +12,13 @@ import queue
 from collections.abc import Callable
 
 from vllm_omni.diffusion.data import OmniEngineConfig
-from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, ProgressFn, RequestError
+from vllm_omni.engine.request import (
+    DiffusionOutput,
+    DiffusionRequest,
+    PartialFn,
+    ProgressFn,
+    RequestError,
+)
 from vllm_omni.engine.scheduler import Scheduler
 from vllm_omni.executor.multiproc import MultiprocExecutor, WorkerDiedError
 from vllm_omni.utils.proc import parent_alive, set_process_title
@@ -22,7 +28,11 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, config: OmniEngineConfig):
         self.config = config
-        self.scheduler = Scheduler()
+        from vllm_omni.models.registry import load_model_spec
+
+        adapter = load_model_spec(config.model).adapter
+        self.scheduler = Scheduler(config.max_num_seqs, adapter.batch_key
+                                   if config.max_num_seqs > 1 else None)
         self.executor: MultiprocExecutor | None = MultiprocExecutor(config)
         self.state = "ready"  # ready | restarting | dead
         self.needs_restart = False
@@ -49,7 +59,8 @@ class EngineCore:
         return self.scheduler.has_waiting() or bool(self._immediate)
 
     def step(self, on_progress: ProgressFn | None = None,
-             poll: Callable[[], None] | None = None) -> list[DiffusionOutput]:
+             poll: Callable[[], None] | None = None,
+             on_partial: PartialFn | None = None) -> list[DiffusionOutput]:
         """Runs one batch. ``poll`` is called while it runs, to take new requests and aborts."""
         if self.needs_restart:
             self.restart()
@@ -58,7 +69,7 @@ class EngineCore:
         if not batch:
             return outputs
         try:
-            results = self.executor.execute(batch, on_progress, poll)
+            results = self.executor.execute(batch, on_progress, poll, on_partial)
         except WorkerDiedError as e:
             logger.error("%s; failing %d in-flight request(s) and restarting workers", e, len(batch))
             results = [_error(r, 500, f"generation failed: {e}") for r in batch]
@@ -96,7 +107,7 @@ def _error(req: DiffusionRequest, status: int, message: str) -> DiffusionOutput:
 def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
     """Engine core process. In: ("add", req) | ("abort", id) | ("shutdown",).
     Out: ("ready", pids) | ("startup_failed", text) | ("output", out) |
-    ("status", state, pids)."""
+    ("partial", id, index, image) | ("status", state, pids)."""
     set_process_title("engine_core")
     logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
                         format="%(levelname)s %(asctime)s [engine_core] %(message)s")
@@ -128,6 +139,9 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
                 return
             handle(msg)
 
+    def partial(request_id, index, image) -> None:
+        out_queue.put(("partial", request_id, index, image))
+
     try:
         while True:
             if not core.has_work() and not core.needs_restart:
@@ -142,8 +156,7 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
                 out_queue.put(("status", "restarting", []))
                 core.restart()
                 out_queue.put(("status", core.state, core.worker_pids))
-            # No per-step progress consumer on the server side yet (streaming will add one).
-            for out in core.step(poll=poll):
+            for out in core.step(poll=poll, on_partial=partial):
                 out_queue.put(("output", out))
     except Shutdown:
         pass

@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 # Per-step progress callback: (request ids, steps done, total steps).
 ProgressFn = Callable[[list[str], int, int], None]
+# A preview while denoising: (request id, partial image index, image).
+PartialFn = Callable[[str, int, Any], None]
 
 
 class InvalidRequestError(ValueError):
@@ -48,6 +50,7 @@ class DiffusionRequest:
     true_cfg_scale: float | None = None
     guidance_scale: float | None = None
     output_type: str = "pil"
+    partial_images: int = 0  # decoded previews sent while denoising (streaming)
     arrival_time: float = field(default_factory=time.monotonic)
     scheduled_time: float | None = None  # when the scheduler handed it to the executor
 

@@ -1,16 +1,24 @@
-"""First-come, first-served queue of requests waiting for the executor."""
+"""First-come, first-served queue of requests waiting for the executor, batched by key.
+
+The oldest waiting request always runs next, so nobody starves. Later requests with the same
+batch key (same size, steps, guidance, ...: whatever makes them one pipeline call) join its
+batch, up to ``max_batch_size``; the others keep their place in the queue.
+"""
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int = 1):
+    def __init__(self, max_batch_size: int = 1,
+                 batch_key: Callable[[DiffusionRequest], Hashable] | None = None):
         self.max_batch_size = max_batch_size
+        self.batch_key = batch_key  # None: one request at a time
         self.waiting: OrderedDict[str, DiffusionRequest] = OrderedDict()
 
     def add(self, request: DiffusionRequest) -> None:
@@ -25,12 +33,23 @@ class Scheduler:
         return bool(self.waiting)
 
     def schedule(self) -> list[DiffusionRequest]:
-        batch = []
-        now = time.monotonic()
-        while self.waiting and len(batch) < self.max_batch_size:
-            _, req = self.waiting.popitem(last=False)
-            req.scheduled_time = now
+        if not self.waiting:
+            return []
+        batch: list[DiffusionRequest] = []
+        key = None
+        for rid, req in list(self.waiting.items()):
+            if len(batch) == self.max_batch_size:
+                break
+            if batch:
+                if self.batch_key is None or self.batch_key(req) != key:
+                    continue
+            elif self.batch_key is not None:
+                key = self.batch_key(req)
             batch.append(req)
+            del self.waiting[rid]
+        now = time.monotonic()
+        for req in batch:
+            req.scheduled_time = now
         return batch
 
     def finish(self, batch: list[DiffusionRequest],

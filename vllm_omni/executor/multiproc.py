@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 from vllm_omni.diffusion.data import OmniEngineConfig
-from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, ProgressFn
+from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialFn, ProgressFn
 from vllm_omni.utils.proc import free_port, start_process
 from vllm_omni.worker.worker import worker_main
 
@@ -129,7 +129,8 @@ class MultiprocExecutor:
         return True
 
     def execute(self, batch: list[DiffusionRequest], on_progress: ProgressFn | None = None,
-                poll: Callable[[], None] | None = None) -> list[DiffusionOutput]:
+                poll: Callable[[], None] | None = None,
+                on_partial: PartialFn | None = None) -> list[DiffusionOutput]:
         """Runs ``batch`` on every rank; ``poll`` is called while waiting (to take aborts)."""
         if len(batch) > MAX_BATCH:
             raise ValueError(f"batch of {len(batch)} exceeds {MAX_BATCH}")
@@ -137,11 +138,11 @@ class MultiprocExecutor:
             self.cancel_flags[i] = 0
         self.running = [r.request_id for r in batch]
         try:
-            return self._execute(batch, on_progress, poll)
+            return self._execute(batch, on_progress, poll, on_partial)
         finally:
             self.running = []
 
-    def _execute(self, batch, on_progress, poll) -> list[DiffusionOutput]:
+    def _execute(self, batch, on_progress, poll, on_partial) -> list[DiffusionOutput]:
         # Progress costs a queue message per step; only ask for it when someone listens.
         for q in self.work_queues:
             q.put(("execute", batch, on_progress is not None))
@@ -163,6 +164,8 @@ class MultiprocExecutor:
                     failed.append(msg[1])
             elif msg[0] == "progress" and on_progress is not None:
                 on_progress(msg[1], msg[2], msg[3])
+            elif msg[0] == "partial" and on_partial is not None:
+                on_partial(msg[1], msg[2], msg[3])
             if poll is not None:
                 poll()
             if failed and deadline is None and len(self.workers) > 1:

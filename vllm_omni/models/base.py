@@ -78,6 +78,19 @@ class ModelAdapter:
     def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
         raise NotImplementedError
 
+    def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
+        """Decoded PIL images of the current latents (streaming's partial images)."""
+        raise NotImplementedError(f"{type(self).__name__} has no previews")
+
+    # -- batching ----------------------------------------------------------------------------------
+    def batch_key(self, req: DiffusionRequest):
+        """Requests with equal keys can run as one pipeline call (None: never batched)."""
+        return None
+
+    def batch_pipeline_kwargs(self, spec: ModelSpec, reqs: list[DiffusionRequest]) -> dict[str, Any]:
+        """One pipeline call for requests of equal ``batch_key``, images in request order."""
+        raise NotImplementedError
+
     # -- parallelism -------------------------------------------------------------------------------
     def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
         """A ``ParallelPlan`` of what this model can run in parallel; ``loaded`` adds the hooks

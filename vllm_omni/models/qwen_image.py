@@ -94,6 +94,36 @@ class QwenImageAdapter(ModelAdapter):
             kwargs["guidance_scale"] = req.guidance_scale
         return kwargs
 
+    def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
+        # QwenImagePipeline's own decode, on the latents of the current step.
+        import torch
+
+        vae, z = pipe.vae, pipe.vae.config.z_dim
+        x = pipe._unpack_latents(latents, reqs[0].height, reqs[0].width, pipe.vae_scale_factor)
+        x = x.to(vae.dtype)
+        mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1).to(x.device, x.dtype)
+        std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1).to(x.device, x.dtype)
+        image = vae.decode(x * std + mean, return_dict=False)[0][:, :, 0]
+        return pipe.image_processor.postprocess(image, output_type="pil")
+
+    # -- batching ----------------------------------------------------------------------------------
+    def batch_key(self, req: DiffusionRequest):
+        # Everything the pipeline takes as one value for all prompts. Negative prompts may differ
+        # (a list), but all or none must have one (pipeline_kwargs supplies " " for CFG).
+        has_negative = req.negative_prompt is not None or (
+            req.true_cfg_scale is not None and req.true_cfg_scale > 1)
+        return (req.width, req.height, req.num_inference_steps, req.num_images,
+                req.true_cfg_scale, req.guidance_scale, has_negative, req.output_type,
+                req.partial_images)
+
+    def batch_pipeline_kwargs(self, spec: ModelSpec, reqs: list[DiffusionRequest]) -> dict[str, Any]:
+        each = [self.pipeline_kwargs(spec, r) for r in reqs]
+        kwargs = dict(each[0])
+        kwargs["prompt"] = [k["prompt"] for k in each]
+        if "negative_prompt" in kwargs:
+            kwargs["negative_prompt"] = [k["negative_prompt"] for k in each]
+        return kwargs
+
     # -- parallelism -------------------------------------------------------------------------------
     def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
         from vllm_omni.distributed.apply import ParallelPlan

@@ -8,7 +8,7 @@ import os
 import resource
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,7 @@ from vllm_omni.engine.request import (
     DiffusionOutput,
     DiffusionRequest,
     InvalidRequestError,
+    PartialFn,
     ProgressFn,
     RequestError,
 )
@@ -113,73 +114,113 @@ class ModelRunner:
         return {"transformer_calls_computed": int(stats[0]), "transformer_calls_skipped": int(stats[1])}
 
     @torch.inference_mode()
-    def execute(self, batch: list[DiffusionRequest],
-                progress: ProgressFn | None = None) -> list[DiffusionOutput]:
-        return [self._run_one(slot, req, progress) for slot, req in enumerate(batch)]
+    def execute(self, batch: list[DiffusionRequest], progress: ProgressFn | None = None,
+                partial: PartialFn | None = None) -> list[DiffusionOutput]:
+        """Runs ``batch`` (requests of one batch key) as one pipeline call."""
+        outputs: dict[str, DiffusionOutput] = {}
+        runnable = []
+        for slot, req in enumerate(batch):
+            try:  # the same answer on every rank: it depends on the request alone
+                self.adapter.check_loaded(self.pipe, req)
+                runnable.append((slot, req))
+            except InvalidRequestError as e:
+                outputs[req.request_id] = DiffusionOutput(req.request_id,
+                                                          error=RequestError.invalid(e))
+        if runnable:
+            outputs.update(self._run([s for s, _ in runnable], [r for _, r in runnable], progress,
+                                     partial))
+        return [outputs[r.request_id] for r in batch]
 
-    def _cancelled(self, slot: int) -> bool:
-        """Whether the engine cancelled batch slot ``slot``, agreed by every rank."""
-        flag = int(self.cancel_flags[slot]) if self.cancel_flags is not None else 0
+    def _cancelled(self, slots: list[int]) -> list[bool]:
+        """Which of ``slots`` the engine cancelled, agreed by every rank."""
+        flags = [int(self.cancel_flags[s]) if self.cancel_flags is not None else 0 for s in slots]
         if self.groups.world.world_size > 1:
-            # Ranks read the flag at slightly different moments; all must stop at the same step.
-            t = torch.tensor([flag], dtype=torch.int32)
-            flag = int(self.groups.world.all_reduce(t)[0])
-        return flag > 0
+            # Ranks read the flags at slightly different moments; all must stop at the same step.
+            flags = self.groups.world.all_reduce(torch.tensor(flags, dtype=torch.int32)).tolist()
+        return [f > 0 for f in flags]
 
-    def _step_callback(self, slot: int, req: DiffusionRequest, progress: ProgressFn | None):
-        ids, total, timing = [req.request_id], req.num_inference_steps, self.timing
+    def _step_callback(self, slots: list[int], reqs: list[DiffusionRequest],
+                       progress: ProgressFn | None, partial: PartialFn | None):
+        ids, total, timing = [r.request_id for r in reqs], reqs[0].num_inference_steps, self.timing
+        previews = preview_steps(total, reqs[0].partial_images)
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             timing.steps = step + 1
             timing.denoise_end = time.perf_counter()
             if progress is not None:
                 progress(ids, step + 1, total)
-            if self._cancelled(slot):
+            if step in previews:  # every rank decodes: a patch-parallel VAE is collective
+                images = self.adapter.preview(pipe, callback_kwargs["latents"], reqs)
+                if partial is not None:
+                    offset = 0
+                    for req in reqs:
+                        partial(req.request_id, previews.index(step), images[offset])
+                        offset += req.num_images
+            timing.cancelled = self._cancelled(slots)
+            if all(timing.cancelled):  # a batch runs on while any of its requests is wanted
                 raise RequestCancelled
             return callback_kwargs
 
         return on_step_end
 
-    def _run_one(self, slot: int, req: DiffusionRequest,
-                 progress: ProgressFn | None) -> DiffusionOutput:
+    def _run(self, slots: list[int], reqs: list[DiffusionRequest], progress: ProgressFn | None,
+             partial: PartialFn | None = None) -> dict[str, DiffusionOutput]:
         t0 = time.perf_counter()
-        self.timing = timing = StepTiming()
+        self.timing = timing = StepTiming(cancelled=[False] * len(reqs))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        ids = ", ".join(r.request_id for r in reqs)
         try:
-            self.adapter.check_loaded(self.pipe, req)
-            if self._fault_rank == self.rank and FAULT_MARKER in req.prompt:
+            if self._fault_rank == self.rank and any(FAULT_MARKER in r.prompt for r in reqs):
                 raise RuntimeError(f"fault injected on rank {self.rank} (tests)")
-            kwargs = self.adapter.pipeline_kwargs(self.spec, req)
-            kwargs["callback_on_step_end"] = self._step_callback(slot, req, progress)
+            if len(reqs) == 1:
+                kwargs = self.adapter.pipeline_kwargs(self.spec, reqs[0])
+            else:
+                kwargs = self.adapter.batch_pipeline_kwargs(self.spec, reqs)
+            kwargs["callback_on_step_end"] = self._step_callback(slots, reqs, progress, partial)
             uses_cfg = self.adapter.uses_cfg(kwargs)
             if "cfg" in self.parallel:
                 self.parallel["cfg"].begin_request(uses_cfg)
             self.groups.reset_counters()
             if self.cache is not None:
-                self.cache.begin_request(req.num_inference_steps, uses_cfg)
-            images = self.pipe(**kwargs, generator=make_generators(req.seed, req.num_images),
-                               output_type=req.output_type).images
+                self.cache.begin_request(reqs[0].num_inference_steps, uses_cfg)
+            # Per-request generators, in image order: each image's noise is what it would be alone.
+            generators = [g for r in reqs for g in make_generators(r.seed, r.num_images)]
+            images = self.pipe(**kwargs, generator=generators,
+                               output_type=reqs[0].output_type).images
         except RequestCancelled:
-            logger.info("request %s cancelled after %d of %d steps", req.request_id, timing.steps,
-                        req.num_inference_steps)
-            return DiffusionOutput(req.request_id, metrics=self._metrics(t0), error=RequestError(
-                499, f"cancelled after {timing.steps} of {req.num_inference_steps} steps",
-                "cancelled", code="cancelled"))
+            images = None
         except InvalidRequestError as e:
-            return DiffusionOutput(req.request_id, error=RequestError.invalid(e))
+            return {r.request_id: DiffusionOutput(r.request_id, error=RequestError.invalid(e))
+                    for r in reqs}
         except Exception as e:  # the worker survives a bad request or an OOM; the client is told
-            logger.error("request %s failed:\n%s", req.request_id, traceback.format_exc())
+            logger.error("request(s) %s failed:\n%s", ids, traceback.format_exc())
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            return DiffusionOutput(req.request_id, metrics=self._metrics(t0), error=RequestError(
-                500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
+            error = RequestError(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
+            return {r.request_id: DiffusionOutput(r.request_id, metrics=self._metrics(t0),
+                                                  error=error) for r in reqs}
         metrics = self._metrics(t0)
-        if self.cache is not None:
-            metrics.update(self._cache_metrics())
-        if self.parallel:
-            metrics["comm_bytes_rank0"] = self.groups.bytes_sent()
-        return DiffusionOutput(req.request_id, images=list(images), metrics=metrics)
+        if images is not None:
+            if self.cache is not None:
+                metrics.update(self._cache_metrics())
+            if self.parallel:
+                metrics["comm_bytes_rank0"] = self.groups.bytes_sent()
+        outputs, offset = {}, 0
+        for req, cancelled in zip(reqs, timing.cancelled):
+            mine = list(images[offset:offset + req.num_images]) if images is not None else []
+            offset += req.num_images
+            if cancelled or images is None:
+                logger.info("request %s cancelled after %d of %d steps", req.request_id,
+                            timing.steps, req.num_inference_steps)
+                outputs[req.request_id] = DiffusionOutput(
+                    req.request_id, metrics=dict(metrics), error=RequestError(
+                        499, f"cancelled after {timing.steps} of {req.num_inference_steps} steps",
+                        "cancelled", code="cancelled"))
+            else:
+                outputs[req.request_id] = DiffusionOutput(req.request_id, images=mine,
+                                                          metrics=dict(metrics))
+        return outputs
 
     def _metrics(self, t0: float) -> dict:
         t = self.timing
@@ -191,6 +232,16 @@ class ModelRunner:
                 "denoise_s": t.denoise_s, "vae_s": t.vae_s, "peak_memory_bytes": peak}
 
 
+def preview_steps(total: int, count: int) -> list[int]:
+    """The (0-based) steps after which the ``count`` partial images are decoded: evenly spread,
+    never the last step (the final image follows it)."""
+    if count <= 0 or total < 2:
+        return []
+    steps = sorted({min(total - 2, max(0, round(total * (j + 1) / (count + 1)) - 1))
+                    for j in range(count)})
+    return steps
+
+
 class RequestCancelled(Exception):
     """Raised at a step end on every rank when the engine cancelled the request."""
 
@@ -200,6 +251,7 @@ class StepTiming:
     """Where one request's time went, filled by the step callback and the timing hooks."""
 
     steps: int = 0
+    cancelled: list[bool] = field(default_factory=list)  # per request of the batch
     denoise_start: float | None = None  # the first transformer call
     denoise_end: float | None = None  # the last step end
     vae_s: float = 0.0

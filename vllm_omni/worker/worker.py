@@ -32,7 +32,7 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
                 environ: dict[str, str] | None = None) -> None:
     """Messages in: ("execute", batch, want_progress) | ("shutdown",). Out: ("ready", rank) |
     ("load_error", rank, text) | ("done", rank, failed) per batch from every rank; from rank 0
-    only: ("progress", ids, step, total) | ("result", outputs)."""
+    only: ("progress", ids, step, total) | ("partial", id, index, image) | ("result", outputs)."""
     # Title first: setproctitle finds its memory next to the original environment block.
     set_process_title(f"worker_rank{rank}")
     if environ is not None:  # the engine's environment now, not the fork server's at its start
@@ -68,6 +68,9 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
     def progress(ids, step, total):
         result_queue.put(("progress", ids, step, total))
 
+    def partial(request_id, index, image):
+        result_queue.put(("partial", request_id, index, image))
+
     while True:
         try:
             msg = work_queue.get(timeout=1.0)
@@ -79,7 +82,8 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
             return
         if msg[0] == "execute":
             want_progress = msg[2] and rank == 0
-            outputs = runner.execute(msg[1], progress if want_progress else None)
+            outputs = runner.execute(msg[1], progress if want_progress else None,
+                                     partial if rank == 0 else None)
             if rank == 0:
                 result_queue.put(("result", outputs))
             # Every rank says it is through the batch, so the executor can tell a rank stuck in

@@ -24,6 +24,7 @@ HONOURED = {
     "tensor_parallel_size", "quantization", "revision", "uvicorn_log_level",
     "disable_uvicorn_access_log", "root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
     "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials", "config",
+    "max_num_seqs",
 }
 
 
@@ -134,6 +135,7 @@ def config_from_args(args: argparse.Namespace, serve_parser):
         cache_config=args.cache_config or {}, quantization=args.quantization,
         enable_cpu_offload=args.enable_cpu_offload, lora_path=args.lora_path,
         default_seed=args.seed, load_timeout_s=args.model_load_timeout,
+        max_num_seqs=args.max_num_seqs or 1,
     )
     spec = load_model_spec(config.model)
     spec.adapter.check_engine(spec, config)
@@ -148,7 +150,8 @@ def limits_from_args(args: argparse.Namespace, spec):
     from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 
     limits = ServingLimits(
-        max_queue_len=args.max_queue_len, request_timeout_s=args.request_timeout,
+        max_queue_len=args.max_queue_len, max_num_seqs=args.max_num_seqs or 1,
+        request_timeout_s=args.request_timeout,
         max_images_per_request=args.max_images_per_request,
         max_inference_steps=args.max_inference_steps, max_pixels=args.max_pixels,
         max_body_bytes=int(args.max_upload_mb * 2**20),

@@ -11,7 +11,8 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import vllm_omni
@@ -204,6 +205,11 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
     @app.post("/v1/images/generations")
     async def generations(body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
+        if body.stream:
+            events, release = images.stream(body)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(release))
         try:
             return await images.generate(body, str(request.base_url), request.is_disconnected)
         except ClientDisconnected:

@@ -56,7 +56,7 @@ class ImageGenerationRequest(BaseModel):
     style: str | None = None
     moderation: str | None = None
     stream: bool | None = None
-    partial_images: int | None = None
+    partial_images: int | None = Field(None, ge=0, le=3)
     # Diffusion extensions (top level, so the OpenAI SDK's extra_body reaches them).
     negative_prompt: str | None = None
     num_inference_steps: int | None = Field(None, ge=1)  # bounded by --max-inference-steps
@@ -66,21 +66,28 @@ class ImageGenerationRequest(BaseModel):
 
     def check_openai_options(self) -> None:
         neutral = {"quality": (None, "auto"), "background": (None, "auto", "opaque"),
-                   "style": (None,), "moderation": (None,), "stream": (None, False),
-                   "partial_images": (None, 0)}
+                   "style": (None,), "moderation": (None,)}
         why = {
             "quality": "image quality is set with num_inference_steps",
             "background": "transparent backgrounds are not produced by this model",
             "style": "style presets are a DALL-E 3 feature",
             "moderation": "this server does no content moderation",
-            "stream": "streaming is not supported yet",
-            "partial_images": "partial images need streaming, which is not supported yet",
         }
         for name, ok in neutral.items():
             value = getattr(self, name)
             if value not in ok:
                 raise OpenAIError(400, f"{name}={value!r} is not supported: {why[name]}",
                                   param=name, code="unsupported_parameter")
+        if self.partial_images and not self.stream:
+            raise OpenAIError(400, "partial_images needs stream: true", param="partial_images",
+                              code="unsupported_parameter")
+        if self.stream and self.n != 1:
+            raise OpenAIError(400, "stream: true generates one image (n = 1)", param="n",
+                              code="unsupported_parameter")
+        if self.stream and self.response_format == "url":
+            raise OpenAIError(400, "stream: true sends b64_json images; response_format url is "
+                              "not available with it", param="response_format",
+                              code="unsupported_parameter")
         if self.output_compression is not None and self.output_format == "png":
             raise OpenAIError(400, "output_compression applies to jpeg and webp only; "
                               "png output is lossless", param="output_compression",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
 import math
 import time
+from collections.abc import AsyncIterator, Callable
 import uuid
 from typing import Any
 
@@ -80,9 +82,9 @@ class ServingImages:
                               headers={"Retry-After": str(retry)})
         self.in_flight += 1
 
-    async def run(self, req: DiffusionRequest, is_disconnected) -> DiffusionOutput:
+    async def run(self, req: DiffusionRequest, is_disconnected, on_partial=None) -> DiffusionOutput:
         """The engine's answer, cancelling the work if the client leaves or the deadline passes."""
-        task = asyncio.ensure_future(self.engine.generate(req))
+        task = asyncio.ensure_future(self.engine.generate(req, on_partial))
         deadline = None
         if self.limits.request_timeout_s is not None:
             deadline = time.monotonic() + self.limits.request_timeout_s
@@ -118,8 +120,8 @@ class ServingImages:
                               f"{', '.join(self.served_model_names)}.", param="model",
                               code="model_not_found")
 
-    async def generate(self, body: ImageGenerationRequest, base_url: str,
-                       is_disconnected=None) -> dict[str, Any]:
+    def prepare(self, body: ImageGenerationRequest) -> DiffusionRequest:
+        """The engine request for ``body``; every check that can fail before running it."""
         self.check_model(body.model)
         body.check_openai_options()
         width, height = parse_size(body.size)
@@ -135,9 +137,16 @@ class ServingImages:
             raise OpenAIError(400, e.message, param=e.param, code=e.code) from None
         except ValueError as e:
             raise OpenAIError(400, str(e), code="invalid_value") from None
-        logger.info("request %s: %dx%d, %d steps, n=%d, seed=%d, user=%s", request_id, req.width,
-                    req.height, req.num_inference_steps, req.num_images, req.seed, body.user)
+        req.partial_images = body.partial_images or 0
+        logger.info("request %s: %dx%d, %d steps, n=%d, seed=%d, stream=%s, user=%s", request_id,
+                    req.width, req.height, req.num_inference_steps, req.num_images, req.seed,
+                    bool(body.stream), body.user)
+        return req
 
+    async def generate(self, body: ImageGenerationRequest, base_url: str,
+                       is_disconnected=None) -> dict[str, Any]:
+        req = self.prepare(body)
+        request_id = req.request_id
         self.admit()
         try:
             out = await self.run(req, is_disconnected or _never_disconnected)
@@ -173,3 +182,68 @@ class ServingImages:
             "background": "opaque",
             "vllm_omni": extra,
         }
+
+    def stream(self, body: ImageGenerationRequest) -> tuple[AsyncIterator[bytes], Callable]:
+        """Server-sent events as OpenAI streams images: ``image_generation.partial_image`` for
+        each preview, then ``image_generation.completed`` (or ``error``). Checks and admission
+        happen here, before the stream starts, so they still answer with a plain HTTP error.
+
+        Returns the events and a ``release`` to run when the response ends: a stream whose client
+        left before it started never runs its generator's ``finally``."""
+        req = self.prepare(body)
+        self.admit()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+        fmt, compression = body.output_format, body.output_compression
+        size = f"{req.width}x{req.height}"
+
+        def event(kind: str, image, **fields) -> bytes:
+            data = {"type": kind, "b64_json": base64.b64encode(
+                encode_image(image, fmt, compression)).decode(), "created_at": int(time.time()),
+                "size": size, "quality": "auto", "background": "opaque", "output_format": fmt,
+                **fields}
+            return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
+
+        def error_event(e: OpenAIError) -> bytes:
+            data = {"type": "error", **e.body()}
+            return f"event: error\ndata: {json.dumps(data)}\n\n".encode()
+
+        async def events():
+            partials: asyncio.Queue = asyncio.Queue()
+            # A disconnect cancels this generator (Starlette watches for it), which cancels the run.
+            task = asyncio.ensure_future(self.run(
+                req, _never_disconnected, lambda i, im: partials.put_nowait((i, im))))
+            try:
+                while not task.done() or not partials.empty():
+                    getter = asyncio.ensure_future(partials.get())
+                    await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                    if getter.done():
+                        i, image = getter.result()
+                        yield await asyncio.to_thread(
+                            event, "image_generation.partial_image", image, partial_image_index=i)
+                    else:
+                        getter.cancel()
+                try:
+                    out = task.result()
+                except OpenAIError as e:
+                    yield error_event(e)
+                    return
+                if out.error is not None:
+                    e = out.error
+                    yield error_event(OpenAIError(e.status, e.message, e.type, e.param, e.code))
+                    return
+                extra = {"seed": req.seed, **{k: out.metrics[k] for k in (
+                    "transformer_calls_computed", "transformer_calls_skipped") if k in out.metrics}}
+                yield await asyncio.to_thread(event, "image_generation.completed", out.images[0],
+                                              vllm_omni=extra)
+            finally:
+                release()
+                if not task.done():
+                    task.cancel()
+
+        return events(), release
