@@ -21,6 +21,7 @@ from vllm_omni.engine.request import (
 )
 from vllm_omni.engine.scheduler import Scheduler
 from vllm_omni.executor.multiproc import MultiprocExecutor, WorkerDiedError
+from vllm_omni.models.registry import load_model_spec
 from vllm_omni.utils.proc import parent_alive, set_process_title
 
 logger = logging.getLogger(__name__)
@@ -28,8 +29,6 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, config: OmniEngineConfig):
         self.config = config
-        from vllm_omni.models.registry import load_model_spec
-
         adapter = load_model_spec(config.model).adapter
         self.scheduler = Scheduler(config.max_num_seqs, adapter.batch_key
                                    if config.max_num_seqs > 1 else None)
