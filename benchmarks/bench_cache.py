@@ -3,8 +3,8 @@
 Each configuration runs in its own offline engine on the same model, prompt, seed, size and
 steps (true CFG on). The speedup is the uncached engine's median time over the cached one's, the
 two timed alternately in this run; PSNR compares the cached image with the uncached one (float
-output, peak 1.0). Random-weight models only approximate real quality: their step-to-step changes differ from a
-trained model's, so the thresholds that reach a given PSNR differ too.
+output, peak 1.0). Random-weight models only approximate real quality: their step-to-step
+changes differ from a trained model's, so the thresholds that reach a given PSNR differ too.
 
     .venv/bin/python benchmarks/bench_cache.py
     .venv/bin/python benchmarks/bench_cache.py --steps 50 --size 256x256 --thresholds 0.2,0.4

@@ -108,7 +108,8 @@ def main() -> None:
          "--max-num-seqs", str(args.max_num_seqs), "--max-queue-len", "1024",
          "--warmup-sizes", args.size, "--disable-uvicorn-access-log"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, **({"OMP_NUM_THREADS": str(args.server_threads)} if args.server_threads else {})})
+        env={**os.environ, **({"OMP_NUM_THREADS": str(args.server_threads)}
+                               if args.server_threads else {})})
     url = f"http://127.0.0.1:{port}"
     rows = []
     try:

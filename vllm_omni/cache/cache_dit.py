@@ -65,8 +65,8 @@ class CacheDiTConfig:
     def from_dict(cls, d: dict[str, Any]) -> "CacheDiTConfig":
         unknown = set(d) - set(cls.keys())
         if unknown:
-            raise ValueError(f"unknown cache_dit cache_config key(s): {', '.join(sorted(unknown))}; "
-                             f"accepted: {', '.join(cls.keys())}")
+            raise ValueError(f"unknown cache_dit cache_config key(s): "
+                             f"{', '.join(sorted(unknown))}; accepted: {', '.join(cls.keys())}")
         c = cls(**d)
         c._check()
         return c
@@ -89,7 +89,8 @@ class CacheDiTConfig:
         if isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0:
             raise ValueError(f"residual_diff_threshold must be a number >= 0, got {t!r}")
         if not isinstance(self.enable_taylorseer, bool):
-            raise ValueError(f"enable_taylorseer must be true or false, got {self.enable_taylorseer!r}")
+            raise ValueError(f"enable_taylorseer must be true or false, got "
+                             f"{self.enable_taylorseer!r}")
         if self.scm_steps_mask_policy not in (None, *SCM_MASK_POLICIES):
             raise ValueError(f"scm_steps_mask_policy must be null or one of "
                              f"{', '.join(SCM_MASK_POLICIES)}, got {self.scm_steps_mask_policy!r}")

@@ -45,8 +45,8 @@ class ServerMetrics:
         self.steps_per_request = Histogram(
             "vllm_omni:request_denoise_steps", "Denoising steps completed per request", names,
             buckets=(1, 2, 4, 8, 16, 20, 28, 30, 40, 50, 75, 100, 250, 500, 1000), registry=r)
-        self.batch_size = Histogram("vllm_omni:batch_size", "Size of the batch each request ran in", names,
-                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.batch_size = Histogram("vllm_omni:batch_size", "Size of the batch each request ran "
+                                    "in", names, buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.cache_skip_ratio = Histogram(
             "vllm_omni:cache_skip_ratio", "Share of transformer calls served from the step cache",
             names, buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)

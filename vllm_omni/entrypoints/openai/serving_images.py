@@ -94,8 +94,8 @@ class ServingImages:
                 if done:
                     out = task.result()
                     if out.error is None and "execute_s" in out.metrics:
-                        t = out.metrics["execute_s"]
-                        self._latency_s = t if not self._latency_s else 0.8 * self._latency_s + 0.2 * t
+                        t, avg = out.metrics["execute_s"], self._latency_s
+                        self._latency_s = t if not avg else 0.8 * avg + 0.2 * t
                     return out
                 if deadline is not None and time.monotonic() > deadline:
                     task.cancel()  # AsyncOmniEngine.generate sends the abort
