@@ -55,3 +55,23 @@ def test_batching_with_a_cache_is_refused(tiny_qwen_image):
 
     with pytest.raises(ValueError, match="max_num_seqs > 1 with a cache backend"):
         Omni(model=tiny_qwen_image, max_num_seqs=2, cache_backend="tea_cache")
+
+
+@pytest.mark.parametrize("name", ["U2xCFG2", "R2xTP2"])
+def test_batching_under_a_parallel_layout(tiny_qwen_image, omni, name):
+    """A batch split across ranks (sequence, ring, tensor and CFG parallel) gives each image as the
+    single process gives it alone."""
+    from vllm_omni import Omni, OmniDiffusionSamplingParams
+    from vllm_omni.diffusion.data import DiffusionParallelConfig
+    from vllm_omni.distributed.layout import parse_layout_name
+
+    prompts = ["a red fox", "an old lighthouse on a rocky coast at dusk", "a blue cat"]
+    params = [OmniDiffusionSamplingParams(num_inference_steps=4, width=80, height=48, seed=i,
+                                          true_cfg_scale=3.0, output_type="np") for i in range(3)]
+    alone = omni.generate(prompts, params, use_tqdm=False)
+    with Omni(model=tiny_qwen_image, max_num_seqs=4,
+              parallel_config=DiffusionParallelConfig(**parse_layout_name(name))) as engine:
+        batched = engine.generate(prompts, params, use_tqdm=False)
+    assert [o.metrics["batch_size"] for o in batched] == [3, 3, 3]
+    for a, b in zip(alone, batched):
+        assert float(np.abs(a.images[0] - b.images[0]).max()) <= 1e-4
