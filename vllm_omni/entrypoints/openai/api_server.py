@@ -145,7 +145,7 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
     # Added first, so innermost (add_middleware prepends): the router reads the body through it
     # directly, and its 413 reaches our error handler.
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
-    metrics.max_in_flight.labels(**metrics._labels).set(limits.max_in_flight)
+    metrics.set_limit(limits.max_in_flight)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
@@ -177,7 +177,7 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
     async def health():
         """200 once the model is loaded and warmed up and while every worker is alive."""
         ok = engine.healthy and warm.is_set()
-        metrics.healthy.labels(**metrics._labels).set(1 if ok else 0)
+        metrics.set_state(healthy=ok)
         if ok:
             return Response(status_code=200)
         state = engine.state if not engine.healthy else "warming up"
@@ -186,8 +186,7 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        metrics.running.labels(**metrics._labels).set(images.in_flight)
-        metrics.healthy.labels(**metrics._labels).set(1 if engine.healthy and warm.is_set() else 0)
+        metrics.set_state(in_flight=images.in_flight, healthy=engine.healthy and warm.is_set())
         return Response(content=metrics.render(), media_type=metrics.content_type)
 
     @app.get("/version")

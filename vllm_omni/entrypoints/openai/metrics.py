@@ -59,6 +59,15 @@ class ServerMetrics:
                                    "(--max-queue-len plus one running batch)", names, registry=r)
         self.healthy = Gauge("vllm_omni:healthy", "1 when /health answers 200", names, registry=r)
 
+    def set_limit(self, max_in_flight: int) -> None:
+        self.max_in_flight.labels(**self._labels).set(max_in_flight)
+
+    def set_state(self, in_flight: int | None = None, healthy: bool | None = None) -> None:
+        if in_flight is not None:
+            self.running.labels(**self._labels).set(in_flight)
+        if healthy is not None:
+            self.healthy.labels(**self._labels).set(1 if healthy else 0)
+
     def answered(self, route: str, status: int) -> None:
         self.requests.labels(**self._labels, route=route, status=str(status)).inc()
 
