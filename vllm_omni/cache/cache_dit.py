@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from vllm_omni.cache.teacache import CacheStats
+from vllm_omni.cache.common import CacheStats, preset_settings
 from vllm_omni.distributed.comm import GroupComm
 
 # cache-dit logs its configuration at INFO on stdout from every rank; keep stdout for our logs
@@ -107,11 +107,8 @@ class CacheDiTConfig:
         given = cls.from_dict(d)
         if given.preset is None:
             return given
-        if given.preset not in presets:
-            names = ", ".join(sorted(presets)) or "none"
-            raise ValueError(f"unknown cache_dit preset {given.preset!r} for {model} "
-                             f"(available: {names})")
-        merged = {**presets[given.preset], **{k: v for k, v in d.items() if k != "preset"}}
+        base = preset_settings(presets, given.preset, "cache_dit", model)
+        merged = {**base, **{k: v for k, v in d.items() if k != "preset"}}
         return cls.from_dict(merged)
 
     def check_model(self, model: str, num_blocks: int) -> None:

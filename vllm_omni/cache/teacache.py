@@ -22,6 +22,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, StateManager
 
+from vllm_omni.cache.common import CacheStats, preset_settings
 from vllm_omni.distributed.comm import GroupComm
 
 HEAD_HOOK, BLOCK_HOOK = "vllm_omni_teacache_head", "vllm_omni_teacache_block"
@@ -57,11 +58,8 @@ class TeaCacheConfig:
         """Replaces a preset name by its threshold for this model."""
         if self.preset is None:
             return self
-        if self.preset not in presets:
-            names = ", ".join(sorted(presets)) or "none"
-            raise ValueError(f"unknown tea_cache preset {self.preset!r} for {model} "
-                             f"(available: {names})")
-        return TeaCacheConfig(rel_l1_thresh=presets[self.preset], coefficients=self.coefficients)
+        thresh = preset_settings(presets, self.preset, "tea_cache", model)
+        return TeaCacheConfig(rel_l1_thresh=thresh, coefficients=self.coefficients)
 
 
 class _State(BaseState):
@@ -75,14 +73,6 @@ class _State(BaseState):
         self.skip = False
         self.head_input: tuple[torch.Tensor, torch.Tensor] | None = None
         self.residual: tuple[torch.Tensor, torch.Tensor] | None = None
-
-
-@dataclass
-class CacheStats:
-    """Denoiser calls of the last request: run in full, and served from the cache."""
-
-    computed: int = 0
-    skipped: int = 0
 
 
 @dataclass

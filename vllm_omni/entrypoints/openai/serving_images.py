@@ -36,6 +36,20 @@ async def _never_disconnected() -> bool:
     return False
 
 
+def _openai_error(out: DiffusionOutput) -> OpenAIError:
+    e = out.error
+    return OpenAIError(e.status, e.message, e.type, e.param, e.code)
+
+
+def _extension(req: DiffusionRequest, out: DiffusionOutput) -> dict[str, Any]:
+    """Our response extension (OpenAI clients ignore unknown fields): what ran, to reproduce it."""
+    extra: dict[str, Any] = {"seed": req.seed}
+    for key in ("transformer_calls_computed", "transformer_calls_skipped"):
+        if key in out.metrics:
+            extra[key] = out.metrics[key]
+    return extra
+
+
 class ServingImages:
     def __init__(self, engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str],
                  seed: int | None, store: ImageStore, limits: ServingLimits | None = None,
@@ -153,8 +167,7 @@ class ServingImages:
         finally:
             self.in_flight -= 1
         if out.error is not None:
-            e = out.error
-            raise OpenAIError(e.status, e.message, e.type, e.param, e.code)
+            raise _openai_error(out)
 
         fmt = body.output_format
         encoded = await asyncio.to_thread(
@@ -168,11 +181,6 @@ class ServingImages:
                              "revised_prompt": None})
             else:
                 data.append({"b64_json": base64.b64encode(blob).decode(), "revised_prompt": None})
-        # Our extension (OpenAI clients ignore unknown fields): what was run, to reproduce it.
-        extra: dict[str, Any] = {"seed": req.seed}
-        for key in ("transformer_calls_computed", "transformer_calls_skipped"):
-            if key in out.metrics:
-                extra[key] = out.metrics[key]
         return {
             "created": int(time.time()),
             "data": data,
@@ -180,7 +188,7 @@ class ServingImages:
             "size": f"{req.width}x{req.height}",
             "quality": "auto",
             "background": "opaque",
-            "vllm_omni": extra,
+            "vllm_omni": _extension(req, out),
         }
 
     def stream(self, body: ImageGenerationRequest) -> tuple[AsyncIterator[bytes], Callable]:
@@ -234,13 +242,10 @@ class ServingImages:
                     yield error_event(e)
                     return
                 if out.error is not None:
-                    e = out.error
-                    yield error_event(OpenAIError(e.status, e.message, e.type, e.param, e.code))
+                    yield error_event(_openai_error(out))
                     return
-                extra = {"seed": req.seed, **{k: out.metrics[k] for k in (
-                    "transformer_calls_computed", "transformer_calls_skipped") if k in out.metrics}}
                 yield await asyncio.to_thread(event, "image_generation.completed", out.images[0],
-                                              vllm_omni=extra)
+                                              vllm_omni=_extension(req, out))
             finally:
                 release()
                 if not task.done():
