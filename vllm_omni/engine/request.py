@@ -51,6 +51,11 @@ class DiffusionRequest:
     guidance_scale: float | None = None
     output_type: str = "pil"
     partial_images: int = 0  # decoded previews sent while denoising (streaming)
+    # Input images (RGB or RGBA PIL images) for editing/layering models, in the user's order.
+    images: list[Any] = field(default_factory=list)
+    mask: Any = None  # PIL mask image (white = repaint), for models that inpaint
+    # Model-specific options the adapter declared and validated (e.g. layers, resolution).
+    options: dict[str, Any] = field(default_factory=dict)
     arrival_time: float = field(default_factory=time.monotonic)
     scheduled_time: float | None = None  # when the scheduler handed it to the executor
 

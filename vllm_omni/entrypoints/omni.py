@@ -30,6 +30,25 @@ class OmniRequestOutput:
 PromptType = str | dict[str, Any]
 
 
+def _multi_modal_images(data: dict[str, Any]) -> tuple[list[Any], Any]:
+    """``{"image": PIL image or list of them, "mask": PIL image}`` as (images, mask)."""
+    from PIL import Image
+
+    unknown = set(data) - {"image", "mask"}
+    if unknown:
+        raise ValueError(f"unknown multi_modal_data keys: {sorted(unknown)}; "
+                         "image models take 'image' (and 'mask')")
+    images = data.get("image")
+    images = [] if images is None else list(images) if isinstance(images, (list, tuple)) \
+        else [images]
+    mask = data.get("mask")
+    for im in images + ([mask] if mask is not None else []):
+        if not isinstance(im, Image.Image):
+            raise ValueError(f"multi_modal_data images must be PIL images, got "
+                             f"{type(im).__name__}")
+    return images, mask
+
+
 class Omni:
     def __init__(
         self,
@@ -68,8 +87,7 @@ class Omni:
             unknown = set(prompt) - {"prompt", "negative_prompt", "multi_modal_data"}
             if unknown:
                 raise ValueError(f"unknown prompt keys: {sorted(unknown)}")
-            if prompt.get("multi_modal_data"):
-                raise ValueError(f"{self.spec.pipeline_class} does not take image inputs")
+            images, mask = _multi_modal_images(prompt.get("multi_modal_data") or {})
             if prompt.get("negative_prompt") is not None:
                 if params.negative_prompt is not None:
                     raise ValueError("negative_prompt given both in the prompt and the params")
@@ -77,9 +95,10 @@ class Omni:
                     **{**params.to_dict(), "negative_prompt": prompt["negative_prompt"]})
             text = prompt.get("prompt")
         else:
-            text = prompt
+            text, images, mask = prompt, [], None
         self._counter += 1
-        return self._inputs.process(text, params, request_id=f"offline-{self._counter}")
+        return self._inputs.process(text, params, request_id=f"offline-{self._counter}",
+                                    images=images, mask=mask)
 
     def generate(
         self,

@@ -30,6 +30,13 @@ class OmniDiffusionSamplingParams:
     num_frames: int | None = None
     # "pil" (8-bit images) or "np" (float32 HxWxC arrays in [0, 1], before 8-bit rounding).
     output_type: str = "pil"
+    # Model-specific options; a model that has no such option rejects them.
+    layers: int | None = None  # Qwen-Image-Layered: RGBA layers to decompose into
+    resolution: int | None = None  # Qwen-Image-Layered: 640 or 1024 bucket
+    # LongCat-Image: rewrite the prompt with the text encoder first (an autoregressive pass).
+    enable_prompt_rewrite: bool | None = None
+    # Qwen-Image-Layered: caption the input image when no prompt is given (autoregressive).
+    auto_caption: bool | None = None
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int, hi: int | None = None) -> None:
@@ -48,6 +55,13 @@ class OmniDiffusionSamplingParams:
         _int("seed", 0, MAX_SEED)
         _int("num_images_per_prompt", 1)
         _int("num_frames", 1)
+        _int("layers", 1, 16)
+        if self.resolution is not None and self.resolution not in (640, 1024):
+            raise ValueError(f"resolution must be 640 or 1024, got {self.resolution!r}")
+        for name in ("enable_prompt_rewrite", "auto_caption"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"{name} must be true or false, got {v!r}")
         for name in ("true_cfg_scale", "guidance_scale"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):

@@ -40,24 +40,65 @@ class ModelSpec:
     num_blocks: int = 1  # transformer blocks (cache-dit's Fn + Bn must fit in them)
 
 
+# The support matrix's columns (docs: README "Supported models"). Each adapter lists the ones it
+# supports; the engine refuses the others at startup.
+FEATURES = {
+    "tea_cache": "TeaCache",
+    "cache_dit": "Cache-DiT",
+    "sequence_parallel": "Sequence Parallel",
+    "cfg_parallel": "CFG-Parallel",
+    "tensor_parallel": "Tensor Parallel",
+    "cpu_offload": "CPU Offload",
+    "lora": "LoRA",
+    "vae_patch_parallel": "VAE-Patch-Parallel",
+    "fp8": "FP8",
+}
+
+
 class ModelAdapter:
     name: ClassVar[str]
-    task: ClassVar[str] = "text-to-image"
+    # (display name, hub id) of the released checkpoints this adapter serves (README table).
+    models: ClassVar[tuple[tuple[str, str], ...]] = ()
+    task: ClassVar[str] = "text-to-image"  # or "image-edit", "image-layers"
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
     # Request fields (beyond prompt, size, steps, seed and n) the pipeline honours.
     supported_fields: ClassVar[frozenset[str]] = frozenset()
     max_side: ClassVar[int] = 4096
+    features: ClassVar[frozenset[str]] = frozenset()
+    # How many input images a request takes (edit models: at least one).
+    image_inputs: ClassVar[tuple[int, int]] = (0, 0)
+    # Whether the request may omit the prompt (with auto_caption: the pipeline writes one).
+    prompt_optional: ClassVar[bool] = False
+    # Whether ``size`` may be set; False: the pipeline decides the output size itself.
+    sized: ClassVar[bool] = True
+    has_preview: ClassVar[bool] = False
 
     def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
         raise NotImplementedError
 
     def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
         """Checks that need only the spec. ``given`` names the optional fields the user set."""
-        for name in sorted(given - self.allowed_fields(spec)):
+        for name in sorted(given - self.allowed_fields(spec) - {"image", "size"}):
             raise InvalidRequestError(
                 f"{name} is not supported by {spec.pipeline_class}", param=name,
                 code="unsupported_parameter",
             )
+        lo, hi = self.image_inputs
+        n = len(req.images)
+        if not lo <= n <= hi:
+            if hi == 0:
+                why = "it generates from text alone; use /v1/images/generations"
+            elif lo == hi:
+                why = f"it takes exactly {lo} input image{'s' if lo > 1 else ''}"
+            else:
+                why = f"it takes {lo} to {hi} input images"
+            raise InvalidRequestError(f"{n} input images given to {spec.pipeline_class}: {why}",
+                                      param="image", code="invalid_value")
+        if "size" in given and not self.sized:
+            raise InvalidRequestError(
+                f"size is not supported by {spec.pipeline_class}: the model sets the output size "
+                "from its input image; use size=auto", param="size",
+                code="unsupported_parameter")
         m = spec.size_multiple
         for name, v in (("width", req.width), ("height", req.height)):
             if v % m or not m <= v <= self.max_side:
@@ -72,11 +113,26 @@ class ModelAdapter:
     def allowed_fields(self, spec: ModelSpec) -> frozenset[str]:
         return self.supported_fields
 
+    def default_size(self, spec: ModelSpec, images: list[Any],
+                     options: dict[str, Any]) -> tuple[int, int]:
+        """(width, height) when the request names no size: the model's default, or for models
+        that edit an image, the first input's size rounded to what the model accepts."""
+        if not images:
+            return spec.default_width, spec.default_height
+        m = spec.size_multiple
+        w, h = images[0].size
+        return (min(self.max_side, max(m, round(w / m) * m)),
+                min(self.max_side, max(m, round(h / m) * m)))
+
     def check_loaded(self, pipe: Any, req: DiffusionRequest) -> None:
         """Checks that need the loaded pipeline (run in the worker)."""
 
     def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
         raise NotImplementedError
+
+    def flatten_output(self, images: list[Any]) -> list[Any]:
+        """One request's output images as the flat list the client receives."""
+        return images
 
     def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
         """Decoded PIL images of the current latents (streaming's partial images)."""
@@ -93,12 +149,42 @@ class ModelAdapter:
 
     # -- parallelism -------------------------------------------------------------------------------
     def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
-        """A ``ParallelPlan`` of what this model can run in parallel; ``loaded`` adds the hooks
-        that need diffusers (worker side). The default supports nothing."""
+        """A ``ParallelPlan`` of what this model can run in parallel, from ``features``;
+        ``loaded`` adds the hooks that need diffusers (worker side)."""
         from vllm_omni.distributed.apply import ParallelPlan
 
-        return ParallelPlan(model=spec.pipeline_class, num_heads=1,
-                            cfg_reason=f"{spec.pipeline_class} has no CFG-parallel support")
+        f = self.features
+        return ParallelPlan(
+            model=spec.pipeline_class, num_heads=spec.num_heads,
+            sequence_parallel="sequence_parallel" in f, tensor_parallel="tensor_parallel" in f,
+            vae_patch_parallel="vae_patch_parallel" in f,
+            cfg_branches=2 if "cfg_parallel" in f else 0,
+            cfg_reason=f"{spec.pipeline_class} has no CFG-parallel support",
+        )
+
+    def requested_features(self, config) -> list[str]:
+        """The support-matrix features an engine config turns on."""
+        p = config.parallel
+        asked = {
+            "tea_cache": config.cache_backend == "tea_cache",
+            "cache_dit": config.cache_backend == "cache_dit",
+            "sequence_parallel": p.ulysses_degree > 1 or p.ring_degree > 1,
+            "cfg_parallel": p.cfg_parallel_size > 1,
+            "tensor_parallel": p.tensor_parallel_size > 1,
+            "vae_patch_parallel": p.vae_patch_parallel_size > 1,
+            "cpu_offload": config.enable_cpu_offload,
+            "lora": config.lora_path is not None,
+            "fp8": config.quantization == "fp8",
+        }
+        return [name for name, on in asked.items() if on]
+
+    def check_features(self, spec: ModelSpec, config) -> None:
+        missing = [f for f in self.requested_features(config) if f not in self.features]
+        if missing:
+            names = ", ".join(FEATURES[f] for f in missing)
+            have = ", ".join(FEATURES[f] for f in FEATURES if f in self.features) or "none"
+            raise ValueError(f"{spec.pipeline_class} ({self.models[0][0] if self.models else self.name}) does not "
+                             f"support {names}. Supported with this model: {have}")
 
     def check_parallel(self, spec: ModelSpec, parallel) -> None:
         from vllm_omni.distributed.apply import check_layout
@@ -111,8 +197,9 @@ class ModelAdapter:
     # Named rel_l1_thresh values: cache_config {"preset": name}. Off unless asked for.
     teacache_presets: ClassVar[dict[str, float]] = {}
 
-    # Whether cache-dit knows this model's transformer (its BlockAdapter registry).
-    cache_dit_supported: ClassVar[bool] = False
+    @property
+    def cache_dit_supported(self) -> bool:
+        return "cache_dit" in self.features
     # Named cache_dit settings: cache_config {"preset": name, ...other keys override}.
     cache_dit_presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -150,6 +237,7 @@ class ModelAdapter:
 
     def check_engine(self, spec: ModelSpec, config) -> None:
         """Everything about an engine config that depends on the model; run before starting."""
+        self.check_features(spec, config)
         self.check_parallel(spec, config.parallel)
         self.check_cache(spec, config.cache_backend, config.cache_config)
 

@@ -1,45 +1,46 @@
-"""Qwen-Image (text-to-image): ``QwenImagePipeline``."""
+"""The Qwen-Image family: text-to-image (Qwen-Image, Qwen-Image-2512), editing (Qwen-Image-Edit,
+Qwen-Image-Edit-2509) and layer decomposition (Qwen-Image-Layered). All share one transformer
+architecture, VAE and text encoder, hence one set of parallel and cache hooks.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
-from vllm_omni.models.base import ModelAdapter, ModelSpec, read_json
+from vllm_omni.models.base import ModelSpec
+from vllm_omni.models.image import ImageAdapter
 
 # Qwen's published examples use a single space as the "empty" negative prompt.
 EMPTY_NEGATIVE_PROMPT = " "
 
 
-class QwenImageAdapter(ModelAdapter):
+class QwenImageAdapter(ImageAdapter):
     name = "qwen-image"
+    models = (("Qwen-Image", "Qwen/Qwen-Image"), ("Qwen-Image-2512", "Qwen/Qwen-Image-2512"))
     task = "text-to-image"
     pipeline_classes = ("QwenImagePipeline",)
-    supported_fields = frozenset({"negative_prompt", "true_cfg_scale"})
+    features = frozenset({"tea_cache", "cache_dit", "sequence_parallel", "cfg_parallel",
+                          "tensor_parallel", "vae_patch_parallel", "cpu_offload", "lora", "fp8"})
+    cfg_field = "true_cfg_scale"
+    cfg_default = 1.0  # we pass 1.0 when unset: the pipeline's 4.0 needs a negative prompt anyway
+    empty_negative = EMPTY_NEGATIVE_PROMPT
+    has_preview = True
 
-    def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
+    def vae_scale(self, model_dir: str) -> int:
+        from vllm_omni.models.base import read_json
+
         vae = read_json(model_dir, "vae", "config.json")
-        transformer = read_json(model_dir, "transformer", "config.json")
-        vae_scale = 2 ** len(vae.get("temperal_downsample", [False, True, True]))
-        # QwenImagePipeline.default_sample_size is 128 latent pixels.
-        side = 128 * vae_scale
-        return ModelSpec(
-            adapter=self,
-            model_dir=model_dir,
-            pipeline_class=pipeline_class,
-            default_width=side,
-            default_height=side,
-            default_steps=50,
-            size_multiple=vae_scale * transformer.get("patch_size", 2),
-            has_guidance_embeds=bool(transformer.get("guidance_embeds", False)),
-            num_heads=int(transformer.get("num_attention_heads", 24)),
-            num_blocks=int(transformer.get("num_layers", 60)),
-        )
+        return 2 ** len(vae.get("temperal_downsample", [False, True, True]))
+
+    def heads_and_blocks(self, config: dict[str, Any]) -> tuple[int, int]:
+        return int(config.get("num_attention_heads", 24)), int(config.get("num_layers", 60))
 
     def allowed_fields(self, spec: ModelSpec) -> frozenset[str]:
+        fields = super().allowed_fields(spec)
         if spec.has_guidance_embeds:
-            return self.supported_fields | {"guidance_scale"}
-        return self.supported_fields
+            return fields | {"guidance_scale"}
+        return fields
 
     def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
         if "guidance_scale" in given and not spec.has_guidance_embeds:
@@ -49,47 +50,14 @@ class QwenImageAdapter(ModelAdapter):
                 param="guidance_scale", code="unsupported_parameter",
             )
         super().validate(spec, req, given)
-        if req.negative_prompt is not None and req.true_cfg_scale is not None \
-                and req.true_cfg_scale <= 1:
-            raise InvalidRequestError(
-                "negative_prompt has no effect unless true_cfg_scale > 1", param="negative_prompt"
-            )
         if spec.has_guidance_embeds and req.guidance_scale is None:
             raise InvalidRequestError("guidance_scale is required by this guidance-distilled model",
                                       param="guidance_scale")
 
-    def check_loaded(self, pipe: Any, req: DiffusionRequest) -> None:
-        # The pipeline silently truncates prompts beyond tokenizer_max_length; refuse instead.
-        limit = pipe.tokenizer_max_length
-        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
-            if text is None:
-                continue
-            n = len(pipe.tokenizer(text, add_special_tokens=False)["input_ids"])
-            if n > limit:
-                raise InvalidRequestError(
-                    f"{name} is {n} tokens long; {type(pipe).__name__} accepts at most {limit}",
-                    param=name, code="context_length_exceeded",
-                )
-
     def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(
-            prompt=req.prompt,
-            height=req.height,
-            width=req.width,
-            num_inference_steps=req.num_inference_steps,
-            num_images_per_prompt=req.num_images,
-        )
-        negative = req.negative_prompt
-        if req.true_cfg_scale is not None:
-            kwargs["true_cfg_scale"] = req.true_cfg_scale
-            # diffusers would warn and skip CFG without a negative prompt; CFG was asked for.
-            if req.true_cfg_scale > 1 and negative is None:
-                negative = EMPTY_NEGATIVE_PROMPT
-        if negative is not None:
-            kwargs["negative_prompt"] = negative
-        elif req.true_cfg_scale is None:
-            # No CFG either way; saying so explicitly avoids the pipeline's default-4.0 warning.
-            kwargs["true_cfg_scale"] = 1.0
+        kwargs = super().pipeline_kwargs(spec, req)
+        # No CFG unless asked for; saying so explicitly avoids the pipeline's default-4.0 warning.
+        kwargs.setdefault("true_cfg_scale", 1.0)
         if req.guidance_scale is not None:
             kwargs["guidance_scale"] = req.guidance_scale
         return kwargs
@@ -106,37 +74,15 @@ class QwenImageAdapter(ModelAdapter):
         image = vae.decode(x * std + mean, return_dict=False)[0][:, :, 0]
         return pipe.image_processor.postprocess(image, output_type="pil")
 
-    # -- batching ----------------------------------------------------------------------------------
-    def batch_key(self, req: DiffusionRequest):
-        # Everything the pipeline takes as one value for all prompts. Negative prompts may differ
-        # (a list), but all or none must have one (pipeline_kwargs supplies " " for CFG).
-        has_negative = req.negative_prompt is not None or (
-            req.true_cfg_scale is not None and req.true_cfg_scale > 1)
-        return (req.width, req.height, req.num_inference_steps, req.num_images,
-                req.true_cfg_scale, req.guidance_scale, has_negative, req.output_type,
-                req.partial_images)
-
-    def batch_pipeline_kwargs(self, spec: ModelSpec, reqs: list[DiffusionRequest]) -> dict[str, Any]:
-        each = [self.pipeline_kwargs(spec, r) for r in reqs]
-        kwargs = dict(each[0])
-        kwargs["prompt"] = [k["prompt"] for k in each]
-        if "negative_prompt" in kwargs:
-            kwargs["negative_prompt"] = [k["negative_prompt"] for k in each]
-        return kwargs
-
     # -- parallelism -------------------------------------------------------------------------------
     def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
-        from vllm_omni.distributed.apply import ParallelPlan
-
         # The pipeline calls the transformer once for the prompt and once for the negative prompt
         # (true CFG); guidance-distilled checkpoints embed the scale and make one call.
-        plan = ParallelPlan(
-            model=spec.pipeline_class, num_heads=spec.num_heads, sequence_parallel=True,
-            tensor_parallel=True, vae_patch_parallel=True,
-            cfg_branches=0 if spec.has_guidance_embeds else 2,
-            cfg_reason=f"{spec.pipeline_class} with a guidance-distilled transformer runs without "
-                       "classifier-free guidance",
-        )
+        plan = super().parallel_plan(spec, loaded)
+        if spec.has_guidance_embeds:
+            plan.cfg_branches = 0
+            plan.cfg_reason = (f"{spec.pipeline_class} with a guidance-distilled transformer runs "
+                               "without classifier-free guidance")
         if loaded:
             from vllm_omni.models.qwen_image_attention import QwenImageSPAttnProcessor
 
@@ -151,7 +97,6 @@ class QwenImageAdapter(ModelAdapter):
     # "fast" skips about twice as often. Measured on our bench model: docs/caching.md.
     teacache_presets = {"balanced": 0.2, "fast": 0.4}
 
-    cache_dit_supported = True
     # cache-dit's own step-mask policies, applied statically: which steps reuse the cache is fixed
     # by the mask, so the speedup does not depend on the weights (a residual threshold tuned on
     # random weights would not carry over to the released ones). Measured: docs/caching.md.
@@ -175,3 +120,69 @@ def _transformer_output_like(transformer: Any, kwargs: dict[str, Any]):
     """An empty tensor shaped like QwenImageTransformer2DModel's output for these inputs."""
     x = kwargs["hidden_states"]
     return x.new_empty(*x.shape[:2], transformer.proj_out.out_features)
+
+
+class QwenImageEditAdapter(QwenImageAdapter):
+    """Qwen-Image-Edit (one input image) and Qwen-Image-Edit-2509 (one to three)."""
+
+    name = "qwen-image-edit"
+    models = (("Qwen-Image-Edit", "Qwen/Qwen-Image-Edit"),)
+    task = "image-edit"
+    pipeline_classes = ("QwenImageEditPipeline",)
+    features = frozenset({"tea_cache", "cache_dit", "sequence_parallel", "cfg_parallel",
+                          "tensor_parallel", "cpu_offload", "lora"})
+    image_inputs = (1, 1)
+
+
+class QwenImageEditPlusAdapter(QwenImageEditAdapter):
+    name = "qwen-image-edit-2509"
+    models = (("Qwen-Image-Edit-2509", "Qwen/Qwen-Image-Edit-2509"),)
+    pipeline_classes = ("QwenImageEditPlusPipeline",)
+    image_inputs = (1, 3)  # the released model is trained with up to three input images
+
+
+class QwenImageLayeredAdapter(QwenImageAdapter):
+    """Decomposes one image into RGBA layers; each output image is a list of ``layers`` layers."""
+
+    name = "qwen-image-layered"
+    models = (("Qwen-Image-Layered", "Qwen/Qwen-Image-Layered"),)
+    task = "image-layers"
+    pipeline_classes = ("QwenImageLayeredPipeline",)
+    features = frozenset({"cache_dit", "sequence_parallel", "cfg_parallel", "tensor_parallel",
+                          "cpu_offload", "lora"})
+    supported_fields = frozenset({"layers", "resolution", "auto_caption"})
+    image_inputs = (1, 1)
+    sized = False
+    prompt_optional = True
+    has_preview = False
+    default_layers, default_resolution = 4, 640
+
+    def default_size(self, spec, images, options):
+        if not images:
+            return super().default_size(spec, images, options)
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as module
+
+        res = options.get("resolution", self.default_resolution)
+        w, h = images[0].size
+        width, height = module.calculate_dimensions(res * res, w / h)
+        m = spec.size_multiple
+        return width // m * m, height // m * m
+
+    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
+        super().validate(spec, req, given)
+        if req.options.get("auto_caption") and req.prompt:
+            raise InvalidRequestError("auto_caption captions the input image to make the prompt; "
+                                      "give either a prompt or auto_caption: true",
+                                      param="auto_caption")
+
+    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
+        kwargs = super().pipeline_kwargs(spec, req)
+        kwargs["image"] = req.images[0].convert("RGBA")  # the VAE encodes four channels
+        # An empty prompt makes the pipeline caption the image (asked for with auto_caption).
+        kwargs["prompt"] = req.prompt if req.prompt else ""
+        kwargs["layers"] = req.options.get("layers", self.default_layers)
+        kwargs["resolution"] = req.options.get("resolution", self.default_resolution)
+        return kwargs
+
+    def flatten_output(self, images: list[Any]) -> list[Any]:
+        return [layer for image in images for layer in image]

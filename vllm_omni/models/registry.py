@@ -5,11 +5,28 @@ from __future__ import annotations
 import os
 
 from vllm_omni.models.base import ModelAdapter, ModelSpec, read_json
-from vllm_omni.models.qwen_image import QwenImageAdapter
+from vllm_omni.models.flux import Flux2KleinAdapter, FluxAdapter
+from vllm_omni.models.longcat_image import LongCatImageAdapter, LongCatImageEditAdapter
+from vllm_omni.models.ovis_image import OvisImageAdapter
+from vllm_omni.models.qwen_image import (
+    QwenImageAdapter,
+    QwenImageEditAdapter,
+    QwenImageEditPlusAdapter,
+    QwenImageLayeredAdapter,
+)
+from vllm_omni.models.sd3 import StableDiffusion3Adapter
+from vllm_omni.models.z_image import ZImageAdapter
+from vllm_omni.testing import edit_area
 
-ADAPTERS: tuple[ModelAdapter, ...] = (QwenImageAdapter(),)
+ADAPTERS: tuple[ModelAdapter, ...] = (
+    FluxAdapter(), Flux2KleinAdapter(), LongCatImageAdapter(), LongCatImageEditAdapter(),
+    OvisImageAdapter(), QwenImageAdapter(), QwenImageEditAdapter(), QwenImageEditPlusAdapter(),
+    QwenImageLayeredAdapter(), StableDiffusion3Adapter(), ZImageAdapter(),
+)
 
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.pipeline_classes}
+
+edit_area.apply_from_env()  # tests only (VLLM_OMNI_TEST_EDIT_AREA); a no-op otherwise
 
 
 def supported_pipeline_classes() -> list[str]:

@@ -88,84 +88,366 @@ QWEN_IMAGE_BENCH = QwenImageSize(
 )
 
 
-def build_qwen_image(size: QwenImageSize = QWEN_IMAGE_TINY):
+def build_qwen_image(size: QwenImageSize = QWEN_IMAGE_TINY, seed_offset: int = 0):
     import torch
-    from diffusers import (
-        AutoencoderKLQwenImage,
-        FlowMatchEulerDiscreteScheduler,
-        QwenImagePipeline,
-        QwenImageTransformer2DModel,
+    from diffusers import QwenImagePipeline
+
+    torch.manual_seed(seed_offset)
+    parts = _qwen_image_parts(size, seed_offset=seed_offset)
+    return QwenImagePipeline(**parts)
+
+
+# -- shared tokenizers and components ---------------------------------------------------------------
+
+# Qwen3's chat template, reduced to what the pipelines use: user turns and an empty think block
+# when enable_thinking is False (as the released template renders it).
+_QWEN3_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+    "{% endif %}"
+)
+# Qwen2-VL's template as used by Qwen2VLProcessor.apply_chat_template (text and image parts).
+_QWEN2VL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_qwen3_tokenizer():
+    tok = build_qwen2_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<think>", "</think>"]})
+    tok.chat_template = _QWEN3_CHAT_TEMPLATE
+    return tok
+
+
+def build_qwen2vl_processor(tokenizer):
+    """Qwen2VLProcessor around ``tokenizer`` (needs a loadable torchvision: platform_fixes)."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+
+    tokenizer.chat_template = _QWEN2VL_CHAT_TEMPLATE
+    return Qwen2VLProcessor(
+        image_processor=Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=28 * 28 * 256),
+        tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+        chat_template=_QWEN2VL_CHAT_TEMPLATE,
     )
+
+
+def build_t5_tokenizer():
+    """A Unigram T5 tokenizer: specials, then letters and digits with and without the '▁' marker."""
+    from transformers import T5Tokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
+    words = ("a", "the", "of", "in", "on", "and", "with", "red", "blue", "cat", "dog", "fox", "photo")
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("▁" + w, -2.0) for w in words]
+    vocab += [("▁" + c, -4.0) for c in chars] + [(c, -5.0) for c in chars] + [("▁", -3.0)]
+    return T5Tokenizer(vocab=vocab, extra_ids=8, model_max_length=512)
+
+
+def build_clip_tokenizer():
+    """A character-level CLIP BPE (no merges): every byte, alone and as a word end."""
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in sorted(chars):
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _qwen25vl_text_encoder(tokenizer, width: int = 32, layers: int = 2, seed: int = 0):
+    import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = build_qwen2_tokenizer()
     ids = tokenizer.convert_tokens_to_ids
-    head_dim = size.text_width // 2
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=size.text_width,
-        intermediate_size=size.text_width * 2,
-        num_hidden_layers=size.text_layers,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
-                         "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
-        bos_token_id=ids("<|endoftext|>"),
-        eos_token_id=ids("<|im_end|>"),
-        pad_token_id=ids("<|endoftext|>"),
-    )
-    vision_config = dict(
-        depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=size.text_width,
-        patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1],
-        window_size=112,
-    )
+    head_dim = width // 2
     config = Qwen2_5_VLConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_id=ids("<|image_pad|>"),
-        video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"),
-        vision_end_token_id=ids("<|vision_end|>"),
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
+            num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                             "mrope_section": [head_dim // 4, head_dim // 8, head_dim // 8]},
+            bos_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"),
+            pad_token_id=ids("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=width,
+            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[1],
+            window_size=112,
+        ),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
     )
-    torch.manual_seed(0)
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
 
-    torch.manual_seed(1)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2,
-        in_channels=64,
-        out_channels=16,
-        num_layers=size.dit_layers,
-        attention_head_dim=size.dit_head_dim,
-        num_attention_heads=size.dit_heads,
-        joint_attention_dim=size.text_width,
-        guidance_embeds=False,
-        axes_dims_rope=size.rope_axes,
+
+def _qwen3_config(tokenizer, width: int, layers: int):
+    from transformers import Qwen3Config
+
+    ids = tokenizer.convert_tokens_to_ids
+    return Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, head_dim=width // 2,
+        max_position_embeddings=4096, bos_token_id=ids("<|endoftext|>"),
+        eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
     )
-    torch.manual_seed(2)
+
+
+def _flux_vae(latent_channels: int = 16, seed: int = 2):
+    """The FLUX/SD3 VAE topology (4 stages: 8x) at toy width."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4,
+        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def _flow_scheduler(**overrides):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    base = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+    return FlowMatchEulerDiscreteScheduler(**{**base, **overrides})
+
+
+def _qwen_image_parts(size: QwenImageSize = QWEN_IMAGE_TINY, layered: bool = False,
+                      zero_cond_t: bool = False, seed_offset: int = 0):
+    """Components shared by every Qwen-Image pipeline (text-to-image, edit, layered)."""
+    import torch
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+
+    tokenizer = build_qwen2_tokenizer()
+    text_encoder = _qwen25vl_text_encoder(tokenizer, size.text_width, size.text_layers,
+                                          seed=seed_offset)
+    torch.manual_seed(seed_offset + 1)
+    extra = {}
+    if layered:
+        extra = dict(use_layer3d_rope=True, use_additional_t_cond=True)
+    if zero_cond_t:
+        extra["zero_cond_t"] = True
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=64, out_channels=16, num_layers=size.dit_layers,
+        attention_head_dim=size.dit_head_dim, num_attention_heads=size.dit_heads,
+        joint_attention_dim=size.text_width, guidance_embeds=False, axes_dims_rope=size.rope_axes,
+        **extra,
+    )
+    torch.manual_seed(seed_offset + 2)
     vae = AutoencoderKLQwenImage(
-        base_dim=size.vae_base_dim,
-        z_dim=16,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=1,
-        temperal_downsample=[False, True, True],
+        base_dim=size.vae_base_dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+        temperal_downsample=[False, True, True], **({"input_channels": 4} if layered else {}),
     )
     # The released Qwen-Image scheduler config (dynamic exponential shift).
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9,
-        num_train_timesteps=1000, shift=1.0, shift_terminal=0.02, time_shift_type="exponential",
-        use_dynamic_shifting=True,
+    scheduler = _flow_scheduler(base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+                                shift_terminal=0.02, time_shift_type="exponential")
+    return dict(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                transformer=transformer)
+
+
+def build_qwen_image_edit(plus: bool = False):
+    from diffusers import QwenImageEditPipeline, QwenImageEditPlusPipeline
+
+    parts = _qwen_image_parts()
+    cls = QwenImageEditPlusPipeline if plus else QwenImageEditPipeline
+    return cls(processor=build_qwen2vl_processor(parts["tokenizer"]), **parts)
+
+
+def build_qwen_image_layered():
+    from diffusers import QwenImageLayeredPipeline
+
+    parts = _qwen_image_parts(layered=True)
+    return QwenImageLayeredPipeline(processor=build_qwen2vl_processor(parts["tokenizer"]), **parts)
+
+
+def build_z_image():
+    import torch
+    from diffusers import ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Model
+
+    tokenizer = build_qwen3_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(_qwen3_config(tokenizer, 32, 2)).eval()
+    torch.manual_seed(1)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 4, 4],
+        axes_lens=[256, 64, 64],
     )
-    return QwenImagePipeline(
-        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        transformer=transformer,
+    with torch.no_grad():  # created with torch.empty: random memory would make outputs vary
+        transformer.x_pad_token.normal_(0, 0.02)
+        transformer.cap_pad_token.normal_(0, 0.02)
+    # Z-Image-Turbo's released scheduler: static shift 3.
+    scheduler = _flow_scheduler(use_dynamic_shifting=False, shift=3.0)
+    return ZImagePipeline(scheduler=scheduler, vae=_flux_vae(), text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer)
+
+
+def _clip_text_encoder(tokenizer, width: int, projection: bool, seed: int):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+        projection_dim=width, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _t5_encoder(tokenizer, width: int, seed: int):
+    import torch
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=len(tokenizer), d_model=width, d_ff=width * 2, d_kv=width // 2,
+                      num_layers=2, num_heads=2, relative_attention_num_buckets=8,
+                      decoder_start_token_id=0, pad_token_id=tokenizer.pad_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()
+
+
+def build_flux1():
+    import torch
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, tokenizer_2 = build_clip_tokenizer(), build_t5_tokenizer()
+    text_encoder = _clip_text_encoder(tokenizer, 16, projection=False, seed=0)
+    text_encoder_2 = _t5_encoder(tokenizer_2, 32, seed=3)
+    torch.manual_seed(1)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+        guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+    )
+    return FluxPipeline(scheduler=_flow_scheduler(), vae=_flux_vae(), text_encoder=text_encoder,
+                        tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def build_flux2_klein():
+    import torch
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3ForCausalLM
+
+    tokenizer = build_qwen3_tokenizer()
+    torch.manual_seed(0)
+    # The pipeline stacks hidden states of layers (9, 18, 27): the encoder needs 28 layers.
+    text_encoder = Qwen3ForCausalLM(_qwen3_config(tokenizer, 16, 28)).eval()
+    torch.manual_seed(1)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16, 16, 16), layers_per_block=1, latent_channels=32,
+        norm_num_groups=4, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    scheduler = _flow_scheduler(shift=3.0, use_dynamic_shifting=True)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                              tokenizer=tokenizer, transformer=transformer, is_distilled=True)
+
+
+def build_sd35():
+    import torch
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    clip_tok, clip_tok_2, t5_tok = build_clip_tokenizer(), build_clip_tokenizer(), build_t5_tokenizer()
+    te1 = _clip_text_encoder(clip_tok, 16, projection=True, seed=0)
+    te2 = _clip_text_encoder(clip_tok_2, 16, projection=True, seed=4)
+    te3 = _t5_encoder(t5_tok, 32, seed=3)
+    torch.manual_seed(1)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=32,
+        pooled_projection_dim=32, out_channels=16, pos_embed_max_size=96, qk_norm="rms_norm",
+    )
+    torch.manual_seed(2)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
+        layers_per_block=1, latent_channels=16, norm_num_groups=4, scaling_factor=1.5305,
+        shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=_flow_scheduler(use_dynamic_shifting=False),
+        vae=vae, text_encoder=te1, tokenizer=clip_tok, text_encoder_2=te2, tokenizer_2=clip_tok_2,
+        text_encoder_3=te3, tokenizer_3=t5_tok,
     )
 
+
+def build_longcat_image(edit: bool = False):
+    import torch
+    from diffusers import (
+        LongCatImageEditPipeline,
+        LongCatImagePipeline,
+        LongCatImageTransformer2DModel,
+    )
+
+    tokenizer = build_qwen2_tokenizer()
+    text_encoder = _qwen25vl_text_encoder(tokenizer, 32, 2)
+    torch.manual_seed(1)
+    transformer = LongCatImageTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+        axes_dims_rope=[4, 6, 6],
+    )
+    cls = LongCatImageEditPipeline if edit else LongCatImagePipeline
+    return cls(scheduler=_flow_scheduler(), vae=_flux_vae(), text_encoder=text_encoder,
+               tokenizer=tokenizer, text_processor=build_qwen2vl_processor(tokenizer),
+               transformer=transformer)
+
+
+def build_ovis_image():
+    import torch
+    from diffusers import OvisImagePipeline, OvisImageTransformer2DModel
+    from transformers import Qwen3Model
+
+    tokenizer = build_qwen3_tokenizer()
+    torch.manual_seed(0)
+    text_encoder = Qwen3Model(_qwen3_config(tokenizer, 32, 2)).eval()
+    torch.manual_seed(1)
+    transformer = OvisImageTransformer2DModel(
+        patch_size=1, in_channels=64, out_channels=64, num_layers=1, num_single_layers=2,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    )
+    return OvisImagePipeline(scheduler=_flow_scheduler(), vae=_flux_vae(),
+                             text_encoder=text_encoder, tokenizer=tokenizer,
+                             transformer=transformer)
 
 FAMILIES = {
     "qwen-image": lambda: build_qwen_image(QWEN_IMAGE_TINY),
     "qwen-image-bench": lambda: build_qwen_image(QWEN_IMAGE_BENCH),
+    # Qwen-Image-2512 is a retrained Qwen-Image: same pipeline and architecture, new weights.
+    "qwen-image-2512": lambda: build_qwen_image(QWEN_IMAGE_TINY, seed_offset=10),
+    "qwen-image-edit": lambda: build_qwen_image_edit(plus=False),
+    "qwen-image-edit-2509": lambda: build_qwen_image_edit(plus=True),
+    "qwen-image-layered": build_qwen_image_layered,
+    "z-image-turbo": build_z_image,
+    "flux.1-dev": build_flux1,
+    "flux.2-klein-4b": build_flux2_klein,
+    "sd3.5": build_sd35,
+    "longcat-image": lambda: build_longcat_image(edit=False),
+    "longcat-image-edit": lambda: build_longcat_image(edit=True),
+    "ovis-image": build_ovis_image,
 }
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import logging
 import os
 import resource
@@ -76,6 +78,8 @@ class ModelRunner:
         self.pipe = DiffusionPipeline.from_pretrained(self.config.model, dtype=dtype)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self._takes_step_callback = "callback_on_step_end" in inspect.signature(
+            self.pipe.__call__).parameters
         if self.groups.layout.world_size > 1:
             plan = self.adapter.parallel_plan(self.spec, loaded=True)
             self.parallel = apply_parallel(self.pipe, plan, self.groups)
@@ -177,7 +181,12 @@ class ModelRunner:
                 kwargs = self.adapter.pipeline_kwargs(self.spec, reqs[0])
             else:
                 kwargs = self.adapter.batch_pipeline_kwargs(self.spec, reqs)
-            kwargs["callback_on_step_end"] = self._step_callback(slots, reqs, progress, partial)
+            on_step = self._step_callback(slots, reqs, progress, partial)
+            follow_steps = contextlib.nullcontext()
+            if self._takes_step_callback:
+                kwargs["callback_on_step_end"] = on_step
+            else:
+                follow_steps = _scheduler_steps(self.pipe, on_step)
             uses_cfg = self.adapter.uses_cfg(kwargs)
             if "cfg" in self.parallel:
                 self.parallel["cfg"].begin_request(uses_cfg)
@@ -186,8 +195,9 @@ class ModelRunner:
                 self.cache.begin_request(reqs[0].num_inference_steps, uses_cfg)
             # Per-request generators, in image order: each image's noise is what it would be alone.
             generators = [g for r in reqs for g in make_generators(r.seed, r.num_images)]
-            images = self.pipe(**kwargs, generator=generators,
-                               output_type=reqs[0].output_type).images
+            with follow_steps:
+                images = self.pipe(**kwargs, generator=generators,
+                                   output_type=reqs[0].output_type).images
         except RequestCancelled:
             images = None
         except InvalidRequestError as e:
@@ -208,7 +218,8 @@ class ModelRunner:
                 metrics["comm_bytes_rank0"] = self.groups.bytes_sent()
         outputs, offset = {}, 0
         for req, cancelled in zip(reqs, timing.cancelled):
-            mine = list(images[offset:offset + req.num_images]) if images is not None else []
+            mine = (self.adapter.flatten_output(list(images[offset:offset + req.num_images]))
+                    if images is not None else [])
             offset += req.num_images
             if cancelled or images is None:
                 logger.info("request %s cancelled after %d of %d steps", req.request_id,
@@ -230,6 +241,28 @@ class ModelRunner:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return {"execute_s": time.perf_counter() - t0, "steps_completed": t.steps,
                 "denoise_s": t.denoise_s, "vae_s": t.vae_s, "peak_memory_bytes": peak}
+
+
+@contextlib.contextmanager
+def _scheduler_steps(pipe, on_step):
+    """Calls ``on_step`` after each ``scheduler.step``, for pipelines without a step callback
+    (LongCat): the same (pipe, step, timestep, {"latents": ...}) a callback would get."""
+    scheduler = pipe.scheduler
+    step_fn, count = scheduler.step, [0]
+
+    @functools.wraps(step_fn)
+    def step(model_output, timestep, sample, *args, **kwargs):
+        out = step_fn(model_output, timestep, sample, *args, **kwargs)
+        latents = out[0] if isinstance(out, tuple) else out.prev_sample
+        on_step(pipe, count[0], timestep, {"latents": latents})
+        count[0] += 1
+        return out
+
+    scheduler.step = step
+    try:
+        yield
+    finally:
+        del scheduler.step
 
 
 def preview_steps(total: int, count: int) -> list[int]:

@@ -1,0 +1,152 @@
+"""The request mapping shared by the image families: prompt, size, steps, CFG, input images.
+
+A family adapter sets a few class attributes (which request field scales guidance, whether a
+negative prompt is accepted, the pipeline's defaults) and overrides only what its pipeline does
+differently. Nothing here wraps the pipeline: ``pipeline_kwargs`` is exactly the keyword
+arguments of one ``pipeline.__call__``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
+from vllm_omni.models.base import ModelAdapter, ModelSpec, read_json
+
+
+class ImageAdapter(ModelAdapter):
+    # The request field that sets classifier-free guidance, the pipeline's default for it, and
+    # the value it must exceed for the pipeline to run a second (negative) branch.
+    cfg_field: ClassVar[str | None] = "guidance_scale"
+    cfg_default: ClassVar[float] = 4.0
+    cfg_above: ClassVar[float] = 1.0
+    # Whether the pipeline takes negative_prompt; and what to send when CFG is asked for without
+    # one (None: the pipeline's own default negative is fine).
+    negative_prompt: ClassVar[bool] = True
+    empty_negative: ClassVar[str | None] = None
+    default_steps: ClassVar[int] = 50
+    # The pipeline's default output side in latent pixels (``default_sample_size``).
+    default_sample_size: ClassVar[int] = 128
+    # Latent side multiple beyond the VAE factor (2 for FLUX-style 2x2 packing or patch 2).
+    latent_multiple: ClassVar[int] = 2
+    # How CFG reaches the transformer: "separate" (one call per branch, CFG-parallel splits the
+    # calls) or "batched" (one call on a doubled batch, CFG-parallel splits the batch).
+    cfg_calls: ClassVar[str] = "separate"
+
+    # -- spec --------------------------------------------------------------------------------------
+    def vae_scale(self, model_dir: str) -> int:
+        vae = read_json(model_dir, "vae", "config.json")
+        return 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+
+    def transformer_config(self, model_dir: str) -> dict[str, Any]:
+        return read_json(model_dir, "transformer", "config.json")
+
+    def heads_and_blocks(self, config: dict[str, Any]) -> tuple[int, int]:
+        return (int(config.get("num_attention_heads", 1)),
+                int(config.get("num_layers", 1)) + int(config.get("num_single_layers", 0)))
+
+    def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
+        config = self.transformer_config(model_dir)
+        scale = self.vae_scale(model_dir)
+        heads, blocks = self.heads_and_blocks(config)
+        side = self.default_sample_size * scale
+        return ModelSpec(
+            adapter=self, model_dir=model_dir, pipeline_class=pipeline_class,
+            default_width=side, default_height=side, default_steps=self.default_steps,
+            size_multiple=scale * self.latent_multiple,
+            has_guidance_embeds=bool(config.get("guidance_embeds", False)),
+            num_heads=heads, num_blocks=blocks,
+        )
+
+    # -- validation ------------------------------------------------------------------------------
+    def allowed_fields(self, spec: ModelSpec) -> frozenset[str]:
+        fields = set(self.supported_fields)
+        if self.cfg_field:
+            fields.add(self.cfg_field)
+        if self.negative_prompt:
+            fields.add("negative_prompt")
+        return frozenset(fields)
+
+    def cfg_scale(self, req: DiffusionRequest) -> float | None:
+        return getattr(req, self.cfg_field) if self.cfg_field else None
+
+    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
+        super().validate(spec, req, given)
+        scale = self.cfg_scale(req)
+        if req.negative_prompt is not None and scale is not None and scale <= self.cfg_above:
+            raise InvalidRequestError(
+                f"negative_prompt has no effect unless {self.cfg_field} > {self.cfg_above:g}",
+                param="negative_prompt")
+
+    def check_loaded(self, pipe: Any, req: DiffusionRequest) -> None:
+        # Pipelines silently truncate prompts beyond their limit; refuse instead.
+        limit = getattr(pipe, "tokenizer_max_length", None)
+        tokenizer = getattr(pipe, "tokenizer", None)
+        if limit is None or tokenizer is None:
+            return
+        for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt)):
+            if not text:
+                continue
+            n = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            if n > limit:
+                raise InvalidRequestError(
+                    f"{name} is {n} tokens long; {type(pipe).__name__} accepts at most {limit}",
+                    param=name, code="context_length_exceeded",
+                )
+
+    # -- the pipeline call -----------------------------------------------------------------------
+    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
+        kwargs: dict[str, Any] = dict(prompt=req.prompt, num_inference_steps=req.num_inference_steps,
+                                      num_images_per_prompt=req.num_images)
+        if self.sized:
+            kwargs.update(height=req.height, width=req.width)
+        if req.images:
+            kwargs["image"] = req.images[0] if self.image_inputs[1] == 1 else list(req.images)
+        scale = self.cfg_scale(req)
+        if scale is not None:
+            kwargs[self.cfg_field] = scale
+        negative = req.negative_prompt
+        if negative is None and self.empty_negative is not None and self.runs_cfg(scale):
+            negative = self.empty_negative  # CFG was asked for; the pipeline needs a negative
+        if negative is not None:
+            kwargs["negative_prompt"] = negative
+        return kwargs
+
+    def runs_cfg(self, scale: float | None) -> bool:
+        return (self.cfg_default if scale is None else scale) > self.cfg_above
+
+    def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
+        if not self.cfg_field:
+            return False
+        return self.runs_cfg(kwargs.get(self.cfg_field))
+
+    # -- batching ----------------------------------------------------------------------------------
+    def batch_key(self, req: DiffusionRequest):
+        if req.images or req.options:
+            return None  # per-request images and options do not stack into one call
+        has_negative = req.negative_prompt is not None or (
+            self.empty_negative is not None and self.runs_cfg(self.cfg_scale(req)))
+        return (req.width, req.height, req.num_inference_steps, req.num_images,
+                req.true_cfg_scale, req.guidance_scale, has_negative, req.output_type,
+                req.partial_images)
+
+    def batch_pipeline_kwargs(self, spec: ModelSpec, reqs: list[DiffusionRequest]) -> dict[str, Any]:
+        each = [self.pipeline_kwargs(spec, r) for r in reqs]
+        kwargs = dict(each[0])
+        kwargs["prompt"] = [k["prompt"] for k in each]
+        if "negative_prompt" in kwargs:
+            kwargs["negative_prompt"] = [k["negative_prompt"] for k in each]
+        return kwargs
+
+
+def decode_packed_latents(pipe: Any, latents: Any, height: int, width: int) -> list[Any]:
+    """FLUX-style previews: unpack 2x2-packed latents, undo the VAE scaling, decode."""
+    x = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+    return decode_latents(pipe, x)
+
+
+def decode_latents(pipe: Any, x: Any) -> list[Any]:
+    vae = pipe.vae
+    x = x.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    image = vae.decode(x, return_dict=False)[0]
+    return pipe.image_processor.postprocess(image, output_type="pil")

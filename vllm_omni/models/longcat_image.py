@@ -1,0 +1,55 @@
+"""LongCat-Image (``LongCatImagePipeline``) and LongCat-Image-Edit (``LongCatImageEditPipeline``).
+
+Both run CFG as two transformer calls (negative prompt "" by default). Neither pipeline takes a
+step callback; the runner follows their steps through the scheduler instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_omni.engine.request import DiffusionRequest
+from vllm_omni.models.base import ModelSpec
+from vllm_omni.models.image import ImageAdapter, decode_packed_latents
+
+
+class LongCatImageAdapter(ImageAdapter):
+    name = "longcat-image"
+    models = (("LongCat-Image", "meituan-longcat/LongCat-Image"),)
+    pipeline_classes = ("LongCatImagePipeline",)
+    features = frozenset({"cache_dit", "cfg_parallel", "lora"})
+    # The pipeline rewrites the prompt with its text encoder first unless told not to (up to 512
+    # generated tokens): enable_prompt_rewrite, per request, default on as in diffusers.
+    supported_fields = frozenset({"enable_prompt_rewrite"})
+    cfg_field = "guidance_scale"
+    cfg_default = 4.5
+    has_preview = True
+
+    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
+        kwargs = super().pipeline_kwargs(spec, req)
+        if "enable_prompt_rewrite" in req.options:
+            kwargs["enable_prompt_rewrite"] = req.options["enable_prompt_rewrite"]
+        return kwargs
+
+    def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
+        return decode_packed_latents(pipe, latents, reqs[0].height, reqs[0].width)
+
+
+class LongCatImageEditAdapter(LongCatImageAdapter):
+    name = "longcat-image-edit"
+    models = (("LongCat-Image-Edit", "meituan-longcat/LongCat-Image-Edit"),)
+    task = "image-edit"
+    pipeline_classes = ("LongCatImageEditPipeline",)
+    supported_fields = frozenset()
+    image_inputs = (1, 1)
+    sized = False  # the pipeline resizes its input to about 1 megapixel and outputs that size
+
+    def default_size(self, spec, images, options):
+        if not images:
+            return super().default_size(spec, images, options)
+        from diffusers.pipelines.longcat_image import pipeline_longcat_image_edit as module
+
+        w, h = images[0].size
+        width, height = module.calculate_dimensions(1024 * 1024, w / h)
+        m = spec.size_multiple
+        return width // m * m, height // m * m

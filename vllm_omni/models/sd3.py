@@ -1,0 +1,30 @@
+"""Stable Diffusion 3.5 (``StableDiffusion3Pipeline``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_omni.engine.request import DiffusionRequest
+from vllm_omni.models.image import ImageAdapter, decode_latents
+
+
+class StableDiffusion3Adapter(ImageAdapter):
+    name = "sd3"
+    models = (("Stable-Diffusion-3.5", "stabilityai/stable-diffusion-3.5-large"),)
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    features = frozenset({"lora"})
+    cfg_field = "guidance_scale"
+    cfg_default = 7.0
+    default_steps = 28
+    cfg_calls = "batched"  # the pipeline runs [uncond, cond] as one doubled batch
+    has_preview = True
+
+    def load_spec(self, model_dir, pipeline_class):
+        spec = super().load_spec(model_dir, pipeline_class)
+        # StableDiffusion3Pipeline.default_sample_size is the transformer's sample_size.
+        side = int(self.transformer_config(model_dir).get("sample_size", 128))
+        spec.default_width = spec.default_height = side * (spec.size_multiple // 2)
+        return spec
+
+    def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
+        return decode_latents(pipe, latents)
