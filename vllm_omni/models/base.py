@@ -88,6 +88,8 @@ class ModelAdapter:
         if not lo <= n <= hi:
             if hi == 0:
                 why = "it generates from text alone; use /v1/images/generations"
+            elif n == 0:
+                why = "it edits input images; send them to /v1/images/edits"
             elif lo == hi:
                 why = f"it takes exactly {lo} input image{'s' if lo > 1 else ''}"
             else:

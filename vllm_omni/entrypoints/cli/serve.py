@@ -147,7 +147,7 @@ def limits_from_args(args: argparse.Namespace, spec):
     from vllm_omni.engine.input_processor import InputProcessor
     from vllm_omni.engine.request import InvalidRequestError
     from vllm_omni.entrypoints.openai.limits import ServingLimits, parse_sizes
-    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+    from vllm_omni.entrypoints.openai.api_server import warmup_params
 
     limits = ServingLimits(
         max_queue_len=args.max_queue_len, max_num_seqs=args.max_num_seqs or 1,
@@ -159,8 +159,8 @@ def limits_from_args(args: argparse.Namespace, spec):
         warmup_steps=args.warmup_steps)
     for w, h in limits.warmup_sizes or []:
         try:
-            InputProcessor(spec).process("warm-up", OmniDiffusionSamplingParams(
-                num_inference_steps=limits.warmup_steps, width=w, height=h))
+            params, inputs = warmup_params(spec, limits.warmup_steps, w, h)
+            InputProcessor(spec).process("warm-up", params, images=inputs)
         except InvalidRequestError as e:
             raise ValueError(f"--warmup-sizes {w}x{h}: {e.message}") from None
     return limits

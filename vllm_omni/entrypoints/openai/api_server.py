@@ -20,7 +20,11 @@ from vllm_omni.engine.async_engine import AsyncOmniEngine
 from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
-from vllm_omni.entrypoints.openai.protocol import ImageGenerationRequest, OpenAIError
+from vllm_omni.entrypoints.openai.protocol import (
+    ImageEditRequest,
+    ImageGenerationRequest,
+    OpenAIError,
+)
 from vllm_omni.entrypoints.openai.serving_images import ClientDisconnected, ServingImages
 from vllm_omni.models.base import ModelSpec
 
@@ -215,6 +219,46 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
             # Nobody reads this; 499 is what proxies log for a client that closed the request.
             return Response(status_code=499)
 
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        """OpenAI's multipart form (image / image[] files, mask, text fields), or JSON with
+        base64 / data-URL images."""
+        from pydantic import ValidationError
+
+        from vllm_omni.entrypoints.openai.uploads import json_edit_images, parse_edit_form
+
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind == "multipart/form-data":
+            form = await request.form(max_part_size=limits.max_body_bytes)
+            try:
+                body, inputs, mask = await parse_edit_form(form)
+            finally:
+                await form.close()
+        elif kind == "application/json":
+            try:
+                body = ImageEditRequest.model_validate_json(await request.body())
+            except ValidationError as e:
+                raise RequestValidationError(e.errors()) from None
+            inputs, mask = json_edit_images(body)
+        else:
+            raise OpenAIError(415, f"Content-Type {kind or 'none'} is not accepted: send "
+                              "multipart/form-data (as the OpenAI client does) or "
+                              "application/json", code="unsupported_media_type")
+        if not spec.adapter.image_inputs[1]:
+            raise OpenAIError(400, f"{spec.pipeline_class} generates from text alone and does "
+                              "not edit images; use /v1/images/generations", param="image",
+                              code="unsupported_parameter")
+        if body.stream:
+            events, release = images.stream(body, inputs, mask)
+            return StreamingResponse(events, media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(release))
+        try:
+            return await images.generate(body, str(request.base_url), request.is_disconnected,
+                                         inputs, mask)
+        except ClientDisconnected:
+            return Response(status_code=499)
+
     @app.get("/v1/images/{image_id}/content")
     async def image_content(image_id: str):
         item = store.get(image_id)
@@ -226,11 +270,24 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
     return app
 
 
+def warmup_params(spec: ModelSpec, steps: int, width: int, height: int):
+    """(params, images) of a warm-up request: an edit model gets a gray input of that size."""
+    from PIL import Image
+
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+
+    adapter = spec.adapter
+    sized = {"width": width, "height": height} if adapter.sized else {}
+    params = OmniDiffusionSamplingParams(num_inference_steps=steps, seed=0, **sized)
+    n = adapter.image_inputs[0]
+    mode = "RGBA" if adapter.task == "image-layers" else "RGB"
+    return params, [Image.new(mode, (width, height), (128,) * len(mode))] * n
+
+
 async def _warm_up(images: ServingImages, spec: ModelSpec, limits: ServingLimits,
                    warm: asyncio.Event) -> None:
     """Runs requests through the real path (input processing, engine, workers) before /health
     reports ready, so the first user request does not pay for first-call initialisation."""
-    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 
     sizes = limits.warmup_sizes
     if sizes is None:
@@ -238,9 +295,9 @@ async def _warm_up(images: ServingImages, spec: ModelSpec, limits: ServingLimits
     t0 = time.perf_counter()
     for width, height in sizes:
         try:
-            params = OmniDiffusionSamplingParams(num_inference_steps=limits.warmup_steps,
-                                                 width=width, height=height, seed=0)
-            req = images.inputs.process("warm-up", params, request_id=f"warmup-{width}x{height}")
+            params, inputs = warmup_params(spec, limits.warmup_steps, width, height)
+            req = images.inputs.process("warm-up", params, request_id=f"warmup-{width}x{height}",
+                                        images=inputs)
             out = await images.engine.generate(req)
             error = out.error.message if out.error is not None else None
         except Exception as e:

@@ -38,11 +38,12 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return int(m.group(1)), int(m.group(2))
 
 
-class ImageGenerationRequest(BaseModel):
+class _ImageRequest(BaseModel):
+    """Fields shared by /v1/images/generations and /v1/images/edits."""
+
     # Unknown fields are errors, and "4" is not an integer: nothing is guessed or dropped.
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: str = Field(min_length=1, max_length=32000)
     model: str | None = None
     n: int = Field(1, ge=1)  # the upper bound is a server flag (--max-images-per-request)
     size: str | None = None
@@ -53,7 +54,6 @@ class ImageGenerationRequest(BaseModel):
     # OpenAI fields whose only value we can honour is the neutral one (checked in the handler).
     quality: str | None = None
     background: str | None = None
-    style: str | None = None
     moderation: str | None = None
     stream: bool | None = None
     partial_images: int | None = Field(None, ge=0, le=3)
@@ -63,21 +63,36 @@ class ImageGenerationRequest(BaseModel):
     guidance_scale: float | None = Field(None, ge=0)
     true_cfg_scale: float | None = Field(None, ge=0)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    # Model-specific options (rejected by models that do not have them).
+    enable_prompt_rewrite: bool | None = None  # LongCat-Image: rewrite the prompt first
+    layers: int | None = Field(None, ge=1, le=16)  # Qwen-Image-Layered
+    resolution: int | None = None  # Qwen-Image-Layered's size bucket: 640 or 1024
+    auto_caption: bool | None = None  # Qwen-Image-Layered without a prompt
 
-    def check_openai_options(self) -> None:
-        neutral = {"quality": (None, "auto"), "background": (None, "auto", "opaque"),
-                   "style": (None,), "moderation": (None,)}
-        why = {
-            "quality": "image quality is set with num_inference_steps",
-            "background": "transparent backgrounds are not produced by this model",
-            "style": "style presets are a DALL-E 3 feature",
-            "moderation": "this server does no content moderation",
-        }
-        for name, ok in neutral.items():
+    _neutral: dict[str, tuple] = {"quality": (None, "auto"),
+                                  "background": (None, "auto", "opaque"),
+                                  "moderation": (None,)}
+    _why: dict[str, str] = {
+        "quality": "image quality is set with num_inference_steps",
+        "background": "transparent backgrounds are not produced by this model",
+        "style": "style presets are a DALL-E 3 feature",
+        "moderation": "this server does no content moderation",
+        "input_fidelity": "input fidelity is fixed by the model",
+    }
+
+    def check_openai_options(self, transparent: bool = False) -> None:
+        """``transparent``: the model outputs RGBA (layers), so background may say so."""
+        for name, ok in self._neutral.items():
             value = getattr(self, name)
+            if transparent and name == "background":
+                ok = (None, "auto", "transparent")
             if value not in ok:
-                raise OpenAIError(400, f"{name}={value!r} is not supported: {why[name]}",
+                raise OpenAIError(400, f"{name}={value!r} is not supported: {self._why[name]}",
                                   param=name, code="unsupported_parameter")
+        if transparent and self.output_format == "jpeg":
+            raise OpenAIError(400, "this model outputs RGBA layers and jpeg has no alpha channel; "
+                              "use png or webp", param="output_format",
+                              code="unsupported_parameter")
         if self.partial_images and not self.stream:
             raise OpenAIError(400, "partial_images needs stream: true", param="partial_images",
                               code="unsupported_parameter")
@@ -92,3 +107,23 @@ class ImageGenerationRequest(BaseModel):
             raise OpenAIError(400, "output_compression applies to jpeg and webp only; "
                               "png output is lossless", param="output_compression",
                               code="unsupported_parameter")
+
+
+class ImageGenerationRequest(_ImageRequest):
+    prompt: str = Field(min_length=1, max_length=32000)
+    style: str | None = None
+
+    _neutral = {**_ImageRequest._neutral.default, "style": (None,)}
+
+
+class ImageEditRequest(_ImageRequest):
+    """The JSON form of an edit: images as base64 strings or data URLs. (The multipart form
+    carries them as files; ``serving_images.parse_edit_form`` builds this model from it.)"""
+
+    image: str | list[str] = Field(min_length=1)
+    mask: str | None = None
+    # Optional only for models that caption their input (auto_caption); checked downstream.
+    prompt: str | None = Field(None, max_length=32000)
+    input_fidelity: str | None = None
+
+    _neutral = {**_ImageRequest._neutral.default, "input_fidelity": (None,)}

@@ -18,7 +18,7 @@ from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, InvalidR
 from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
-from vllm_omni.entrypoints.openai.protocol import ImageGenerationRequest, OpenAIError, parse_size
+from vllm_omni.entrypoints.openai.protocol import OpenAIError, _ImageRequest, parse_size
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.utils.image import encode_image
@@ -75,7 +75,7 @@ class ServingImages:
             raise OpenAIError(400, f"num_inference_steps={steps} exceeds this server's limit of "
                               f"{lim.max_inference_steps} (--max-inference-steps)",
                               param="num_inference_steps", code="invalid_value")
-        w, h = width or self.spec.default_width, height or self.spec.default_height
+        w, h = width, height
         if lim.max_pixels is not None and w * h > lim.max_pixels:
             raise OpenAIError(400, f"size {w}x{h} is {w * h} pixels, over this server's limit of "
                               f"{lim.max_pixels} (--max-pixels)", param="size",
@@ -134,32 +134,46 @@ class ServingImages:
                               f"{', '.join(self.served_model_names)}.", param="model",
                               code="model_not_found")
 
-    def prepare(self, body: ImageGenerationRequest) -> DiffusionRequest:
-        """The engine request for ``body``; every check that can fail before running it."""
+    def prepare(self, body: _ImageRequest, images: list | None = None,
+                mask=None) -> DiffusionRequest:
+        """The engine request for ``body`` (plus decoded input images for edits); every check
+        that can fail before running it."""
+        adapter = self.spec.adapter
         self.check_model(body.model)
-        body.check_openai_options()
+        body.check_openai_options(transparent=adapter.task == "image-layers")
+        if body.stream and adapter.task == "image-layers":
+            raise OpenAIError(400, "stream: true sends one image; this model returns several "
+                              "layers, so it answers without streaming", param="stream",
+                              code="unsupported_parameter")
+        if body.partial_images and not adapter.has_preview:
+            raise OpenAIError(400, f"partial_images: {self.spec.pipeline_class} has no preview "
+                              "decoding; stream without partial images", param="partial_images",
+                              code="unsupported_parameter")
         width, height = parse_size(body.size)
-        self.check_limits(body.n, body.num_inference_steps, width, height)
         request_id = f"img-{uuid.uuid4().hex}"
         try:
             params = OmniDiffusionSamplingParams(
                 num_inference_steps=body.num_inference_steps, width=width, height=height,
                 true_cfg_scale=body.true_cfg_scale, guidance_scale=body.guidance_scale,
-                negative_prompt=body.negative_prompt, seed=body.seed, num_images_per_prompt=body.n)
-            req = self.inputs.process(body.prompt, params, request_id=request_id)
+                negative_prompt=body.negative_prompt, seed=body.seed, num_images_per_prompt=body.n,
+                layers=body.layers, resolution=body.resolution,
+                enable_prompt_rewrite=body.enable_prompt_rewrite, auto_caption=body.auto_caption)
+            req = self.inputs.process(body.prompt, params, request_id=request_id, images=images,
+                                      mask=mask)
         except InvalidRequestError as e:
             raise OpenAIError(400, e.message, param=e.param, code=e.code) from None
         except ValueError as e:
             raise OpenAIError(400, str(e), code="invalid_value") from None
+        self.check_limits(body.n, body.num_inference_steps, req.width, req.height)
         req.partial_images = body.partial_images or 0
-        logger.info("request %s: %dx%d, %d steps, n=%d, seed=%d, stream=%s, user=%s", request_id,
-                    req.width, req.height, req.num_inference_steps, req.num_images, req.seed,
-                    bool(body.stream), body.user)
+        logger.info("request %s: %dx%d, %d steps, n=%d, seed=%d, inputs=%d, stream=%s, user=%s",
+                    request_id, req.width, req.height, req.num_inference_steps, req.num_images,
+                    req.seed, len(req.images), bool(body.stream), body.user)
         return req
 
-    async def generate(self, body: ImageGenerationRequest, base_url: str,
-                       is_disconnected=None) -> dict[str, Any]:
-        req = self.prepare(body)
+    async def generate(self, body: _ImageRequest, base_url: str, is_disconnected=None,
+                       images: list | None = None, mask=None) -> dict[str, Any]:
+        req = self.prepare(body, images, mask)
         request_id = req.request_id
         self.admit()
         try:
@@ -181,24 +195,31 @@ class ServingImages:
                              "revised_prompt": None})
             else:
                 data.append({"b64_json": base64.b64encode(blob).decode(), "revised_prompt": None})
+        first = out.images[0]
         return {
             "created": int(time.time()),
             "data": data,
             "output_format": fmt,
-            "size": f"{req.width}x{req.height}",
+            "size": f"{first.width}x{first.height}" if hasattr(first, "width")
+                    else f"{req.width}x{req.height}",
             "quality": "auto",
-            "background": "opaque",
+            "background": self.background,
             "vllm_omni": _extension(req, out),
         }
 
-    def stream(self, body: ImageGenerationRequest) -> tuple[AsyncIterator[bytes], Callable]:
+    @property
+    def background(self) -> str:
+        return "transparent" if self.spec.adapter.task == "image-layers" else "opaque"
+
+    def stream(self, body: _ImageRequest, images: list | None = None,
+               mask=None) -> tuple[AsyncIterator[bytes], Callable]:
         """Server-sent events as OpenAI streams images: ``image_generation.partial_image`` for
         each preview, then ``image_generation.completed`` (or ``error``). Checks and admission
         happen here, before the stream starts, so they still answer with a plain HTTP error.
 
         Returns the events and a ``release`` to run when the response ends: a stream whose client
         left before it started never runs its generator's ``finally``."""
-        req = self.prepare(body)
+        req = self.prepare(body, images, mask)
         self.admit()
         released = False
 
@@ -213,7 +234,7 @@ class ServingImages:
         def event(kind: str, image, **fields) -> bytes:
             data = {"type": kind, "b64_json": base64.b64encode(
                 encode_image(image, fmt, compression)).decode(), "created_at": int(time.time()),
-                "size": size, "quality": "auto", "background": "opaque", "output_format": fmt,
+                "size": size, "quality": "auto", "background": self.background, "output_format": fmt,
                 **fields}
             return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
