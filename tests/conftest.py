@@ -37,6 +37,21 @@ def tiny_qwen_image(tmp_path_factory) -> str:
     return build("qwen-image", str(tmp_path_factory.mktemp("models") / "tiny-qwen-image"))
 
 
+# The seed's image models (tests/test_models.py, tests/test_model_features.py).
+FAMILIES = ("qwen-image-2512", "qwen-image-edit", "qwen-image-edit-2509", "qwen-image-layered",
+            "z-image-turbo", "flux.1-dev", "flux.2-klein-4b", "sd3.5", "longcat-image",
+            "longcat-image-edit", "ovis-image")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """family -> a tiny random-weight pipeline directory, built once per test run."""
+    from vllm_omni.testing.tiny_models import build
+
+    root = tmp_path_factory.mktemp("family-models")
+    return {f: build(f, str(root / f)) for f in FAMILIES}
+
+
 @pytest.fixture(scope="session")
 def omni(tiny_qwen_image):
     from vllm_omni import Omni

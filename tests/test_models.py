@@ -81,14 +81,6 @@ BY_FAMILY = {c.family: c for c in CASES}
 PROMPT = "a red fox in the snow"
 
 
-@pytest.fixture(scope="session")
-def tiny_models(tmp_path_factory) -> dict[str, str]:
-    from vllm_omni.testing.tiny_models import build
-
-    root = tmp_path_factory.mktemp("family-models")
-    return {c.family: build(c.family, str(root / c.family)) for c in CASES}
-
-
 @pytest.fixture(scope="module")
 def offline(tiny_models):
     """family -> (Omni output images as float arrays, as PIL images)."""

@@ -64,6 +64,13 @@ class CFGParallelHook(ModelHook):
         return (sample,)
 
 
+def proj_out_like(transformer: torch.nn.Module, kwargs: dict) -> torch.Tensor:
+    """An empty tensor shaped like the output of a DiT whose token-wise ``proj_out`` ends it
+    (Qwen-Image, FLUX.1/2, LongCat, Ovis): the input tokens, ``proj_out.out_features`` wide."""
+    x = kwargs["hidden_states"]
+    return x.new_empty(*x.shape[:2], transformer.proj_out.out_features)
+
+
 def apply_cfg_parallel(model: torch.nn.Module, comm: GroupComm,
                        output_like: Callable[[torch.nn.Module, dict], torch.Tensor]) -> CFGParallelHook:
     hook = CFGParallelHook(comm, output_like)

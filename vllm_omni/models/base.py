@@ -156,13 +156,18 @@ class ModelAdapter:
         from vllm_omni.distributed.apply import ParallelPlan
 
         f = self.features
-        return ParallelPlan(
+        plan = ParallelPlan(
             model=spec.pipeline_class, num_heads=spec.num_heads,
             sequence_parallel="sequence_parallel" in f, tensor_parallel="tensor_parallel" in f,
             vae_patch_parallel="vae_patch_parallel" in f,
             cfg_branches=2 if "cfg_parallel" in f else 0,
             cfg_reason=f"{spec.pipeline_class} has no CFG-parallel support",
         )
+        if loaded:
+            from vllm_omni.distributed.cfg_parallel import proj_out_like
+
+            plan.cfg_output_like = proj_out_like
+        return plan
 
     def requested_features(self, config) -> list[str]:
         """The support-matrix features an engine config turns on."""

@@ -87,7 +87,6 @@ class QwenImageAdapter(ImageAdapter):
             from vllm_omni.models.qwen_image_attention import QwenImageSPAttnProcessor
 
             plan.sp_processor = QwenImageSPAttnProcessor
-            plan.cfg_output_like = _transformer_output_like
         return plan
 
     # From ComfyUI-TeaCache's Qwen-Image support, as shipped by vLLM-Omni
@@ -114,12 +113,6 @@ class QwenImageAdapter(ImageAdapter):
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
         # QwenImagePipeline: do_true_cfg = true_cfg_scale > 1 and a negative prompt is given.
         return kwargs.get("true_cfg_scale", 4.0) > 1 and kwargs.get("negative_prompt") is not None
-
-
-def _transformer_output_like(transformer: Any, kwargs: dict[str, Any]):
-    """An empty tensor shaped like QwenImageTransformer2DModel's output for these inputs."""
-    x = kwargs["hidden_states"]
-    return x.new_empty(*x.shape[:2], transformer.proj_out.out_features)
 
 
 class QwenImageEditAdapter(QwenImageAdapter):

@@ -340,7 +340,7 @@ def build_flux1():
                         tokenizer_2=tokenizer_2, transformer=transformer)
 
 
-def build_flux2_klein():
+def build_flux2_klein(distilled: bool = True):
     import torch
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
     from transformers import Qwen3ForCausalLM
@@ -362,7 +362,8 @@ def build_flux2_klein():
     )
     scheduler = _flow_scheduler(shift=3.0, use_dynamic_shifting=True)
     return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder,
-                              tokenizer=tokenizer, transformer=transformer, is_distilled=True)
+                              tokenizer=tokenizer, transformer=transformer,
+                              is_distilled=distilled)
 
 
 def build_sd35():
@@ -444,6 +445,8 @@ FAMILIES = {
     "z-image-turbo": build_z_image,
     "flux.1-dev": build_flux1,
     "flux.2-klein-4b": build_flux2_klein,
+    # The undistilled "base" checkpoints: CFG against the empty prompt, two calls per step.
+    "flux.2-klein-base-4b": lambda: build_flux2_klein(distilled=False),
     "sd3.5": build_sd35,
     "longcat-image": lambda: build_longcat_image(edit=False),
     "longcat-image-edit": lambda: build_longcat_image(edit=True),

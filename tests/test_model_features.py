@@ -1,0 +1,161 @@
+"""The support matrix, model by model: every released feature an adapter declares is run on that
+model, and every feature it does not declare is refused at startup.
+
+Requests run through the real worker code (``ModelRunner``: load, parallel hooks, cache hooks,
+execute). Parallel layouts run on gloo ranks forked from the preloaded worker server and must
+reproduce the single-process image; caches must skip transformer calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from test_models import INPUTS, PROMPT, SEED
+from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
+from vllm_omni.models.base import FEATURES
+from vllm_omni.testing.dist import run_ranks
+
+TOL = 1e-4
+# What each request looks like per family (inputs, sampling params); CFG on where the model has
+# it, so CFG-parallel splits real branches.
+REQUESTS: dict[str, dict[str, Any]] = {
+    "qwen-image-2512": dict(params=dict(width=64, height=48, true_cfg_scale=2.0)),
+    "qwen-image-edit": dict(inputs=1, params=dict(true_cfg_scale=2.0)),
+    "qwen-image-edit-2509": dict(inputs=2, params=dict(true_cfg_scale=2.0)),
+    "qwen-image-layered": dict(inputs=1, params=dict(layers=2, true_cfg_scale=2.0)),
+    "z-image-turbo": dict(params=dict(width=64, height=48)),
+    "flux.1-dev": dict(params=dict(width=64, height=48, guidance_scale=3.5)),
+    "flux.2-klein-4b": dict(params=dict(width=64, height=48)),
+    "flux.2-klein-base-4b": dict(params=dict(width=64, height=48, guidance_scale=3.0)),
+    "sd3.5": dict(params=dict(width=64, height=48, guidance_scale=3.0)),
+    "longcat-image": dict(params=dict(width=64, height=48, enable_prompt_rewrite=False)),
+    "longcat-image-edit": dict(inputs=1),
+    "ovis-image": dict(params=dict(width=64, height=48, guidance_scale=3.0)),
+}
+# One layout per parallel feature; two features share a run where the model has both.
+LAYOUTS = {
+    "sequence_parallel": dict(ulysses_degree=2),
+    "cfg_parallel": dict(cfg_parallel_size=2),
+    "tensor_parallel": dict(tensor_parallel_size=2),
+    "vae_patch_parallel": dict(vae_patch_parallel_size=2),
+}
+
+
+@pytest.fixture(scope="session")
+def feature_models(tiny_models, tmp_path_factory) -> dict[str, str]:
+    from vllm_omni.testing.tiny_models import build
+
+    extra = {"flux.2-klein-base-4b": build(
+        "flux.2-klein-base-4b", str(tmp_path_factory.mktemp("models") / "flux2-base"))}
+    return {**tiny_models, **extra}
+
+
+def _config(model_dir: str, parallel: dict | None = None, cache_backend: str = "none",
+            cache_config: dict | None = None) -> OmniEngineConfig:
+    return OmniEngineConfig(model=model_dir, model_name=model_dir,
+                            parallel=DiffusionParallelConfig(**(parallel or {})),
+                            cache_backend=cache_backend, cache_config=cache_config or {},
+                            device="cpu")
+
+
+def _request(spec, family: str, steps: int):
+    from vllm_omni.engine.input_processor import InputProcessor
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+
+    r = REQUESTS[family]
+    params = OmniDiffusionSamplingParams(num_inference_steps=steps, seed=SEED, output_type="np",
+                                         **r.get("params", {}))
+    return InputProcessor(spec).process(PROMPT, params, images=INPUTS[:r.get("inputs", 0)])
+
+
+def _generate(config: OmniEngineConfig, family: str, steps: int, rank: int = 0, groups=None):
+    from vllm_omni.worker.model_runner import ModelRunner
+
+    runner = ModelRunner(config, rank, torch.device("cpu"), groups)
+    runner.load()
+    out = runner.execute([_request(runner.spec, family, steps)])[0]
+    assert out.error is None, out.error
+    return [np.asarray(im) for im in out.images], out.metrics
+
+
+def _rank(rank, world, config, family, steps):
+    from vllm_omni.distributed.groups import torch_groups
+    from vllm_omni.testing.edit_area import apply_from_env
+
+    apply_from_env()
+    images, _ = _generate(config, family, steps, rank, torch_groups(config.parallel.layout))
+    return images
+
+
+@pytest.fixture(scope="module")
+def singles(feature_models):
+    """family -> the single-process image(s), computed once."""
+    cache: dict[str, list] = {}
+
+    def get(family: str, steps: int = 2):
+        key = f"{family}:{steps}"
+        if key not in cache:
+            cache[key], _ = _generate(_config(feature_models[family]), family, steps)
+        return cache[key]
+
+    return get
+
+
+def _spec(model_dir: str):
+    from vllm_omni.models.registry import load_model_spec
+
+    return load_model_spec(model_dir)
+
+
+@pytest.mark.parametrize("family", sorted(REQUESTS))
+def test_parallel_features_reproduce_one_process(family, feature_models, singles):
+    spec = _spec(feature_models[family])
+    declared = [f for f in LAYOUTS if f in spec.adapter.features]
+    if family == "flux.2-klein-4b":  # step-distilled: no CFG to split (tested on the base model)
+        declared = [f for f in declared if f != "cfg_parallel"]
+    if not declared:
+        pytest.skip(f"{spec.pipeline_class} declares no parallel feature")
+    want = singles(family)
+    for feature in declared:
+        config = _config(feature_models[family], LAYOUTS[feature])
+        results = run_ranks(_rank, config.world_size, config, family, 2, timeout=300)
+        for images in results:
+            for got, w in zip(images, want):
+                assert np.abs(got - w).max() < TOL, (family, feature)
+
+
+@pytest.mark.parametrize("family", sorted(REQUESTS))
+@pytest.mark.parametrize("backend", ["tea_cache", "cache_dit"])
+def test_cache_backends_skip_calls(family, backend, feature_models):
+    spec = _spec(feature_models[family])
+    if backend not in spec.adapter.features:
+        pytest.skip(f"{spec.pipeline_class} does not declare {backend}")
+    # A static step mask (cache-dit) / a loose threshold (TeaCache): skips regardless of weights.
+    cache_config = ({"rel_l1_thresh": 10.0} if backend == "tea_cache" else
+                    {"scm_steps_mask_policy": "fast", "scm_steps_policy": "static",
+                     "max_warmup_steps": 2})
+    steps = 12
+    config = _config(feature_models[family], cache_backend=backend, cache_config=cache_config)
+    images, metrics = _generate(config, family, steps)
+    assert metrics["transformer_calls_skipped"] > 0, metrics
+    assert all(np.isfinite(im).all() for im in images)
+
+
+@pytest.mark.parametrize("family", sorted(REQUESTS))
+def test_undeclared_features_are_refused_at_startup(family, feature_models):
+    spec = _spec(feature_models[family])
+    configs = {
+        "tea_cache": dict(cache_backend="tea_cache"),
+        "cache_dit": dict(cache_backend="cache_dit"),
+        **{f: dict(parallel=layout) for f, layout in LAYOUTS.items()},
+    }
+    for feature, kwargs in configs.items():
+        if feature in spec.adapter.features:
+            continue
+        config = _config(feature_models[family], **kwargs)
+        with pytest.raises(ValueError, match=FEATURES[feature]):
+            spec.adapter.check_engine(spec, config)
