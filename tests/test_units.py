@@ -60,3 +60,11 @@ def test_tiny_builder_is_deterministic(tiny_qwen_image, tmp_path):
     assert _digest(again) == _digest(tiny_qwen_image)
     with pytest.raises(ValueError, match="unknown family"):
         build("nope", str(tmp_path / "x"))
+
+
+def test_readme_model_table_is_generated_from_the_adapters():
+    from vllm_omni.models.support_table import readme_path, replace_in
+
+    with open(readme_path()) as f:
+        text = f.read()
+    assert replace_in(text) == text, "run: python -m vllm_omni.models.support_table --write"
