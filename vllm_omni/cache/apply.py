@@ -30,5 +30,6 @@ def apply_cache(pipe: Any, backend: str, cache_config: dict[str, Any], adapter, 
         config = CacheDiTConfig.resolve(cache_config, adapter.cache_dit_presets,
                                         spec.pipeline_class)
         return CacheDiT(transformer, config, reduce=groups.branch,
-                        cfg_parallel=groups.cfg.world_size > 1)
+                        cfg_parallel=groups.cfg.world_size > 1,
+                        target=adapter.cache_dit_target(transformer))
     return None

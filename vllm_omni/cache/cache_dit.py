@@ -181,13 +181,14 @@ class CacheDiT:
     """DBCache on one transformer; ``begin_request`` before each pipeline call."""
 
     def __init__(self, transformer: torch.nn.Module, config: CacheDiTConfig,
-                 reduce: GroupComm | None = None, cfg_parallel: bool = False):
+                 reduce: GroupComm | None = None, cfg_parallel: bool = False, target=None):
         import cache_dit
 
         self.transformer = transformer
         self.config = config
         self.cfg_parallel = cfg_parallel
-        cache_dit.enable_cache(transformer, cache_config=config.db_cache_config(None, False),
+        cache_dit.enable_cache(target if target is not None else transformer,
+                               cache_config=config.db_cache_config(None, False),
                                calibrator_config=config.calibrator_config())
         manager = transformer._context_manager
         manager.similarity = _BranchSimilarity(manager, reduce)

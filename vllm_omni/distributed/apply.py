@@ -27,6 +27,7 @@ class ParallelPlan:
     # Loaded-pipeline hooks, filled by the adapter (imports diffusers, so worker-side only).
     sp_processor: Callable[..., Any] | None = None
     cfg_output_like: Callable[..., Any] | None = None
+    cfg_batched: bool = False  # CFG runs as one doubled batch (split the batch, not the calls)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,7 +90,8 @@ def apply_parallel(pipe: Any, plan: ParallelPlan, groups) -> dict[str, Any]:
         sp.apply(transformer, type(transformer)._cp_plan, plan.sp_processor)
         applied["sp"] = sp
     if groups.cfg.world_size > 1:
-        applied["cfg"] = apply_cfg_parallel(transformer, groups.cfg, plan.cfg_output_like)
+        applied["cfg"] = apply_cfg_parallel(transformer, groups.cfg, plan.cfg_output_like,
+                                            batched=plan.cfg_batched)
     if groups.vae.world_size > 1:
         applied["vae"] = apply_vae_patch_parallel(pipe.vae, groups.vae)
     return applied

@@ -64,6 +64,42 @@ class CFGParallelHook(ModelHook):
         return (sample,)
 
 
+class BatchedCFGParallelHook(ModelHook):
+    """CFG parallelism for pipelines that run both branches as one doubled batch (SD3, whose
+    transformer gets ``cat([uncond, cond])``): rank i runs batch half i, and the halves are
+    all-gathered back into the full batch, which the pipeline splits itself."""
+
+    def __init__(self, comm: GroupComm):
+        super().__init__()
+        self.comm = comm
+        self.active = False
+
+    def begin_request(self, uses_cfg: bool) -> None:
+        self.active = uses_cfg
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self.active:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        if args:
+            raise ValueError("batched CFG-parallel expects keyword arguments")
+        full = kwargs["hidden_states"].shape[0]
+        n, rank = self.comm.world_size, self.comm.rank
+        if full % n:
+            raise ValueError(f"a CFG batch of {full} does not split over {n} ranks")
+        part = full // n
+
+        def mine(v):
+            if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == full:
+                return v.narrow(0, rank * part, part)
+            return v
+
+        out = self.fn_ref.original_forward(**{k: mine(v) for k, v in kwargs.items()})
+        return_dict = kwargs.get("return_dict", True)
+        sample = out.sample if return_dict else out[0]
+        sample = self.comm.all_gather(sample.contiguous(), 0)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
+
+
 def proj_out_like(transformer: torch.nn.Module, kwargs: dict) -> torch.Tensor:
     """An empty tensor shaped like the output of a DiT whose token-wise ``proj_out`` ends it
     (Qwen-Image, FLUX.1/2, LongCat, Ovis): the input tokens, ``proj_out.out_features`` wide."""
@@ -72,7 +108,9 @@ def proj_out_like(transformer: torch.nn.Module, kwargs: dict) -> torch.Tensor:
 
 
 def apply_cfg_parallel(model: torch.nn.Module, comm: GroupComm,
-                       output_like: Callable[[torch.nn.Module, dict], torch.Tensor]) -> CFGParallelHook:
-    hook = CFGParallelHook(comm, output_like)
+                       output_like: Callable[[torch.nn.Module, dict], torch.Tensor] | None,
+                       batched: bool = False):
+    """``batched``: the pipeline doubles the batch for CFG instead of calling twice."""
+    hook = BatchedCFGParallelHook(comm) if batched else CFGParallelHook(comm, output_like)
     HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
     return hook

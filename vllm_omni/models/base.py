@@ -72,6 +72,10 @@ class ModelAdapter:
     # Whether ``size`` may be set; False: the pipeline decides the output size itself.
     sized: ClassVar[bool] = True
     has_preview: ClassVar[bool] = False
+    # How CFG reaches the transformer: "separate" (one call per branch: caches keep per-branch
+    # state, CFG-parallel splits the calls) or "batched" (one call on a doubled batch: caches see
+    # one call per step, CFG-parallel splits the batch).
+    cfg_calls: ClassVar[str] = "separate"
 
     def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
         raise NotImplementedError
@@ -163,6 +167,7 @@ class ModelAdapter:
             cfg_branches=2 if "cfg_parallel" in f else 0,
             cfg_reason=f"{spec.pipeline_class} has no CFG-parallel support",
         )
+        plan.cfg_batched = self.cfg_calls == "batched"
         if loaded:
             from vllm_omni.distributed.cfg_parallel import proj_out_like
 
@@ -249,5 +254,10 @@ class ModelAdapter:
         self.check_cache(spec, config.cache_backend, config.cache_config)
 
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
-        """Whether a request with these pipeline kwargs makes one denoiser call per CFG branch."""
+        """Whether a request with these pipeline kwargs runs classifier-free guidance."""
         return False
+
+    def cache_dit_target(self, transformer: Any) -> Any:
+        """What cache-dit is enabled on: the transformer when cache-dit knows its class, else a
+        ``cache_dit.BlockAdapter`` naming its block stack and forward pattern."""
+        return transformer

@@ -29,9 +29,6 @@ class ImageAdapter(ModelAdapter):
     default_sample_size: ClassVar[int] = 128
     # Latent side multiple beyond the VAE factor (2 for FLUX-style 2x2 packing or patch 2).
     latent_multiple: ClassVar[int] = 2
-    # How CFG reaches the transformer: "separate" (one call per branch, CFG-parallel splits the
-    # calls) or "batched" (one call on a doubled batch, CFG-parallel splits the batch).
-    cfg_calls: ClassVar[str] = "separate"
 
     # -- spec --------------------------------------------------------------------------------------
     def vae_scale(self, model_dir: str) -> int:

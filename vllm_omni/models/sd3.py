@@ -12,7 +12,7 @@ class StableDiffusion3Adapter(ImageAdapter):
     name = "sd3"
     models = (("Stable-Diffusion-3.5", "stabilityai/stable-diffusion-3.5-large"),)
     pipeline_classes = ("StableDiffusion3Pipeline",)
-    features = frozenset({"lora"})
+    features = frozenset({"cache_dit", "cfg_parallel", "lora"})
     cfg_field = "guidance_scale"
     cfg_default = 7.0
     default_steps = 28
@@ -25,6 +25,13 @@ class StableDiffusion3Adapter(ImageAdapter):
         side = int(self.transformer_config(model_dir).get("sample_size", 128))
         spec.default_width = spec.default_height = side * (spec.size_multiple // 2)
         return spec
+
+    def cache_dit_target(self, transformer: Any) -> Any:
+        # cache-dit registers SD3 by pipeline only; this is its own SD3 block description.
+        from cache_dit import BlockAdapter, ForwardPattern
+
+        return BlockAdapter(transformer=transformer, blocks=transformer.transformer_blocks,
+                            forward_pattern=ForwardPattern.Pattern_1, check_forward_pattern=True)
 
     def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
         return decode_latents(pipe, latents)

@@ -191,8 +191,9 @@ class ModelRunner:
             if "cfg" in self.parallel:
                 self.parallel["cfg"].begin_request(uses_cfg)
             self.groups.reset_counters()
-            if self.cache is not None:
-                self.cache.begin_request(reqs[0].num_inference_steps, uses_cfg)
+            if self.cache is not None:  # per-branch cache state only when branches are calls
+                self.cache.begin_request(reqs[0].num_inference_steps,
+                                         uses_cfg and self.adapter.cfg_calls == "separate")
             # Per-request generators, in image order: each image's noise is what it would be alone.
             generators = [g for r in reqs for g in make_generators(r.seed, r.num_images)]
             with follow_steps:
