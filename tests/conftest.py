@@ -40,7 +40,7 @@ def tiny_qwen_image(tmp_path_factory) -> str:
 # The seed's image models (tests/test_models.py, tests/test_model_features.py).
 FAMILIES = ("qwen-image-2512", "qwen-image-edit", "qwen-image-edit-2509", "qwen-image-layered",
             "z-image-turbo", "flux.1-dev", "flux.2-klein-4b", "sd3.5", "longcat-image",
-            "longcat-image-edit", "ovis-image")
+            "longcat-image-edit", "ovis-image", "glm-image")
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "longcat-image": dict(params=dict(width=64, height=48, enable_prompt_rewrite=False)),
     "longcat-image-edit": dict(inputs=1),
     "ovis-image": dict(params=dict(width=64, height=48, guidance_scale=3.0)),
+    "glm-image": dict(params=dict(width=64, height=64)),
 }
 # One layout per parallel feature; two features share a run where the model has both.
 LAYOUTS = {

@@ -76,6 +76,8 @@ CASES = [
          diffusers=dict(image=INPUTS[0]), size=(80, 64)),
     Case("ovis-image", "OvisImagePipeline", params=dict(width=64, height=64, guidance_scale=2.0),
          diffusers=dict(width=64, height=64, guidance_scale=2.0)),
+    Case("glm-image", "GlmImagePipeline", params=dict(width=64, height=64),
+         diffusers=dict(width=64, height=64)),
 ]
 BY_FAMILY = {c.family: c for c in CASES}
 PROMPT = "a red fox in the snow"

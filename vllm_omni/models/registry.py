@@ -6,6 +6,7 @@ import os
 
 from vllm_omni.models.base import ModelAdapter, ModelSpec, read_json
 from vllm_omni.models.flux import Flux2KleinAdapter, FluxAdapter
+from vllm_omni.models.glm_image import GlmImageAdapter
 from vllm_omni.models.longcat_image import LongCatImageAdapter, LongCatImageEditAdapter
 from vllm_omni.models.ovis_image import OvisImageAdapter
 from vllm_omni.models.qwen_image import (
@@ -19,7 +20,7 @@ from vllm_omni.models.z_image import ZImageAdapter
 from vllm_omni.testing import edit_area
 
 ADAPTERS: tuple[ModelAdapter, ...] = (
-    FluxAdapter(), Flux2KleinAdapter(), LongCatImageAdapter(), LongCatImageEditAdapter(),
+    FluxAdapter(), Flux2KleinAdapter(), GlmImageAdapter(), LongCatImageAdapter(), LongCatImageEditAdapter(),
     OvisImageAdapter(), QwenImageAdapter(), QwenImageEditAdapter(), QwenImageEditPlusAdapter(),
     QwenImageLayeredAdapter(), StableDiffusion3Adapter(), ZImageAdapter(),
 )

@@ -201,7 +201,7 @@ def _qwen3_config(tokenizer, width: int, layers: int):
     )
 
 
-def _flux_vae(latent_channels: int = 16, seed: int = 2):
+def _flux_vae(latent_channels: int = 16, seed: int = 2, **extra):
     """The FLUX/SD3 VAE topology (4 stages: 8x) at toy width."""
     import torch
     from diffusers import AutoencoderKL
@@ -212,7 +212,7 @@ def _flux_vae(latent_channels: int = 16, seed: int = 2):
         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
         layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4,
         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
-        use_post_quant_conv=False,
+        use_post_quant_conv=False, **extra,
     )
 
 
@@ -434,6 +434,86 @@ def build_ovis_image():
                              text_encoder=text_encoder, tokenizer=tokenizer,
                              transformer=transformer)
 
+# GLM-Image's processor chat template: user turns (text and images), then the assistant turn the
+# processor appends the target grid and the image-start token to.
+_GLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|begin_of_image|><|image|><|end_of_image|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}<|assistant|>\n"
+)
+
+
+def build_glm_tokenizer(vision_codes: int = 64):
+    """GLM-Image's vocabulary layout: vision codes first (0..codes-1), then image start/end,
+    then a small byte-level BPE, then the chat specials."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    vision = [f"<|v{i}|>" for i in range(vision_codes)] + ["<|begin_of_image|>", "<|end_of_image|>"]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=len(vision) + 400, special_tokens=vision,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(_CORPUS_WORDS.split(". "), trainer=trainer)
+    specials = ["<|endoftext|>", "<|user|>", "<|assistant|>", "<|image|>", "<sop>", "<eop>"]
+    bpe.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<|begin_of_image|>", eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>", chat_template=_GLM_CHAT_TEMPLATE,
+        extra_special_tokens={"image_token": "<|image|>", "grid_bos_token": "<sop>",
+                              "grid_eos_token": "<eop>"},
+    )
+
+
+def build_glm_image():
+    import torch
+    from diffusers import GlmImagePipeline, GlmImageTransformer2DModel
+    from transformers import (
+        ByT5Tokenizer,
+        GlmImageConfig,
+        GlmImageForConditionalGeneration,
+        GlmImageImageProcessor,
+        GlmImageProcessor,
+    )
+
+    codes = 64
+    tok = build_glm_tokenizer(codes)
+    ids = tok.convert_tokens_to_ids
+    processor = GlmImageProcessor(image_processor=GlmImageImageProcessor(), tokenizer=tok,
+                                  chat_template=_GLM_CHAT_TEMPLATE)
+    config = GlmImageConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         vision_vocab_size=codes + 2, pad_token_id=ids("<|endoftext|>"),
+                         eos_token_id=ids("<|endoftext|>"),
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                          "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=64,
+                           patch_size=16, image_size=512),
+        vq_config=dict(embed_dim=16, num_embeddings=codes, latent_channels=32),
+        image_token_id=ids("<|image|>"), image_start_token_id=ids("<|begin_of_image|>"),
+        image_end_token_id=ids("<|end_of_image|>"),
+    )
+    torch.manual_seed(0)
+    prior = GlmImageForConditionalGeneration(config).eval()
+    glyph_tok = ByT5Tokenizer()
+    glyph_encoder = _t5_encoder(glyph_tok, 32, seed=3)
+    torch.manual_seed(1)
+    transformer = GlmImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=1, attention_head_dim=16,
+        num_attention_heads=2, text_embed_dim=32, time_embed_dim=32, condition_dim=16,
+        prior_vq_quantizer_codebook_size=codes + 2,
+    )
+    return GlmImagePipeline(tokenizer=glyph_tok, processor=processor, text_encoder=glyph_encoder,
+                            vision_language_encoder=prior,
+                            # GLM-Image's VAE normalises latents per channel (mean/std).
+                            vae=_flux_vae(latents_mean=[0.1 * (i % 4) for i in range(16)],
+                                          latents_std=[1.0 + 0.1 * (i % 3) for i in range(16)]),
+                            transformer=transformer, scheduler=_flow_scheduler())
+
+
 FAMILIES = {
     "qwen-image": lambda: build_qwen_image(QWEN_IMAGE_TINY),
     "qwen-image-bench": lambda: build_qwen_image(QWEN_IMAGE_BENCH),
@@ -451,6 +531,7 @@ FAMILIES = {
     "longcat-image": lambda: build_longcat_image(edit=False),
     "longcat-image-edit": lambda: build_longcat_image(edit=True),
     "ovis-image": build_ovis_image,
+    "glm-image": build_glm_image,
 }
 
 
