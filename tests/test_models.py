@@ -287,3 +287,20 @@ def test_longcat_prompt_rewrite_is_per_request(servers):
     r = requests.post(f"{servers['flux.1-dev'].url}/v1/images/generations", json={
         "prompt": PROMPT, "enable_prompt_rewrite": False}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "enable_prompt_rewrite"
+
+
+def test_glm_prior_tokens_round_trip(servers):
+    """GLM-Image's autoregressive prior is under the request's control: its tokens come back in
+    the response, and a request that sends them skips the prior and renders the same image."""
+    url = servers["glm-image"].url
+    ask = {"prompt": PROMPT, "size": "64x64", "num_inference_steps": STEPS, "seed": SEED}
+    first = requests.post(f"{url}/v1/images/generations", json=ask, timeout=120).json()
+    tokens = first["vllm_omni"]["prior_token_ids"]
+    assert len(tokens) == 16  # (64/32)^2 tokens, upsampled 2x per side
+    again = requests.post(f"{url}/v1/images/generations",
+                          json={**ask, "prior_token_ids": tokens}, timeout=120).json()
+    assert "prior_token_ids" not in again["vllm_omni"]  # the prior did not run
+    assert again["data"][0]["b64_json"] == first["data"][0]["b64_json"]
+    r = requests.post(f"{url}/v1/images/generations",
+                      json={**ask, "prior_token_ids": tokens[:5]}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prior_token_ids"

@@ -16,7 +16,8 @@ from vllm_omni.models.base import ModelSpec
 # Optional sampling fields that only some models honour; the adapter decides.
 MODEL_FIELDS = ("negative_prompt", "true_cfg_scale", "guidance_scale", "num_frames")
 # Model-specific options, carried in ``DiffusionRequest.options`` when the adapter allows them.
-OPTION_FIELDS = ("layers", "resolution", "enable_prompt_rewrite", "auto_caption")
+OPTION_FIELDS = ("layers", "resolution", "enable_prompt_rewrite", "auto_caption",
+                 "prior_token_ids")
 
 
 class InputProcessor:

@@ -66,6 +66,8 @@ class DiffusionOutput:
     images: list[Any] = field(default_factory=list)  # PIL images, or float arrays for "np"
     error: RequestError | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # Model-specific results beside the images (GLM-Image: the prior's image tokens).
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:

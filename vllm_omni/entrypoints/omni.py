@@ -25,6 +25,7 @@ class OmniRequestOutput:
     seed: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     finished: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)  # model-specific (GLM: prior_token_ids)
 
 
 PromptType = str | dict[str, Any]
@@ -150,7 +151,7 @@ class Omni:
                 raise exc(out.error.message)
             outputs.append(OmniRequestOutput(
                 request_id=req.request_id, prompt=req.prompt, images=out.images, seed=req.seed,
-                metrics=out.metrics))
+                metrics=out.metrics, extra=out.extra))
         return outputs
 
     @property

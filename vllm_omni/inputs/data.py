@@ -37,6 +37,9 @@ class OmniDiffusionSamplingParams:
     enable_prompt_rewrite: bool | None = None
     # Qwen-Image-Layered: caption the input image when no prompt is given (autoregressive).
     auto_caption: bool | None = None
+    # GLM-Image: the prior's image tokens from an earlier response; the autoregressive prior is
+    # skipped and the DiT renders these tokens.
+    prior_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         def _int(name: str, lo: int, hi: int | None = None) -> None:
@@ -58,6 +61,11 @@ class OmniDiffusionSamplingParams:
         _int("layers", 1, 16)
         if self.resolution is not None and self.resolution not in (640, 1024):
             raise ValueError(f"resolution must be 640 or 1024, got {self.resolution!r}")
+        if self.prior_token_ids is not None and (
+                not isinstance(self.prior_token_ids, list) or not self.prior_token_ids
+                or any(isinstance(t, bool) or not isinstance(t, int) or t < 0
+                       for t in self.prior_token_ids)):
+            raise ValueError("prior_token_ids must be a non-empty list of non-negative integers")
         for name in ("enable_prompt_rewrite", "auto_caption"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):

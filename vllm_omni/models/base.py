@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
@@ -38,6 +38,7 @@ class ModelSpec:
     has_guidance_embeds: bool = False
     num_heads: int = 1
     num_blocks: int = 1  # transformer blocks (cache-dit's Fn + Bn must fit in them)
+    extra: dict[str, Any] = field(default_factory=dict)  # adapter-specific facts
 
 
 # The support matrix's columns (docs: README "Supported models"). Each adapter lists the ones it
@@ -135,6 +136,13 @@ class ModelAdapter:
 
     def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
         raise NotImplementedError
+
+    def on_load(self, pipe: Any) -> None:
+        """Worker-side setup once the pipeline is loaded (before parallel and cache hooks)."""
+
+    def output_extra(self, pipe: Any) -> dict[str, Any]:
+        """Model-specific results of the call that just ran (returned beside the images)."""
+        return {}
 
     def flatten_output(self, images: list[Any]) -> list[Any]:
         """One request's output images as the flat list the client receives."""

@@ -3,11 +3,16 @@ grid of image tokens) followed by a DiT conditioned on those tokens and on glyph
 
 The prior is the model's first stage, not an optional extra: it generates
 (height/32 x width/32) + 16x16 preview tokens + 1 for every image, so its cost follows the
-requested size. It is seeded from the request's seed like the rest of the pipeline.
+requested size. It is seeded from the request's seed like the rest of the pipeline, and a request
+can skip it by sending the tokens of an earlier response back.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
+from vllm_omni.models.base import ModelSpec
 from vllm_omni.models.image import ImageAdapter
 
 
@@ -21,3 +26,59 @@ class GlmImageAdapter(ImageAdapter):
     negative_prompt = False  # the pipeline's negative branch is fixed (no negative prompt text)
     # The prior's token grid is one token per 32 pixels (GlmImageProcessor._get_target_shape).
     latent_multiple = 4
+
+    # A request may bring the prior's tokens from an earlier response (``prior_token_ids`` in
+    # its ``vllm_omni`` extension): the prior is skipped and the DiT renders them, e.g. with
+    # another seed, step count or guidance. Their count is fixed by the size.
+    supported_fields = frozenset({"prior_token_ids"})
+
+    def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
+        spec = super().load_spec(model_dir, pipeline_class)
+        config = self.transformer_config(model_dir)
+        spec.extra["codebook"] = int(config.get("prior_vq_quantizer_codebook_size", 16384))
+        return spec
+
+    @staticmethod
+    def prior_tokens(width: int, height: int) -> int:
+        # One token per 32 pixels, upsampled 2x per side for the DiT (GlmImagePipeline).
+        return (height // 32) * (width // 32) * 4
+
+    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
+        super().validate(spec, req, given)
+        ids = req.options.get("prior_token_ids")
+        if ids is None:
+            return
+        want = self.prior_tokens(req.width, req.height)
+        if len(ids) != want:
+            raise InvalidRequestError(
+                f"prior_token_ids has {len(ids)} tokens; a {req.width}x{req.height} image takes "
+                f"{want}", param="prior_token_ids")
+        if max(ids) >= spec.extra["codebook"]:
+            raise InvalidRequestError(f"prior_token_ids must be below {spec.extra['codebook']}",
+                                      param="prior_token_ids")
+
+    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
+        kwargs = super().pipeline_kwargs(spec, req)
+        ids = req.options.get("prior_token_ids")
+        if ids is not None:
+            import torch
+
+            kwargs["prior_token_ids"] = torch.tensor([ids], dtype=torch.long)
+        return kwargs
+
+    def batch_key(self, req: DiffusionRequest):
+        return None  # the prior samples a whole batch from the first request's seed
+
+    def on_load(self, pipe: Any) -> None:
+        generate = pipe.generate_prior_tokens
+
+        def recorded(*args, **kwargs):
+            out = generate(*args, **kwargs)
+            pipe._vllm_omni_prior = out[0]
+            return out
+
+        pipe.generate_prior_tokens = recorded
+
+    def output_extra(self, pipe: Any) -> dict[str, Any]:
+        prior = pipe.__dict__.pop("_vllm_omni_prior", None)
+        return {} if prior is None else {"prior_token_ids": prior[0].tolist()}

@@ -80,6 +80,7 @@ class ModelRunner:
         self.pipe.set_progress_bar_config(disable=True)
         self._takes_step_callback = "callback_on_step_end" in inspect.signature(
             self.pipe.__call__).parameters
+        self.adapter.on_load(self.pipe)
         if self.groups.layout.world_size > 1:
             plan = self.adapter.parallel_plan(self.spec, loaded=True)
             self.parallel = apply_parallel(self.pipe, plan, self.groups)
@@ -212,6 +213,7 @@ class ModelRunner:
             return {r.request_id: DiffusionOutput(r.request_id, metrics=self._metrics(t0),
                                                   error=error) for r in reqs}
         metrics = self._metrics(t0)
+        extra = self.adapter.output_extra(self.pipe) if images is not None else {}
         if images is not None:
             if self.cache is not None:
                 metrics.update(self._cache_metrics())
@@ -231,7 +233,7 @@ class ModelRunner:
                         "cancelled", code="cancelled"))
             else:
                 outputs[req.request_id] = DiffusionOutput(req.request_id, images=mine,
-                                                          metrics=dict(metrics))
+                                                          metrics=dict(metrics), extra=extra)
         return outputs
 
     def _metrics(self, t0: float) -> dict:

@@ -68,6 +68,7 @@ class _ImageRequest(BaseModel):
     layers: int | None = Field(None, ge=1, le=16)  # Qwen-Image-Layered
     resolution: int | None = None  # Qwen-Image-Layered's size bucket: 640 or 1024
     auto_caption: bool | None = None  # Qwen-Image-Layered without a prompt
+    prior_token_ids: list[int] | None = None  # GLM-Image: skip the prior, render these tokens
 
     _neutral: dict[str, tuple] = {"quality": (None, "auto"),
                                   "background": (None, "auto", "opaque"),

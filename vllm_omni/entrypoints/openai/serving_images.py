@@ -43,7 +43,7 @@ def _openai_error(out: DiffusionOutput) -> OpenAIError:
 
 def _extension(req: DiffusionRequest, out: DiffusionOutput) -> dict[str, Any]:
     """Our response extension (OpenAI clients ignore unknown fields): what ran, to reproduce it."""
-    extra: dict[str, Any] = {"seed": req.seed}
+    extra: dict[str, Any] = {"seed": req.seed, **out.extra}
     for key in ("transformer_calls_computed", "transformer_calls_skipped"):
         if key in out.metrics:
             extra[key] = out.metrics[key]
@@ -157,7 +157,8 @@ class ServingImages:
                 true_cfg_scale=body.true_cfg_scale, guidance_scale=body.guidance_scale,
                 negative_prompt=body.negative_prompt, seed=body.seed, num_images_per_prompt=body.n,
                 layers=body.layers, resolution=body.resolution,
-                enable_prompt_rewrite=body.enable_prompt_rewrite, auto_caption=body.auto_caption)
+                enable_prompt_rewrite=body.enable_prompt_rewrite, auto_caption=body.auto_caption,
+                prior_token_ids=body.prior_token_ids)
             req = self.inputs.process(body.prompt, params, request_id=request_id, images=images,
                                       mask=mask)
         except InvalidRequestError as e:
