@@ -28,6 +28,8 @@ class ParallelPlan:
     sp_processor: Callable[..., Any] | None = None
     cfg_output_like: Callable[..., Any] | None = None
     cfg_batched: bool = False  # CFG runs as one doubled batch (split the batch, not the calls)
+    # transformer -> its tensor-parallel plan, for models without diffusers' ``_tp_plan``.
+    tp_plan: Callable[[Any], dict[str, Any]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,7 +86,8 @@ def apply_parallel(pipe: Any, plan: ParallelPlan, groups) -> dict[str, Any]:
     transformer = pipe.transformer
     applied: dict[str, Any] = {}
     if groups.tp.world_size > 1:
-        applied["tp"] = apply_tensor_parallel(transformer, type(transformer)._tp_plan, groups.tp)
+        tp_plan = plan.tp_plan(transformer) if plan.tp_plan else type(transformer)._tp_plan
+        applied["tp"] = apply_tensor_parallel(transformer, tp_plan, groups.tp)
     if groups.sp.world_size > 1:
         sp = SequenceParallel(groups.ulysses, groups.ring, groups.sp)
         sp.apply(transformer, type(transformer)._cp_plan, plan.sp_processor)

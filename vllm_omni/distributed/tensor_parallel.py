@@ -48,6 +48,7 @@ def apply_tensor_parallel(model: torch.nn.Module, plan: dict[str, str], comm: Gr
     if comm.world_size == 1:
         return 0
     count = 0
+    sharded: set[int] = set()
     for name, module in list(model.named_modules()):
         style = next((s for p, s in plan.items()
                       if name.count(".") == p.count(".") and fnmatch.fnmatchcase(name, p)), None)
@@ -73,5 +74,14 @@ def apply_tensor_parallel(model: torch.nn.Module, plan: dict[str, str], comm: Gr
                 module.register_forward_hook(lambda m, a, out: comm.all_reduce(out))
             else:
                 raise ValueError(f"unknown tensor-parallel style {style!r} for {name}")
+        sharded.add(id(module))
         count += 1
+    # Attention modules whose projections were split now hold heads / tp heads. Processors that
+    # reshape by head count (LongCat's) need to be told; those reshaping by head_dim are unaffected.
+    for module in model.modules():
+        to_q = getattr(module, "to_q", None)
+        if id(to_q) in sharded and isinstance(getattr(module, "heads", None), int):
+            module.heads //= comm.world_size
+            if isinstance(getattr(module, "inner_dim", None), int):
+                module.inner_dim //= comm.world_size
     return count

@@ -17,7 +17,7 @@ class LongCatImageAdapter(ImageAdapter):
     name = "longcat-image"
     models = (("LongCat-Image", "meituan-longcat/LongCat-Image"),)
     pipeline_classes = ("LongCatImagePipeline",)
-    features = frozenset({"cache_dit", "cfg_parallel", "lora"})
+    features = frozenset({"cache_dit", "cfg_parallel", "tensor_parallel", "lora"})
     # The pipeline rewrites the prompt with its text encoder first unless told not to (up to 512
     # generated tokens): enable_prompt_rewrite, per request, default on as in diffusers.
     supported_fields = frozenset({"enable_prompt_rewrite"})
@@ -33,6 +33,25 @@ class LongCatImageAdapter(ImageAdapter):
 
     def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
         return decode_packed_latents(pipe, latents, reqs[0].height, reqs[0].width)
+
+    def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
+        plan = super().parallel_plan(spec, loaded)
+        plan.tp_plan = longcat_tp_plan
+        return plan
+
+
+def longcat_tp_plan(transformer: Any) -> dict[str, Any]:
+    """FLUX.1's plan: LongCat's blocks have the same layout and module names. The single-stream
+    ``proj_out`` reads cat([attention, MLP]); its blocks are given here, as LongCat's
+    ``__init__`` (unlike FLUX's) does not record them on the Linear."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.hooks.tensor_parallel import PackedRowwiseParallel
+
+    plan = dict(FluxTransformer2DModel._tp_plan)
+    block = transformer.single_transformer_blocks[0]
+    plan["single_transformer_blocks.*.proj_out"] = PackedRowwiseParallel(
+        [block.attn.inner_dim, block.proj_mlp.out_features])
+    return plan
 
 
 class LongCatImageEditAdapter(LongCatImageAdapter):
