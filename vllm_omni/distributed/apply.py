@@ -30,6 +30,7 @@ class ParallelPlan:
     cfg_batched: bool = False  # CFG runs as one doubled batch (split the batch, not the calls)
     # transformer -> its tensor-parallel plan, for models without diffusers' ``_tp_plan``.
     tp_plan: Callable[[Any], dict[str, Any]] | None = None
+    cp_plan: Callable[[Any], dict[str, Any]] | None = None  # likewise for ``_cp_plan``
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -90,7 +91,8 @@ def apply_parallel(pipe: Any, plan: ParallelPlan, groups) -> dict[str, Any]:
         applied["tp"] = apply_tensor_parallel(transformer, tp_plan, groups.tp)
     if groups.sp.world_size > 1:
         sp = SequenceParallel(groups.ulysses, groups.ring, groups.sp)
-        sp.apply(transformer, type(transformer)._cp_plan, plan.sp_processor)
+        cp_plan = plan.cp_plan(transformer) if plan.cp_plan else type(transformer)._cp_plan
+        sp.apply(transformer, cp_plan, plan.sp_processor)
         applied["sp"] = sp
     if groups.cfg.world_size > 1:
         applied["cfg"] = apply_cfg_parallel(transformer, groups.cfg, plan.cfg_output_like,

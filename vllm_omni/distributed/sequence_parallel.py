@@ -101,9 +101,10 @@ class SequenceParallel:
         self._handles.append(model.register_forward_pre_hook(lambda m, a: self.reset()))
         modules = dict(model.named_modules())
         for pattern, spec in plan.items():
-            # "blocks.*" means every block, not every module inside the blocks.
-            names = [n for n in modules if n and n.count(".") == pattern.count(".")
-                     and fnmatch.fnmatchcase(n, pattern)]
+            # "blocks.*" means every block, not every module inside the blocks; "" is the model.
+            names = [""] if pattern == "" else [
+                n for n in modules if n and n.count(".") == pattern.count(".")
+                and fnmatch.fnmatchcase(n, pattern)]
             if not names:
                 raise ValueError(f"sequence-parallel plan names {pattern!r}, which "
                                  f"{type(model).__name__} does not have")

@@ -17,7 +17,8 @@ class LongCatImageAdapter(ImageAdapter):
     name = "longcat-image"
     models = (("LongCat-Image", "meituan-longcat/LongCat-Image"),)
     pipeline_classes = ("LongCatImagePipeline",)
-    features = frozenset({"cache_dit", "cfg_parallel", "tensor_parallel", "lora"})
+    features = frozenset({"cache_dit", "sequence_parallel", "cfg_parallel", "tensor_parallel",
+                          "lora"})
     # The pipeline rewrites the prompt with its text encoder first unless told not to (up to 512
     # generated tokens): enable_prompt_rewrite, per request, default on as in diffusers.
     supported_fields = frozenset({"enable_prompt_rewrite"})
@@ -37,6 +38,11 @@ class LongCatImageAdapter(ImageAdapter):
     def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
         plan = super().parallel_plan(spec, loaded)
         plan.tp_plan = longcat_tp_plan
+        if loaded:
+            from vllm_omni.models.longcat_image_attention import LongCatImageSPAttnProcessor
+
+            plan.sp_processor = LongCatImageSPAttnProcessor
+            plan.cp_plan = longcat_cp_plan
         return plan
 
 
@@ -72,3 +78,11 @@ class LongCatImageEditAdapter(LongCatImageAdapter):
         width, height = module.calculate_dimensions(1024 * 1024, w / h)
         m = spec.size_multiple
         return width // m * m, height // m * m
+
+
+def longcat_cp_plan(transformer: Any) -> dict[str, Any]:
+    """FLUX.1's context-parallel plan (same forward inputs and ``proj_out``): split the image and
+    text streams and their position ids at the model's input, gather at ``proj_out``."""
+    from diffusers import FluxTransformer2DModel
+
+    return dict(FluxTransformer2DModel._cp_plan)
