@@ -12,7 +12,7 @@ class ZImageAdapter(ImageAdapter):
     name = "z-image"
     models = (("Z-Image-Turbo", "Tongyi-MAI/Z-Image-Turbo"),)
     pipeline_classes = ("ZImagePipeline",)
-    features = frozenset({"cache_dit", "lora"})
+    features = frozenset({"cache_dit", "tensor_parallel", "lora"})
     cfg_field = "guidance_scale"
     # Turbo is distilled to 8 denoiser calls without CFG (its model card: 9 steps, guidance 0);
     # the pipeline runs CFG (one doubled batch) for any guidance_scale > 0.
@@ -25,6 +25,26 @@ class ZImageAdapter(ImageAdapter):
     def heads_and_blocks(self, config: dict[str, Any]) -> tuple[int, int]:
         return int(config.get("n_heads", 30)), int(config.get("n_layers", 30))
 
+    def load_spec(self, model_dir: str, pipeline_class: str):
+        spec = super().load_spec(model_dir, pipeline_class)
+        dim = int(self.transformer_config(model_dir).get("dim", 3840))
+        spec.extra["ffn_dim"] = int(dim / 3 * 8)  # ZImageTransformerBlock's FeedForward width
+        return spec
+
+    def check_parallel(self, spec, parallel) -> None:
+        super().check_parallel(spec, parallel)
+        tp, ffn = parallel.tensor_parallel_size, spec.extra["ffn_dim"]
+        if ffn % tp:
+            ok = [d for d in range(2, 9) if spec.num_heads % d == 0 and ffn % d == 0]
+            raise ValueError(f"{spec.pipeline_class}'s feed-forward width {ffn} does not split "
+                             f"over --tensor-parallel-size {tp}; use "
+                             + (" or ".join(map(str, ok)) if ok else "1"))
+
+    def parallel_plan(self, spec, loaded: bool = False):
+        plan = super().parallel_plan(spec, loaded)
+        plan.tp_plan = z_image_tp_plan
+        return plan
+
     def pipeline_kwargs(self, spec, req: DiffusionRequest) -> dict[str, Any]:
         kwargs = super().pipeline_kwargs(spec, req)
         kwargs.setdefault("guidance_scale", self.cfg_default)
@@ -32,3 +52,17 @@ class ZImageAdapter(ImageAdapter):
 
     def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
         return decode_latents(pipe, latents)
+
+
+def z_image_tp_plan(transformer: Any) -> dict[str, str]:
+    """Megatron-style split of every Z-Image block (refiners and main stack): Q/K/V and the
+    SwiGLU's w1/w3 by output features, the attention output and w2 by input features. Norms,
+    RoPE and the adaLN modulation stay whole on every rank."""
+    plan = {}
+    for stack in ("noise_refiner", "context_refiner", "layers"):
+        for name, style in (("attention.to_q", "colwise"), ("attention.to_k", "colwise"),
+                            ("attention.to_v", "colwise"), ("attention.to_out.0", "rowwise"),
+                            ("feed_forward.w1", "colwise"), ("feed_forward.w3", "colwise"),
+                            ("feed_forward.w2", "rowwise")):
+            plan[f"{stack}.*.{name}"] = style
+    return plan

@@ -281,9 +281,11 @@ def build_z_image():
     torch.manual_seed(0)
     text_encoder = Qwen3Model(_qwen3_config(tokenizer, 32, 2)).eval()
     torch.manual_seed(1)
+    # dim 48: the FFN width int(dim / 3 * 8) = 128 splits over tensor-parallel ranks, as the
+    # released model's 10240 does.
     transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=32, n_layers=2,
-        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 4, 4],
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=48, n_layers=2,
+        n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=32, axes_dims=[8, 8, 8],
         axes_lens=[256, 64, 64],
     )
     with torch.no_grad():  # created with torch.empty: random memory would make outputs vary
