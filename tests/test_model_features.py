@@ -144,6 +144,14 @@ def test_cache_backends_skip_calls(family, backend, feature_models):
     images, metrics = _generate(config, family, steps)
     assert metrics["transformer_calls_skipped"] > 0, metrics
     assert all(np.isfinite(im).all() for im in images)
+    if backend == "tea_cache":  # threshold 0 computes every call: the hooks change nothing
+        exact = _config(feature_models[family], cache_backend=backend,
+                        cache_config={"rel_l1_thresh": 0.0})
+        plain, _ = _generate(_config(feature_models[family]), family, steps)
+        images, metrics = _generate(exact, family, steps)
+        assert metrics["transformer_calls_skipped"] == 0
+        for got, want in zip(images, plain):
+            np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("family", sorted(REQUESTS))

@@ -19,8 +19,9 @@ def apply_cache(pipe: Any, backend: str, cache_config: dict[str, Any], adapter, 
         config = TeaCacheConfig.from_dict(cache_config).resolve(adapter.teacache_presets,
                                                                 spec.pipeline_class)
         cache = TeaCache(config, config.coefficients or adapter.teacache_coefficients,
-                         adapter.teacache_modulated_input, reduce=groups.branch)
-        apply_teacache(transformer.transformer_blocks, cache)
+                         adapter.teacache_modulated_input, io=adapter.teacache_io,
+                         reduce=groups.branch)
+        apply_teacache(adapter.teacache_blocks(transformer), cache)
         # diffusers caches which submodules carry hooks; ours were just added below it.
         HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
         return cache

@@ -14,13 +14,14 @@ sums are all-reduced over the ranks of one CFG branch, so every rank takes the s
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from diffusers.hooks.hooks import BaseState, StateManager
+from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from vllm_omni.cache.common import CacheStats, preset_settings
 from vllm_omni.distributed.comm import GroupComm
@@ -77,10 +78,12 @@ class _State(BaseState):
 
 @dataclass
 class BlockIO:
-    """Where a block's streams are: input kwarg names and output tuple indices."""
+    """Where a block's streams are: input argument names and output tuple indices."""
 
     inputs: Sequence[str] = ("hidden_states", "encoder_hidden_states")
-    outputs: Sequence[int] = (1, 0)  # Qwen-Image blocks return (encoder_hidden_states, hidden_states)
+    # Qwen-Image blocks return (encoder_hidden_states, hidden_states); None: the block returns
+    # one tensor, the new value of its first input (Z-Image's unified stream).
+    outputs: Sequence[int] | None = (1, 0)
 
 
 @dataclass
@@ -98,7 +101,9 @@ class TeaCache:
 
     def begin_request(self, num_steps: int, uses_cfg: bool = False) -> None:
         # CFG needs nothing here: the pipeline names each call's branch through cache_context.
+        # Pipelines that never open a context (one call per step) share this default one.
         self.state.reset()
+        self.state.set_context(CacheContext("default"))
         self.num_steps = num_steps
         self.stats = CacheStats()
 
@@ -142,7 +147,7 @@ class _BlockHook(ModelHook):
     def new_forward(self, module, *args, **kwargs):
         s = self.state_manager.get_state()
         if s.skip:
-            return _passthrough(self.cache, kwargs)
+            return _passthrough(self.cache, _bind(module, args, kwargs))
         out = self.fn_ref.original_forward(*args, **kwargs)
         if self.is_tail:
             _record(self.cache, s, out)
@@ -159,6 +164,8 @@ class _HeadHook(_BlockHook):
     def new_forward(self, module, *args, **kwargs):
         cache = self.cache
         s = self.state_manager.get_state()
+        kwargs = _bind(module, args, kwargs)  # some models call their blocks positionally
+        args = ()
         compute = cache.decide(cache.modulated_input(module, kwargs))
         s.skip = not compute
         if compute:
@@ -172,12 +179,25 @@ class _HeadHook(_BlockHook):
         return _apply_residual(cache, s, kwargs)
 
 
+def _bind(module, args, kwargs) -> dict[str, Any]:
+    """The call's arguments by parameter name."""
+    if not args:
+        return kwargs
+    sig = inspect.signature(module.forward)
+    return dict(sig.bind_partial(*args, **kwargs).arguments)
+
+
 def _record(cache: TeaCache, s: _State, out) -> None:
-    s.residual = tuple(out[i] - x for i, x in zip(cache.io.outputs, s.head_input))
+    if cache.io.outputs is None:
+        s.residual = (out - s.head_input[0],)
+    else:
+        s.residual = tuple(out[i] - x for i, x in zip(cache.io.outputs, s.head_input))
     s.head_input = None
 
 
 def _passthrough(cache: TeaCache, kwargs):
+    if cache.io.outputs is None:
+        return kwargs[cache.io.inputs[0]]
     out = [None] * len(cache.io.outputs)
     for i, name in zip(cache.io.outputs, cache.io.inputs):
         out[i] = kwargs[name]
@@ -185,6 +205,8 @@ def _passthrough(cache: TeaCache, kwargs):
 
 
 def _apply_residual(cache: TeaCache, s: _State, kwargs):
+    if cache.io.outputs is None:
+        return kwargs[cache.io.inputs[0]] + s.residual[0]
     out = [None] * len(cache.io.outputs)
     for i, name, r in zip(cache.io.outputs, cache.io.inputs, s.residual):
         out[i] = kwargs[name] + r

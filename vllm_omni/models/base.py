@@ -227,6 +227,17 @@ class ModelAdapter:
         """The first block's timestep-modulated image input, which TeaCache compares."""
         raise NotImplementedError
 
+    def teacache_blocks(self, transformer: Any) -> Any:
+        """The block stack TeaCache skips as a whole."""
+        return transformer.transformer_blocks
+
+    @property
+    def teacache_io(self):
+        """Where the stack's streams enter and leave each block (``cache.teacache.BlockIO``)."""
+        from vllm_omni.cache.teacache import BlockIO
+
+        return BlockIO()
+
     def check_cache(self, spec: ModelSpec, backend: str, cache_config: dict[str, Any]) -> None:
         if backend == "none":
             return

@@ -12,7 +12,7 @@ class ZImageAdapter(ImageAdapter):
     name = "z-image"
     models = (("Z-Image-Turbo", "Tongyi-MAI/Z-Image-Turbo"),)
     pipeline_classes = ("ZImagePipeline",)
-    features = frozenset({"cache_dit", "tensor_parallel", "lora"})
+    features = frozenset({"tea_cache", "cache_dit", "tensor_parallel", "lora"})
     cfg_field = "guidance_scale"
     # Turbo is distilled to 8 denoiser calls without CFG (its model card: 9 steps, guidance 0);
     # the pipeline runs CFG (one doubled batch) for any guidance_scale > 0.
@@ -49,6 +49,27 @@ class ZImageAdapter(ImageAdapter):
         kwargs = super().pipeline_kwargs(spec, req)
         kwargs.setdefault("guidance_scale", self.cfg_default)
         return kwargs
+
+    # vLLM-Omni ships Qwen-Image's rescaling polynomial for Z-Image (not yet fitted to it); ours
+    # is the same, so thresholds mean the same on both.
+    teacache_coefficients = [-4.5e02, 2.8e02, -4.5e01, 3.2e00, -2.0e-02]
+    teacache_presets = {"balanced": 0.2, "fast": 0.4}
+
+    def teacache_blocks(self, transformer: Any) -> Any:
+        return transformer.layers  # the main stack over the joined image+caption sequence
+
+    @property
+    def teacache_io(self):
+        from vllm_omni.cache.teacache import BlockIO
+
+        return BlockIO(inputs=("x",), outputs=None)
+
+    def teacache_modulated_input(self, block: Any, kwargs: dict[str, Any]) -> Any:
+        # ZImageTransformerBlock's attention input: norm1(x) * (1 + scale_msa).
+        if kwargs.get("noise_mask") is not None:
+            raise ValueError("TeaCache on Z-Image supports the text-to-image path only")
+        scale_msa = block.adaLN_modulation(kwargs["adaln_input"]).unsqueeze(1).chunk(4, dim=2)[0]
+        return block.attention_norm1(kwargs["x"]) * (1.0 + scale_msa)
 
     def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
         return decode_latents(pipe, latents)
