@@ -2,13 +2,19 @@
 
 The decoder's global parts (its input conv and the mid-block, which has spatial self-attention)
 run on the whole latent on every rank; they work at latent resolution and are cheap. From the
-first up-block on, everything is convolutions, channel norms and nearest upsampling, so a band
-of latent rows plus a halo as deep as those layers' receptive field decodes to exactly the
-band's pixels. Each rank crops its band and the bands are all-gathered.
+first up-block on, everything is convolutions, norms and nearest upsampling, so a band of latent
+rows plus a halo as deep as those layers' receptive field decodes to exactly the band's pixels.
+Each rank crops its band and the bands are all-gathered.
+
+Per-pixel norms (Qwen-Image's RMS norm) need nothing more. GroupNorm (diffusers' AutoencoderKL:
+FLUX, SD3, Z-Image) normalises with statistics over the whole image: each rank sums its own rows
+(never the halo, which another rank owns), the sums are all-reduced, and every rank normalises
+its band with the whole image's mean and variance.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -25,6 +31,8 @@ def receptive_halo(modules: list[torch.nn.Module]) -> int:
             if isinstance(sub, torch.nn.Upsample):
                 scale *= float(sub.scale_factor[-1] if isinstance(sub.scale_factor, tuple)
                                else sub.scale_factor)
+            elif type(sub).__name__ == "Upsample2D":  # diffusers: nearest x2, then its conv
+                scale *= 2.0
             elif isinstance(sub, (torch.nn.Conv2d, torch.nn.Conv3d)):
                 k, d = sub.kernel_size[-2], sub.dilation[-2]
                 rows += (k - 1) // 2 * d / scale
@@ -40,6 +48,33 @@ class VaePatchParallel:
         self._sizes: list[int] = []
         first_local.register_forward_pre_hook(self._split)
         decoder.register_forward_hook(self._gather)
+        for m in local_modules:
+            for sub in m.modules():
+                if isinstance(sub, torch.nn.GroupNorm):
+                    sub.forward = functools.partial(self._group_norm, sub)
+
+    def _group_norm(self, norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+        if self._band is None:  # not inside a band decode (e.g. an encoder call)
+            return torch.nn.functional.group_norm(x, norm.num_groups, norm.weight, norm.bias,
+                                                  norm.eps)
+        keep, skip, in_rows = self._band
+        up = x.shape[-2] // in_rows
+        own = x[..., skip * up:(skip + keep) * up, :]
+        g = own.reshape(own.shape[0], norm.num_groups, -1).double()
+        stats = torch.stack([g.sum(-1), (g * g).sum(-1),
+                             torch.full_like(g[..., 0], g.shape[-1])])
+        self.comm.all_reduce(stats)
+        mean = stats[0] / stats[2]
+        var = (stats[1] / stats[2] - mean * mean).clamp_min(0)
+        shape = (x.shape[0], norm.num_groups) + (1,) * (x.dim() - 2)
+        xg = x.reshape(x.shape[0], norm.num_groups, -1, *x.shape[2:])
+        mean = mean.to(x.dtype).view(*shape[:2], 1, *shape[2:])
+        inv = torch.rsqrt(var + norm.eps).to(x.dtype).view(*shape[:2], 1, *shape[2:])
+        out = ((xg - mean) * inv).reshape(x.shape)
+        if norm.affine:
+            affine = (1, -1) + (1,) * (x.dim() - 2)
+            out = out * norm.weight.view(affine) + norm.bias.view(affine)
+        return out
 
     def _split(self, module, args):
         x = args[0]
@@ -60,9 +95,11 @@ class VaePatchParallel:
 
 
 def apply_vae_patch_parallel(vae: torch.nn.Module, comm: GroupComm) -> VaePatchParallel | None:
-    """For decoders laid out as conv_in, mid_block, up_blocks, norm_out, conv_out (Wan/Qwen-Image)."""
+    """For decoders laid out as conv_in, mid_block, up_blocks, a norm, conv_out: Wan/Qwen-Image
+    (``norm_out``) and diffusers' ``AutoencoderKL`` (``conv_norm_out``)."""
     if comm.world_size == 1:
         return None
     dec = vae.decoder
-    local = [*dec.up_blocks, dec.norm_out, dec.conv_out]
+    norm = dec.norm_out if hasattr(dec, "norm_out") else dec.conv_norm_out
+    local = [*dec.up_blocks, norm, dec.conv_out]
     return VaePatchParallel(comm, dec, dec.up_blocks[0], local)

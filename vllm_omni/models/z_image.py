@@ -12,7 +12,8 @@ class ZImageAdapter(ImageAdapter):
     name = "z-image"
     models = (("Z-Image-Turbo", "Tongyi-MAI/Z-Image-Turbo"),)
     pipeline_classes = ("ZImagePipeline",)
-    features = frozenset({"tea_cache", "cache_dit", "tensor_parallel", "lora"})
+    features = frozenset({"tea_cache", "cache_dit", "tensor_parallel", "vae_patch_parallel",
+                          "lora"})
     cfg_field = "guidance_scale"
     # Turbo is distilled to 8 denoiser calls without CFG (its model card: 9 steps, guidance 0);
     # the pipeline runs CFG (one doubled batch) for any guidance_scale > 0.
