@@ -12,8 +12,8 @@ class ZImageAdapter(ImageAdapter):
     name = "z-image"
     models = (("Z-Image-Turbo", "Tongyi-MAI/Z-Image-Turbo"),)
     pipeline_classes = ("ZImagePipeline",)
-    features = frozenset({"tea_cache", "cache_dit", "tensor_parallel", "vae_patch_parallel",
-                          "lora"})
+    features = frozenset({"tea_cache", "cache_dit", "sequence_parallel", "tensor_parallel",
+                          "vae_patch_parallel", "lora"})
     cfg_field = "guidance_scale"
     # Turbo is distilled to 8 denoiser calls without CFG (its model card: 9 steps, guidance 0);
     # the pipeline runs CFG (one doubled batch) for any guidance_scale > 0.
@@ -44,6 +44,11 @@ class ZImageAdapter(ImageAdapter):
     def parallel_plan(self, spec, loaded: bool = False):
         plan = super().parallel_plan(spec, loaded)
         plan.tp_plan = z_image_tp_plan
+        if loaded:
+            from vllm_omni.models.z_image_attention import ZImageSPAttnProcessor, z_image_cp_plan
+
+            plan.sp_processor = ZImageSPAttnProcessor
+            plan.cp_plan = z_image_cp_plan
         return plan
 
     def pipeline_kwargs(self, spec, req: DiffusionRequest) -> dict[str, Any]:
