@@ -24,6 +24,9 @@ class ImageAdapter(ModelAdapter):
     # one (None: the pipeline's own default negative is fine).
     negative_prompt: ClassVar[bool] = True
     empty_negative: ClassVar[str | None] = None
+    # The pipeline's default scale when only a negative prompt is given, where that differs
+    # from cfg_default (Qwen-Image: true_cfg_scale 4.0 applies once a negative prompt is there).
+    cfg_default_with_negative: ClassVar[float | None] = None
     default_steps: ClassVar[int] = 50
     # The pipeline's default output side in latent pixels (``default_sample_size``).
     default_sample_size: ClassVar[int] = 128
@@ -69,8 +72,7 @@ class ImageAdapter(ModelAdapter):
 
     def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
         super().validate(spec, req, given)
-        scale = self.cfg_scale(req)
-        if req.negative_prompt is not None and scale is not None and scale <= self.cfg_above:
+        if req.negative_prompt is not None and not self.runs_cfg(self.cfg_scale(req), True):
             raise InvalidRequestError(
                 f"negative_prompt has no effect unless {self.cfg_field} > {self.cfg_above:g}",
                 param="negative_prompt")
@@ -103,26 +105,31 @@ class ImageAdapter(ModelAdapter):
         if scale is not None:
             kwargs[self.cfg_field] = scale
         negative = req.negative_prompt
-        if negative is None and self.empty_negative is not None and self.runs_cfg(scale):
+        if negative is None and self.empty_negative is not None and self.runs_cfg(scale, False):
             negative = self.empty_negative  # CFG was asked for; the pipeline needs a negative
         if negative is not None:
             kwargs["negative_prompt"] = negative
         return kwargs
 
-    def runs_cfg(self, scale: float | None) -> bool:
-        return (self.cfg_default if scale is None else scale) > self.cfg_above
+    def runs_cfg(self, scale: float | None, has_negative: bool = False) -> bool:
+        """Whether the pipeline runs CFG at this requested scale (None: its default)."""
+        if scale is None:
+            scale = self.cfg_default
+            if has_negative and self.cfg_default_with_negative is not None:
+                scale = self.cfg_default_with_negative
+        return scale > self.cfg_above
 
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
         if not self.cfg_field:
             return False
-        return self.runs_cfg(kwargs.get(self.cfg_field))
+        return self.runs_cfg(kwargs.get(self.cfg_field), "negative_prompt" in kwargs)
 
     # -- batching ----------------------------------------------------------------------------------
     def batch_key(self, req: DiffusionRequest):
         if req.images or req.options:
             return None  # per-request images and options do not stack into one call
         has_negative = req.negative_prompt is not None or (
-            self.empty_negative is not None and self.runs_cfg(self.cfg_scale(req)))
+            self.empty_negative is not None and self.runs_cfg(self.cfg_scale(req), False))
         return (req.width, req.height, req.num_inference_steps, req.num_images,
                 req.true_cfg_scale, req.guidance_scale, has_negative, req.output_type,
                 req.partial_images)

@@ -23,7 +23,9 @@ class QwenImageAdapter(ImageAdapter):
     features = frozenset({"tea_cache", "cache_dit", "sequence_parallel", "cfg_parallel",
                           "tensor_parallel", "vae_patch_parallel", "cpu_offload", "lora", "fp8"})
     cfg_field = "true_cfg_scale"
-    cfg_default = 1.0  # we pass 1.0 when unset: the pipeline's 4.0 needs a negative prompt anyway
+    # The pipeline runs CFG (at its default 4.0) only when a negative prompt is given.
+    cfg_default = 1.0
+    cfg_default_with_negative = 4.0
     empty_negative = EMPTY_NEGATIVE_PROMPT
     has_preview = True
 
@@ -56,8 +58,11 @@ class QwenImageAdapter(ImageAdapter):
 
     def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
         kwargs = super().pipeline_kwargs(spec, req)
-        # No CFG unless asked for; saying so explicitly avoids the pipeline's default-4.0 warning.
-        kwargs.setdefault("true_cfg_scale", 1.0)
+        if "true_cfg_scale" not in kwargs:
+            # A negative prompt alone gets diffusers' default scale; without one, no CFG, said
+            # explicitly (the pipeline would warn that its default 4.0 needs a negative prompt).
+            kwargs["true_cfg_scale"] = (self.cfg_default_with_negative
+                                        if "negative_prompt" in kwargs else 1.0)
         if req.guidance_scale is not None:
             kwargs["guidance_scale"] = req.guidance_scale
         return kwargs
