@@ -304,3 +304,16 @@ def test_glm_prior_tokens_round_trip(servers):
     r = requests.post(f"{url}/v1/images/generations",
                       json={**ask, "prior_token_ids": tokens[:5]}, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prior_token_ids"
+
+
+def test_edits_stream_partial_images(servers):
+    """Streaming works on edits as on generations: previews, then the final image."""
+    url = servers["qwen-image-edit"].url
+    r = requests.post(f"{url}/v1/images/edits", data={
+        "prompt": PROMPT, "num_inference_steps": "4", "seed": str(SEED), "stream": "true",
+        "partial_images": "1"}, files={"image": ("a.png", _png(INPUTS[0]), "image/png")},
+        timeout=120, stream=True)
+    assert r.status_code == 200, r.text
+    kinds = [line.split(": ", 1)[1] for line in r.iter_lines(decode_unicode=True)
+             if line.startswith("event: ")]
+    assert kinds == ["image_generation.partial_image", "image_generation.completed"]
