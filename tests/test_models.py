@@ -316,4 +316,4 @@ def test_edits_stream_partial_images(servers):
     assert r.status_code == 200, r.text
     kinds = [line.split(": ", 1)[1] for line in r.iter_lines(decode_unicode=True)
              if line.startswith("event: ")]
-    assert kinds == ["image_generation.partial_image", "image_generation.completed"]
+    assert kinds == ["image_edit.partial_image", "image_edit.completed"]  # OpenAI's edit events

@@ -215,12 +215,14 @@ class ServingImages:
     def stream(self, body: _ImageRequest, images: list | None = None,
                mask=None) -> tuple[AsyncIterator[bytes], Callable]:
         """Server-sent events as OpenAI streams images: ``image_generation.partial_image`` for
-        each preview, then ``image_generation.completed`` (or ``error``). Checks and admission
+        each preview, then ``image_generation.completed`` (or ``error``); edits (``images``
+        given) are ``image_edit.*`` events, as OpenAI names them. Checks and admission
         happen here, before the stream starts, so they still answer with a plain HTTP error.
 
         Returns the events and a ``release`` to run when the response ends: a stream whose client
         left before it started never runs its generator's ``finally``."""
         req = self.prepare(body, images, mask)
+        prefix = "image_edit" if images is not None else "image_generation"
         self.admit()
         released = False
 
@@ -255,7 +257,7 @@ class ServingImages:
                     if getter.done():
                         i, image = getter.result()
                         yield await asyncio.to_thread(
-                            event, "image_generation.partial_image", image, partial_image_index=i)
+                            event, f"{prefix}.partial_image", image, partial_image_index=i)
                     else:
                         getter.cancel()
                 try:
@@ -266,7 +268,7 @@ class ServingImages:
                 if out.error is not None:
                     yield error_event(_openai_error(out))
                     return
-                yield await asyncio.to_thread(event, "image_generation.completed", out.images[0],
+                yield await asyncio.to_thread(event, f"{prefix}.completed", out.images[0],
                                               vllm_omni=_extension(req, out))
             finally:
                 release()
