@@ -41,7 +41,7 @@ class ModelSpec:
     extra: dict[str, Any] = field(default_factory=dict)  # adapter-specific facts
 
 
-# The support matrix's columns (docs: README "Supported models"). Each adapter lists the ones it
+# The support matrix's columns (README "Models"). Each adapter lists the ones it
 # supports; the engine refuses the others at startup.
 FEATURES = {
     "tea_cache": "TeaCache",
@@ -203,8 +203,9 @@ class ModelAdapter:
         if missing:
             names = ", ".join(FEATURES[f] for f in missing)
             have = ", ".join(FEATURES[f] for f in FEATURES if f in self.features) or "none"
-            raise ValueError(f"{spec.pipeline_class} ({self.models[0][0] if self.models else self.name}) does not "
-                             f"support {names}. Supported with this model: {have}")
+            model = self.models[0][0] if self.models else self.name
+            raise ValueError(f"{spec.pipeline_class} ({model}) does not support {names}. "
+                             f"Supported with this model: {have}")
 
     def check_parallel(self, spec: ModelSpec, parallel) -> None:
         from vllm_omni.distributed.apply import check_layout

@@ -95,7 +95,8 @@ class ImageAdapter(ModelAdapter):
 
     # -- the pipeline call -----------------------------------------------------------------------
     def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
-        kwargs: dict[str, Any] = dict(prompt=req.prompt, num_inference_steps=req.num_inference_steps,
+        kwargs: dict[str, Any] = dict(prompt=req.prompt,
+                                      num_inference_steps=req.num_inference_steps,
                                       num_images_per_prompt=req.num_images)
         if self.sized:
             kwargs.update(height=req.height, width=req.width)
@@ -134,7 +135,8 @@ class ImageAdapter(ModelAdapter):
                 req.true_cfg_scale, req.guidance_scale, has_negative, req.output_type,
                 req.partial_images)
 
-    def batch_pipeline_kwargs(self, spec: ModelSpec, reqs: list[DiffusionRequest]) -> dict[str, Any]:
+    def batch_pipeline_kwargs(self, spec: ModelSpec,
+                              reqs: list[DiffusionRequest]) -> dict[str, Any]:
         each = [self.pipeline_kwargs(spec, r) for r in reqs]
         kwargs = dict(each[0])
         kwargs["prompt"] = [k["prompt"] for k in each]

@@ -20,7 +20,8 @@ from vllm_omni.models.z_image import ZImageAdapter
 from vllm_omni.testing import edit_area
 
 ADAPTERS: tuple[ModelAdapter, ...] = (
-    FluxAdapter(), Flux2KleinAdapter(), GlmImageAdapter(), LongCatImageAdapter(), LongCatImageEditAdapter(),
+    FluxAdapter(), Flux2KleinAdapter(), GlmImageAdapter(), LongCatImageAdapter(),
+    LongCatImageEditAdapter(),
     OvisImageAdapter(), QwenImageAdapter(), QwenImageEditAdapter(), QwenImageEditPlusAdapter(),
     QwenImageLayeredAdapter(), StableDiffusion3Adapter(), ZImageAdapter(),
 )

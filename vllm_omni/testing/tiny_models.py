@@ -10,6 +10,11 @@ fixed seed, then written with ``save_pretrained`` so that it is loaded back thro
 ``qwen-image`` keeps the real latent and sequence geometry (8x VAE, 16 latent channels, patch 2) at
 toy widths; ``qwen-image-bench`` is the same architecture sized so that a 256x256, 20-step image
 takes about 1-3 s on a 2-core CPU, which makes it useful for overhead and cache benchmarks.
+
+Every other seed model has a family too (``FAMILIES``): the real pipeline class, tokenizer kinds,
+latent channels, VAE factor and patch sizes, with 1-2 blocks of width 16-48. Recipes and gotchas:
+shared/notes/tiny-models.md (FLUX.2-klein's 28-layer encoder, Z-Image's uninitialised pad tokens,
+GLM-Image's vocabulary layout).
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ def build_qwen_image(size: QwenImageSize = QWEN_IMAGE_TINY, seed_offset: int = 0
     return QwenImagePipeline(**parts)
 
 
-# -- shared tokenizers and components ---------------------------------------------------------------
+# -- shared tokenizers and components ------------------------------------------------------------
 
 # Qwen3's chat template, reduced to what the pipelines use: user turns and an empty think block
 # when enable_thinking is False (as the released template renders it).
@@ -137,11 +142,12 @@ def build_qwen2vl_processor(tokenizer):
 
 
 def build_t5_tokenizer():
-    """A Unigram T5 tokenizer: specials, then letters and digits with and without the '▁' marker."""
+    """A Unigram T5 tokenizer: specials, then letters and digits with and without '▁'."""
     from transformers import T5Tokenizer
 
     chars = "abcdefghijklmnopqrstuvwxyz0123456789,.!?'-"
-    words = ("a", "the", "of", "in", "on", "and", "with", "red", "blue", "cat", "dog", "fox", "photo")
+    words = ("a", "the", "of", "in", "on", "and", "with", "red", "blue", "cat", "dog", "fox",
+             "photo")
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [("▁" + w, -2.0) for w in words]
     vocab += [("▁" + c, -4.0) for c in chars] + [(c, -5.0) for c in chars] + [("▁", -3.0)]
@@ -372,7 +378,8 @@ def build_sd35():
     import torch
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    clip_tok, clip_tok_2, t5_tok = build_clip_tokenizer(), build_clip_tokenizer(), build_t5_tokenizer()
+    clip_tok, clip_tok_2 = build_clip_tokenizer(), build_clip_tokenizer()
+    t5_tok = build_t5_tokenizer()
     te1 = _clip_text_encoder(clip_tok, 16, projection=True, seed=0)
     te2 = _clip_text_encoder(clip_tok_2, 16, projection=True, seed=4)
     te3 = _t5_encoder(t5_tok, 32, seed=3)

@@ -237,7 +237,8 @@ class ServingImages:
         def event(kind: str, image, **fields) -> bytes:
             data = {"type": kind, "b64_json": base64.b64encode(
                 encode_image(image, fmt, compression)).decode(), "created_at": int(time.time()),
-                "size": size, "quality": "auto", "background": self.background, "output_format": fmt,
+                "size": size, "quality": "auto", "background": self.background,
+                "output_format": fmt,
                 **fields}
             return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
