@@ -12,9 +12,9 @@ toy widths; ``qwen-image-bench`` is the same architecture sized so that a 256x25
 takes about 1-3 s on a 2-core CPU, which makes it useful for overhead and cache benchmarks.
 
 Every other seed model has a family too (``FAMILIES``): the real pipeline class, tokenizer kinds,
-latent channels, VAE factor and patch sizes, with 1-2 blocks of width 16-48. Recipes and gotchas:
-shared/notes/tiny-models.md (FLUX.2-klein's 28-layer encoder, Z-Image's uninitialised pad tokens,
-GLM-Image's vocabulary layout).
+latent channels, VAE factor and patch sizes, with 1-2 blocks of width 16-48. The builders comment
+their gotchas (FLUX.2-klein's 28-layer encoder, Z-Image's uninitialised pad tokens, GLM-Image's
+vocabulary layout).
 """
 
 from __future__ import annotations
