@@ -288,7 +288,6 @@ async def _warm_up(images: ServingImages, spec: ModelSpec, limits: ServingLimits
                    warm: asyncio.Event) -> None:
     """Runs requests through the real path (input processing, engine, workers) before /health
     reports ready, so the first user request does not pay for first-call initialisation."""
-
     sizes = limits.warmup_sizes
     if sizes is None:
         sizes = [(spec.default_width, spec.default_height)]
