@@ -141,7 +141,8 @@ class ModelAdapter:
         """Worker-side setup once the pipeline is loaded (before parallel and cache hooks)."""
 
     def output_extra(self, pipe: Any) -> dict[str, Any]:
-        """Model-specific results of the call that just ran (returned beside the images)."""
+        """Model-specific results of the call that just ran (returned beside the images); the
+        adapter forgets them once read."""
         return {}
 
     def flatten_output(self, images: list[Any]) -> list[Any]:

@@ -197,6 +197,7 @@ class ModelRunner:
                                          uses_cfg and self.adapter.cfg_calls == "separate")
             # Per-request generators, in image order: each image's noise is what it would be alone.
             generators = [g for r in reqs for g in make_generators(r.seed, r.num_images)]
+            self.adapter.output_extra(self.pipe)  # drops what a failed earlier call left behind
             with follow_steps:
                 images = self.pipe(**kwargs, generator=generators,
                                    output_type=reqs[0].output_type).images
