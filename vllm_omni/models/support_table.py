@@ -12,14 +12,10 @@ import argparse
 import os
 import re
 
-from vllm_omni.models.base import FEATURES
+from vllm_omni.models.base import FEATURES, RELEASED
 from vllm_omni.models.registry import ADAPTERS
 
 BEGIN, END = "<!-- models:begin -->", "<!-- models:end -->"
-# Features this release has; adapters also declare support-matrix cells for the ones still to
-# come (CPU offload, LoRA, FP8), which the engine refuses for every model until they land.
-RELEASED = ("tea_cache", "cache_dit", "sequence_parallel", "cfg_parallel", "tensor_parallel",
-            "vae_patch_parallel")
 TASKS = {"text-to-image": "text → image", "image-edit": "image edit (`/v1/images/edits`)",
          "image-layers": "image → RGBA layers (`/v1/images/edits`)"}
 
