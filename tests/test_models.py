@@ -209,6 +209,15 @@ def test_edits_json_body_with_data_url_and_size(servers):
         "size": "32x32", "output_format": "webp", "output_compression": 80}, timeout=120)
     assert r.status_code == 200, r.text
     assert r.json()["size"] == "32x32" and decode(r.json()["data"][0]["b64_json"]).format == "WEBP"
+    # n and response_format=url work on edits as on generations.
+    r = requests.post(f"{url}/v1/images/edits", data={
+        "prompt": PROMPT, "num_inference_steps": str(STEPS), "seed": str(SEED), "n": "2",
+        "response_format": "url", "user": "u-1"},
+        files={"image": ("a.png", _png(INPUTS[0]), "image/png")}, timeout=120)
+    assert r.status_code == 200, r.text
+    links = [d["url"] for d in r.json()["data"]]
+    pngs = [requests.get(u, timeout=10).content for u in links]
+    assert len(pngs) == 2 and pngs[0] != pngs[1]  # one seed per image: seed, seed + 1
 
 
 @pytest.mark.parametrize("send, status, code", [
