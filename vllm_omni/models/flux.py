@@ -52,18 +52,18 @@ class Flux2KleinAdapter(ImageAdapter):
 
     def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
         spec = super().load_spec(model_dir, pipeline_class)
-        spec.has_guidance_embeds = bool(read_json(model_dir, "model_index.json")
-                                        .get("is_distilled", False))
-        if spec.has_guidance_embeds:
+        spec.extra["distilled"] = bool(read_json(model_dir, "model_index.json")
+                                       .get("is_distilled", False))
+        if spec.extra["distilled"]:
             spec.default_steps = 4
         return spec
 
     def allowed_fields(self, spec: ModelSpec) -> frozenset[str]:
         fields = super().allowed_fields(spec)
-        return fields - {"guidance_scale"} if spec.has_guidance_embeds else fields
+        return fields - {"guidance_scale"} if spec.extra["distilled"] else fields
 
     def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
-        if "guidance_scale" in given and spec.has_guidance_embeds:
+        if "guidance_scale" in given and spec.extra["distilled"]:
             raise InvalidRequestError(
                 f"guidance_scale is not supported by this step-distilled {spec.pipeline_class} "
                 "checkpoint (is_distilled: it runs without guidance)", param="guidance_scale",
@@ -72,13 +72,13 @@ class Flux2KleinAdapter(ImageAdapter):
 
     def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
         kwargs = super().pipeline_kwargs(spec, req)
-        if spec.has_guidance_embeds:
+        if spec.extra["distilled"]:
             kwargs["guidance_scale"] = 1.0  # no CFG, said explicitly (any other value warns)
         return kwargs
 
     def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
         plan = super().parallel_plan(spec, loaded)
-        if spec.has_guidance_embeds:
+        if spec.extra["distilled"]:
             plan.cfg_branches = 0
             plan.cfg_reason = (f"this {spec.pipeline_class} checkpoint is step-distilled "
                                "(is_distilled) and runs without classifier-free guidance")
