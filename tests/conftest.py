@@ -77,21 +77,31 @@ class Server:
         if "--warmup-sizes" not in extra:
             # The tiny model's default size (1024x1024) warms up in seconds; tests need not.
             extra = (*extra, "--warmup-sizes", "64x64")
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [os.path.join(VENV_BIN, "vllm"), "serve", model, "--omni", "--host", "127.0.0.1",
-             "--port", str(self.port), *extra],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.model, self.extra, self.log_path = model, extra, log_path
+        self._start()
         if wait:
             self.wait_healthy(180)
 
+    def _start(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(
+            [os.path.join(VENV_BIN, "vllm"), "serve", self.model, "--omni", "--host", "127.0.0.1",
+             "--port", str(self.port), *self.extra],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
+        retries = 2
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                if retries and "address already in use" in self.logs().lower():
+                    # The free port we picked was taken by a server starting beside this one.
+                    retries -= 1
+                    self.log.close()
+                    self._start()
+                    continue
                 raise RuntimeError(f"server exited ({self.proc.returncode}):\n{self.logs()}")
             try:
                 if requests.get(f"{self.url}/health", timeout=2).status_code == 200:

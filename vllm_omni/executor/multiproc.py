@@ -10,12 +10,14 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialFn, ProgressFn
-from vllm_omni.utils.proc import free_port, start_process
+from vllm_omni.utils.proc import start_process
 from vllm_omni.worker.worker import worker_main
 
 logger = logging.getLogger(__name__)
@@ -56,7 +58,10 @@ class MultiprocExecutor:
         ctx = worker_context()
         self.result_queue = ctx.Queue()
         self.work_queues = [ctx.Queue() for _ in range(config.world_size)]
-        init_method = f"tcp://127.0.0.1:{free_port()}"
+        # A file rendezvous, not a TCP port: a port picked free here can be taken by another
+        # engine starting at the same moment (two servers on one machine collided this way).
+        self._rendezvous = tempfile.mkdtemp(prefix="vllm_omni_dist_")
+        init_method = f"file://{os.path.join(self._rendezvous, 'store')}"
         # One flag per batch slot, shared with every rank: set to cancel that request, which the
         # ranks agree on at their next step end.
         self.cancel_flags = ctx.RawArray("b", MAX_BATCH)
@@ -188,3 +193,4 @@ class MultiprocExecutor:
         for q in [*self.work_queues, self.result_queue]:
             q.cancel_join_thread()
             q.close()
+        shutil.rmtree(self._rendezvous, ignore_errors=True)

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import os
 import queue
+import shutil
+import tempfile
 import traceback
 from collections.abc import Callable
 from typing import Any
 
-from vllm_omni.utils.proc import free_port, start_process
+from vllm_omni.utils.proc import start_process
 
 
-def _rank_main(fn, rank, world_size, port, args, results) -> None:
+def _rank_main(fn, rank, world_size, store, args, results) -> None:
     try:
         import torch.distributed as dist
 
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                                 world_size=world_size)
         try:
             results.put((rank, "ok", fn(rank, world_size, *args)))
@@ -32,9 +34,11 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
 
     ctx = worker_context()  # forked from the preloaded server: no 10 s of imports per rank
     results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, port, args, results), daemon=True)
-             for r in range(world_size)]
+    # A file rendezvous: no port that a concurrently starting server could take first.
+    tmp = tempfile.mkdtemp(prefix="vllm_omni_ranks_")
+    store = os.path.join(tmp, "store")
+    procs = [ctx.Process(target=_rank_main, args=(fn, r, world_size, store, args, results),
+                         daemon=True) for r in range(world_size)]
     for p in procs:
         start_process(p)
     out: dict[int, Any] = {}
@@ -52,4 +56,5 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
     return [out[r] for r in range(world_size)]
