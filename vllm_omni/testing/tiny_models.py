@@ -195,16 +195,21 @@ def _qwen25vl_text_encoder(tokenizer, width: int = 32, layers: int = 2, seed: in
     return Qwen2_5_VLForConditionalGeneration(config).eval()
 
 
-def _qwen3_config(tokenizer, width: int, layers: int):
-    from transformers import Qwen3Config
+def _qwen3_text_encoder(tokenizer, width: int, layers: int, causal_lm: bool = False,
+                        seed: int = 0):
+    """A Qwen3 text encoder (``Qwen3Model``, or ``Qwen3ForCausalLM`` for FLUX.2-klein)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
 
     ids = tokenizer.convert_tokens_to_ids
-    return Qwen3Config(
+    config = Qwen3Config(
         vocab_size=len(tokenizer), hidden_size=width, intermediate_size=width * 2,
         num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2, head_dim=width // 2,
         max_position_embeddings=4096, bos_token_id=ids("<|endoftext|>"),
         eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>"),
     )
+    torch.manual_seed(seed)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
 
 
 def _flux_vae(latent_channels: int = 16, seed: int = 2, **extra):
@@ -281,11 +286,9 @@ def build_qwen_image_layered():
 def build_z_image():
     import torch
     from diffusers import ZImagePipeline, ZImageTransformer2DModel
-    from transformers import Qwen3Model
 
     tokenizer = build_qwen3_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = Qwen3Model(_qwen3_config(tokenizer, 32, 2)).eval()
+    text_encoder = _qwen3_text_encoder(tokenizer, 32, 2)
     torch.manual_seed(1)
     # dim 48: the FFN width int(dim / 3 * 8) = 128 splits over tensor-parallel ranks, as the
     # released model's 10240 does.
@@ -351,12 +354,10 @@ def build_flux1():
 def build_flux2_klein(distilled: bool = True):
     import torch
     from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
-    from transformers import Qwen3ForCausalLM
 
     tokenizer = build_qwen3_tokenizer()
-    torch.manual_seed(0)
     # The pipeline stacks hidden states of layers (9, 18, 27): the encoder needs 28 layers.
-    text_encoder = Qwen3ForCausalLM(_qwen3_config(tokenizer, 16, 28)).eval()
+    text_encoder = _qwen3_text_encoder(tokenizer, 16, 28, causal_lm=True)
     torch.manual_seed(1)
     transformer = Flux2Transformer2DModel(
         patch_size=1, in_channels=128, num_layers=1, num_single_layers=2, attention_head_dim=16,
@@ -428,11 +429,9 @@ def build_longcat_image(edit: bool = False):
 def build_ovis_image():
     import torch
     from diffusers import OvisImagePipeline, OvisImageTransformer2DModel
-    from transformers import Qwen3Model
 
     tokenizer = build_qwen3_tokenizer()
-    torch.manual_seed(0)
-    text_encoder = Qwen3Model(_qwen3_config(tokenizer, 32, 2)).eval()
+    text_encoder = _qwen3_text_encoder(tokenizer, 32, 2)
     torch.manual_seed(1)
     transformer = OvisImageTransformer2DModel(
         patch_size=1, in_channels=64, out_channels=64, num_layers=1, num_single_layers=2,
