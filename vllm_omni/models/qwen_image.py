@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
-from vllm_omni.models.base import ModelSpec
+from vllm_omni.models.base import ModelSpec, read_json
 from vllm_omni.models.image import ImageAdapter
 
 # Qwen's published examples use a single space as the "empty" negative prompt.
@@ -30,8 +30,6 @@ class QwenImageAdapter(ImageAdapter):
     has_preview = True
 
     def vae_scale(self, model_dir: str) -> int:
-        from vllm_omni.models.base import read_json
-
         vae = read_json(model_dir, "vae", "config.json")
         return 2 ** len(vae.get("temperal_downsample", [False, True, True]))
 

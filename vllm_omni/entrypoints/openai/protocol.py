@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -38,7 +38,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
     return int(m.group(1)), int(m.group(2))
 
 
-class _ImageRequest(BaseModel):
+class ImageRequestBase(BaseModel):
     """Fields shared by /v1/images/generations and /v1/images/edits."""
 
     # Unknown fields are errors, and "4" is not an integer: nothing is guessed or dropped.
@@ -70,10 +70,11 @@ class _ImageRequest(BaseModel):
     auto_caption: bool | None = None  # Qwen-Image-Layered without a prompt
     prior_token_ids: list[int] | None = None  # GLM-Image: skip the prior, render these tokens
 
-    _neutral: dict[str, tuple] = {"quality": (None, "auto"),
-                                  "background": (None, "auto", "opaque"),
-                                  "moderation": (None,)}
-    _why: dict[str, str] = {
+    # OpenAI fields we accept only at their neutral values, and why the others are refused.
+    neutral: ClassVar[dict[str, tuple]] = {"quality": (None, "auto"),
+                                           "background": (None, "auto", "opaque"),
+                                           "moderation": (None,)}
+    why_not: ClassVar[dict[str, str]] = {
         "quality": "image quality is set with num_inference_steps",
         "background": "transparent backgrounds are not produced by this model",
         "style": "style presets are a DALL-E 3 feature",
@@ -83,12 +84,12 @@ class _ImageRequest(BaseModel):
 
     def check_openai_options(self, transparent: bool = False) -> None:
         """``transparent``: the model outputs RGBA (layers), so background may say so."""
-        for name, ok in self._neutral.items():
+        for name, ok in self.neutral.items():
             value = getattr(self, name)
             if transparent and name == "background":
                 ok = (None, "auto", "transparent")
             if value not in ok:
-                raise OpenAIError(400, f"{name}={value!r} is not supported: {self._why[name]}",
+                raise OpenAIError(400, f"{name}={value!r} is not supported: {self.why_not[name]}",
                                   param=name, code="unsupported_parameter")
         if transparent and self.output_format == "jpeg":
             raise OpenAIError(400, "this model outputs RGBA layers and jpeg has no alpha channel; "
@@ -110,14 +111,14 @@ class _ImageRequest(BaseModel):
                               code="unsupported_parameter")
 
 
-class ImageGenerationRequest(_ImageRequest):
+class ImageGenerationRequest(ImageRequestBase):
     prompt: str = Field(min_length=1, max_length=32000)
     style: str | None = None
 
-    _neutral = {**_ImageRequest._neutral.default, "style": (None,)}
+    neutral = {**ImageRequestBase.neutral, "style": (None,)}
 
 
-class ImageEditRequest(_ImageRequest):
+class ImageEditRequest(ImageRequestBase):
     """The JSON form of an edit: images as base64 strings or data URLs. (The multipart form
     carries them as files; ``serving_images.parse_edit_form`` builds this model from it.)"""
 
@@ -127,4 +128,4 @@ class ImageEditRequest(_ImageRequest):
     prompt: str | None = Field(None, max_length=32000)
     input_fidelity: str | None = None
 
-    _neutral = {**_ImageRequest._neutral.default, "input_fidelity": (None,)}
+    neutral = {**ImageRequestBase.neutral, "input_fidelity": (None,)}

@@ -18,7 +18,7 @@ from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, InvalidR
 from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
-from vllm_omni.entrypoints.openai.protocol import OpenAIError, _ImageRequest, parse_size
+from vllm_omni.entrypoints.openai.protocol import OpenAIError, ImageRequestBase, parse_size
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.utils.image import encode_image
@@ -134,7 +134,7 @@ class ServingImages:
                               f"{', '.join(self.served_model_names)}.", param="model",
                               code="model_not_found")
 
-    def prepare(self, body: _ImageRequest, images: list | None = None,
+    def prepare(self, body: ImageRequestBase, images: list | None = None,
                 mask=None) -> DiffusionRequest:
         """The engine request for ``body`` (plus decoded input images for edits); every check
         that can fail before running it."""
@@ -172,7 +172,7 @@ class ServingImages:
                     req.seed, len(req.images), bool(body.stream), body.user)
         return req
 
-    async def generate(self, body: _ImageRequest, base_url: str, is_disconnected=None,
+    async def generate(self, body: ImageRequestBase, base_url: str, is_disconnected=None,
                        images: list | None = None, mask=None) -> dict[str, Any]:
         req = self.prepare(body, images, mask)
         request_id = req.request_id
@@ -212,7 +212,7 @@ class ServingImages:
     def background(self) -> str:
         return "transparent" if self.spec.adapter.task == "image-layers" else "opaque"
 
-    def stream(self, body: _ImageRequest, images: list | None = None,
+    def stream(self, body: ImageRequestBase, images: list | None = None,
                mask=None) -> tuple[AsyncIterator[bytes], Callable]:
         """Server-sent events as OpenAI streams images: ``image_generation.partial_image`` for
         each preview, then ``image_generation.completed`` (or ``error``); edits (``images``
