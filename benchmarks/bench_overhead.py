@@ -84,7 +84,7 @@ def main() -> None:
         proc, url, launched = start_server(model_dir, log)
         try:
             size, steps = CASES[family][0]
-            probe = {"prompt": "a red fox", "size": f"{size}x{size}", "num_inference_steps": 1,
+            probe = {"prompt": "a red fox", "size": f"{size}x{size}", "num_inference_steps": 2,
                      "seed": 0}
             cold_start_s = first_image(url, proc, probe) - launched
 

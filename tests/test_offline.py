@@ -64,7 +64,7 @@ def test_progress_bar_counts_steps(omni, capsys):
 ])
 def test_invalid_params_are_rejected(omni, params, match):
     with pytest.raises(ValueError, match=match):
-        omni.generate("a red fox", OmniDiffusionSamplingParams(num_inference_steps=1, **params))
+        omni.generate("a red fox", OmniDiffusionSamplingParams(num_inference_steps=2, **params))
 
 
 def test_sampling_params_validate_types():
@@ -78,7 +78,7 @@ def test_sampling_params_validate_types():
 
 def test_too_long_prompt_is_rejected_not_truncated(omni):
     with pytest.raises(ValueError, match="accepts at most 1024"):
-        omni.generate("fox " * 1100, OmniDiffusionSamplingParams(num_inference_steps=1,
+        omni.generate("fox " * 1100, OmniDiffusionSamplingParams(num_inference_steps=2,
                                                                  width=32, height=32))
 
 

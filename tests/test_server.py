@@ -1,6 +1,7 @@
 """End-to-end: the real ``vllm serve DIR --omni`` process, the official client and raw HTTP."""
 
 import io
+from urllib.parse import urlsplit
 
 import numpy as np
 import openai
@@ -48,12 +49,13 @@ def test_url_response_format(server):
     body = r.json()
     assert body["output_format"] == "webp" and body["size"] == "32x32"
     url = body["data"][0]["url"]
-    assert url.startswith(server.url) and url.endswith("/content")
+    assert url.startswith(server.url) and urlsplit(url).path.endswith("/content")
     img = requests.get(url, timeout=10)
     assert img.headers["content-type"] == "image/webp"
     assert Image.open(io.BytesIO(img.content)).size == (32, 32)
+    # Links are signed (tests/test_security.py): an unsigned one is refused.
     missing = requests.get(server.url + "/v1/images/nope/content", timeout=10)
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert missing.status_code == 403 and missing.json()["error"]["code"] == "invalid_signature"
 
 
 def test_jpeg_and_cfg_extensions(server):
@@ -112,16 +114,16 @@ def test_unparseable_bodies(server, data, headers):
 
 
 def test_prompt_too_long_is_400_from_the_worker(server):
-    r = post(server, {"prompt": "fox " * 1100, "size": "32x32", "num_inference_steps": 1})
+    r = post(server, {"prompt": "fox " * 1100, "size": "32x32", "num_inference_steps": 2})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     # ...and the server keeps serving.
-    assert post(server, {"prompt": "ok", "size": "32x32", "num_inference_steps": 1}).ok
+    assert post(server, {"prompt": "ok", "size": "32x32", "num_inference_steps": 2}).ok
 
 
 def test_openai_client_sees_errors(server):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="x")
     with pytest.raises(openai.BadRequestError) as e:
-        client.images.generate(prompt="x", size="1x1", extra_body={"num_inference_steps": 1})
+        client.images.generate(prompt="x", size="1x1", extra_body={"num_inference_steps": 2})
     assert "multiple of 16" in str(e.value)
 
 

@@ -24,7 +24,7 @@ def auth():
 
 
 def test_api_key_protects_v1(keyed_server):
-    body = {"prompt": "a fox", "size": "32x32", "num_inference_steps": 1}
+    body = {"prompt": "a fox", "size": "32x32", "num_inference_steps": 2}
     r = requests.post(keyed_server.url + "/v1/images/generations", json=body, timeout=30)
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     assert requests.get(keyed_server.url + "/v1/models", timeout=10).status_code == 401
@@ -67,6 +67,6 @@ def test_killed_worker_fails_request_fast_then_recovers(keyed_server):
     # The engine restarts its workers and serves again.
     keyed_server.wait_healthy(120)
     r = requests.post(keyed_server.url + "/v1/images/generations", headers=auth(), timeout=60,
-                      json={"prompt": "a fox", "size": "32x32", "num_inference_steps": 1})
+                      json={"prompt": "a fox", "size": "32x32", "num_inference_steps": 2})
     assert r.status_code == 200, r.text
     assert _worker(keyed_server).pid != worker.pid

@@ -32,6 +32,7 @@ import torch
 
 from vllm_omni.cache.common import CacheStats, preset_settings
 from vllm_omni.distributed.comm import GroupComm
+from vllm_omni.engine.request import InvalidRequestError
 
 # cache-dit logs its configuration at INFO on stdout from every rank; keep stdout for our logs
 # unless the user asks for its messages (CACHE_DIT_LOG_LEVEL=info). Read when it is imported.
@@ -39,6 +40,11 @@ os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "warning")
 
 SCM_MASK_POLICIES = ("slow", "medium", "fast", "ultra")
 SCM_STEPS_POLICIES = ("dynamic", "static")
+
+
+def mask_supports(num_steps: int) -> bool:
+    """Whether cache-dit has a predefined step mask for this step count."""
+    return num_steps >= 8 or num_steps in (4, 6)
 
 
 @dataclass
@@ -123,6 +129,11 @@ class CacheDiTConfig:
 
         mask = None
         if self.scm_steps_mask_policy is not None and num_steps is not None:
+            if not mask_supports(num_steps):
+                raise InvalidRequestError(
+                    f"num_inference_steps={num_steps} cannot run with this server's cache-dit "
+                    f"step mask ({self.scm_steps_mask_policy!r}, e.g. from a cache preset): "
+                    "it supports 4, 6, or 8 and more steps", param="num_inference_steps")
             mask = cache_dit.steps_mask(total_steps=num_steps,
                                         mask_policy=self.scm_steps_mask_policy)
         return cache_dit.DBCacheConfig(

@@ -12,6 +12,7 @@ from dataclasses import fields
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
 from vllm_omni.inputs.data import MAX_SEED, OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
+from vllm_omni.utils.image import fit_input
 
 # Optional sampling fields that only some models honour; the adapter decides.
 MODEL_FIELDS = ("negative_prompt", "true_cfg_scale", "guidance_scale", "num_frames")
@@ -24,8 +25,10 @@ class InputProcessor:
     def __init__(self, spec: ModelSpec, seed: int | None = None):
         self.spec = spec
         # A server started with --seed draws per-request seeds from a seeded stream: runs are
-        # reproducible, yet two requests without a seed still get different images.
-        self._seeds = random.Random(seed)
+        # reproducible, yet two requests without a seed still get different images. Without
+        # one they come from the OS's entropy: a seeded Mersenne Twister could be predicted from
+        # the seeds that responses report, and so could other users' seeds.
+        self._seeds = random.Random(seed) if seed is not None else random.SystemRandom()
 
     def process(self, prompt: str | None, params: OmniDiffusionSamplingParams,
                 request_id: str | None = None, images: list | None = None,
@@ -46,6 +49,10 @@ class InputProcessor:
             given.add("mask")
         if params.width is not None or params.height is not None:
             given.add("size")
+        adapter = self.spec.adapter
+        # RGB models get RGB (transparency composited on white); layered models keep RGBA.
+        images = [fit_input(im, adapter.task == "image-layers", adapter.input_area)
+                  for im in images or []]
         options = {k: getattr(params, k) for k in OPTION_FIELDS if getattr(params, k) is not None}
         width, height = self.spec.adapter.default_size(self.spec, list(images or []), options)
         if "num_frames" in given and "video" not in self.spec.adapter.task:

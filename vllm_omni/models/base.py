@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
+from vllm_omni.utils.image import source_size
 
 
 def read_json(model_dir: str, *parts: str) -> dict[str, Any]:
@@ -38,6 +39,7 @@ class ModelSpec:
     has_guidance_embeds: bool = False
     num_heads: int = 1
     num_blocks: int = 1  # transformer blocks (cache-dit's Fn + Bn must fit in them)
+    min_steps: int = 1  # the fewest denoising steps its scheduler runs correctly
     extra: dict[str, Any] = field(default_factory=dict)  # adapter-specific facts
 
 
@@ -72,6 +74,9 @@ class ModelAdapter:
     features: ClassVar[frozenset[str]] = frozenset()
     # How many input images a request takes (edit models: at least one).
     image_inputs: ClassVar[tuple[int, int]] = (0, 0)
+    # The largest area (pixels) the pipeline works at on an input image; larger inputs are
+    # shrunk to it once decoded (the edit and layered pipelines resize to about 1 MP anyway).
+    input_area: ClassVar[int] = 1024 * 1024
     # Whether the request may omit the prompt (with auto_caption: the pipeline writes one).
     prompt_optional: ClassVar[bool] = False
     # Whether ``size`` may be set; False: the pipeline decides the output size itself.
@@ -92,6 +97,11 @@ class ModelAdapter:
                 f"{name} is not supported by {spec.pipeline_class}", param=name,
                 code="unsupported_parameter",
             )
+        if req.num_inference_steps < spec.min_steps:
+            raise InvalidRequestError(
+                f"num_inference_steps={req.num_inference_steps} is too few for "
+                f"{spec.pipeline_class}'s scheduler (it needs at least {spec.min_steps})",
+                param="num_inference_steps")
         lo, hi = self.image_inputs
         n = len(req.images)
         if not lo <= n <= hi:
@@ -131,7 +141,7 @@ class ModelAdapter:
         if not images:
             return spec.default_width, spec.default_height
         m = spec.size_multiple
-        w, h = images[0].size
+        w, h = source_size(images[0])
         return (min(self.max_side, max(m, round(w / m) * m)),
                 min(self.max_side, max(m, round(h / m) * m)))
 

@@ -11,6 +11,7 @@ from typing import Any
 from vllm_omni.engine.request import DiffusionRequest
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.models.image import ImageAdapter, decode_packed_latents
+from vllm_omni.utils.image import source_size
 
 
 class LongCatImageAdapter(ImageAdapter):
@@ -74,7 +75,7 @@ class LongCatImageEditAdapter(LongCatImageAdapter):
             return super().default_size(spec, images, options)
         from diffusers.pipelines.longcat_image import pipeline_longcat_image_edit as module
 
-        w, h = images[0].size
+        w, h = source_size(images[0])
         width, height = module.calculate_dimensions(1024 * 1024, w / h)
         m = spec.size_multiple
         return width // m * m, height // m * m

@@ -10,6 +10,7 @@ from typing import Any
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
 from vllm_omni.models.base import ModelSpec, read_json
 from vllm_omni.models.image import ImageAdapter
+from vllm_omni.utils.image import source_size
 
 # Qwen's published examples use a single space as the "empty" negative prompt.
 EMPTY_NEGATIVE_PROMPT = " "
@@ -159,7 +160,7 @@ class QwenImageLayeredAdapter(QwenImageAdapter):
         from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as module
 
         res = options.get("resolution", self.default_resolution)
-        w, h = images[0].size
+        w, h = source_size(images[0])
         width, height = module.calculate_dimensions(res * res, w / h)
         m = spec.size_multiple
         return width // m * m, height // m * m

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from vllm_omni.models.base import ModelAdapter, ModelSpec, read_json
@@ -46,7 +47,20 @@ def load_model_spec(model_dir: str) -> ModelSpec:
             f"{cls!r} pipelines are not supported; supported pipelines: "
             + ", ".join(supported_pipeline_classes())
         )
-    return adapter.load_spec(model_dir, cls)
+    spec = adapter.load_spec(model_dir, cls)
+    spec.min_steps = scheduler_min_steps(model_dir)
+    return spec
+
+
+def scheduler_min_steps(model_dir: str) -> int:
+    """The fewest steps the pipeline's scheduler can run: flow-matching schedulers that stretch
+    the schedule to a terminal shift divide by zero with one step (NaN latents, a black image)."""
+    path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
+    if not os.path.exists(path):
+        return 1
+    with open(path) as f:
+        config = json.load(f)
+    return 2 if config.get("shift_terminal") else 1
 
 
 def resolve_model_dir(model: str, revision: str | None = None) -> str:

@@ -104,9 +104,11 @@ class ModelRunner:
         def timed_decode(*args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return decode(*args, **kwargs)
+                out = decode(*args, **kwargs)
             finally:
                 self.timing.vae_s += time.perf_counter() - t0
+            check_finite(out[0] if isinstance(out, tuple) else out.sample, "the decoded image")
+            return out
 
         self.pipe.vae.decode = timed_decode
 
@@ -151,6 +153,7 @@ class ModelRunner:
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             timing.steps = step + 1
+            check_finite(callback_kwargs["latents"], f"the latents after step {step + 1}")
             timing.denoise_end = time.perf_counter()
             if progress is not None:
                 progress(ids, step + 1, total)
@@ -206,6 +209,12 @@ class ModelRunner:
         except InvalidRequestError as e:
             return {r.request_id: DiffusionOutput(r.request_id, error=RequestError.invalid(e))
                     for r in reqs}
+        except NonFiniteError as e:
+            logger.error("request(s) %s: %s", ids, e)
+            error = RequestError(500, f"generation failed: {e}", "server_error",
+                                 code="non_finite_output")
+            return {r.request_id: DiffusionOutput(r.request_id, metrics=self._metrics(t0),
+                                                  error=error) for r in reqs}
         except Exception as e:  # the worker survives a bad request or an OOM; the client is told
             logger.error("request(s) %s failed:\n%s", ids, traceback.format_exc())
             if self.device.type == "cuda":
@@ -277,6 +286,16 @@ def preview_steps(total: int, count: int) -> list[int]:
     steps = sorted({min(total - 2, max(0, round(total * (j + 1) / (count + 1)) - 1))
                     for j in range(count)})
     return steps
+
+
+class NonFiniteError(RuntimeError):
+    """The numbers went to NaN or infinity: the image would come out black or noise."""
+
+
+def check_finite(x: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{what} contain NaN or infinite values (numerical overflow; try "
+                             "other settings, e.g. a lower guidance scale or more steps)")
 
 
 class RequestCancelled(Exception):

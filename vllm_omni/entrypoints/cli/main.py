@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
                     "serving; remove them (see `vllm serve --omni --help`)")
     try:
         config, spec = config_from_args(args, serve)
-        limits = limits_from_args(args, spec)
+        limits = limits_from_args(args, spec, config)
     except ValueError as e:
         serve.error(str(e))
     run_server(args, config, spec, limits)

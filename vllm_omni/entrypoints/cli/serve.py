@@ -69,8 +69,14 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
         g.add_argument("--warmup-sizes", type=str, default=None,
                        help="Sizes generated before /health reports ready, e.g. "
                             "'1024x1024,512x512', or 'none'. Default: the model's default size."),
-        g.add_argument("--warmup-steps", type=int, default=2,
-                       help="Denoising steps of each warm-up request."),
+        g.add_argument("--warmup-steps", type=int, default=None,
+                       help="Denoising steps of each warm-up request. Default: 2 (4 with a "
+                            "cache-dit step mask, the fewest its masks support)."),
+        g.add_argument("--public-url", type=str, default=None,
+                       help="Base URL of this server as clients reach it (e.g. "
+                            "https://images.example.com/api), used in response_format=url "
+                            "links. Default: the address the request came in on, plus "
+                            "--root-path."),
     ]
     return actions
 
@@ -86,6 +92,9 @@ def make_parser():
         description="Serve a diffusers pipeline (a local directory or a Hugging Face id) through "
                     "OpenAI-compatible image endpoints.")
     serve = make_arg_parser(serve)
+    # vLLM defaults --seed to 0, which would make every server draw the same "random" request
+    # seeds; without an explicit --seed they come from the OS's entropy instead.
+    serve.set_defaults(seed=None)
     actions = _add_omni_args(serve)
     # vLLM's --help shows only group titles; list our flags in full, as users look for them.
     fmt = serve._get_formatter()
@@ -142,7 +151,7 @@ def config_from_args(args: argparse.Namespace, serve_parser):
     return config, spec
 
 
-def limits_from_args(args: argparse.Namespace, spec):
+def limits_from_args(args: argparse.Namespace, spec, config: OmniEngineConfig | None = None):
     """The API server's admission limits; warm-up sizes are checked against the model now."""
     from vllm_omni.engine.input_processor import InputProcessor
     from vllm_omni.engine.request import InvalidRequestError
@@ -156,7 +165,14 @@ def limits_from_args(args: argparse.Namespace, spec):
         max_inference_steps=args.max_inference_steps, max_pixels=args.max_pixels,
         max_body_bytes=int(args.max_upload_mb * 2**20),
         warmup_sizes=parse_sizes(args.warmup_sizes) if args.warmup_sizes else None,
-        warmup_steps=args.warmup_steps)
+        warmup_steps=warmup_steps(args, spec, config))
+    if args.public_url is not None:
+        from urllib.parse import urlsplit
+
+        url = urlsplit(args.public_url)
+        if url.scheme not in ("http", "https") or not url.netloc or url.query or url.fragment:
+            raise ValueError(f"--public-url {args.public_url!r}: expected http(s)://host[:port]"
+                             "[/path]")
     for w, h in limits.warmup_sizes or []:
         try:
             params, inputs = warmup_params(spec, limits.warmup_steps, w, h)
@@ -164,6 +180,25 @@ def limits_from_args(args: argparse.Namespace, spec):
         except InvalidRequestError as e:
             raise ValueError(f"--warmup-sizes {w}x{h}: {e.message}") from None
     return limits
+
+
+def warmup_steps(args: argparse.Namespace, spec, config: OmniEngineConfig | None) -> int:
+    """--warmup-steps, or its default: 2, or 4 where a cache-dit step mask needs it."""
+    steps = args.warmup_steps
+    if config is None or config.cache_backend != "cache_dit":
+        return 2 if steps is None else steps
+    from vllm_omni.cache.cache_dit import CacheDiTConfig, mask_supports
+
+    cache = CacheDiTConfig.resolve(config.cache_config, spec.adapter.cache_dit_presets,
+                                   spec.pipeline_class)
+    if cache.scm_steps_mask_policy is None:
+        return 2 if steps is None else steps
+    if steps is None:
+        return 4
+    if not mask_supports(steps):
+        raise ValueError(f"--warmup-steps {steps}: the cache-dit step mask supports 4, 6, or 8 "
+                         "and more steps")
+    return steps
 
 
 def _api_keys(value) -> list[str]:
@@ -196,7 +231,8 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=
     try:
         app = build_app(engine, spec, config.served_model_names, model_root=config.model,
                         api_keys=_api_keys(args.api_key),
-                        seed=args.seed, root_path=args.root_path or "", limits=limits)
+                        seed=args.seed, root_path=args.root_path or "", limits=limits,
+                        public_url=args.public_url)
         if args.allowed_origins != ["*"] or args.allow_credentials:
             from fastapi.middleware.cors import CORSMiddleware
 

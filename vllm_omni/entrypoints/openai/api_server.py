@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import re
 import time
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette._utils import get_route_path
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -26,7 +28,9 @@ from vllm_omni.entrypoints.openai.protocol import (
     OpenAIError,
 )
 from vllm_omni.entrypoints.openai.serving_images import ClientDisconnected, ServingImages
+from vllm_omni.entrypoints.openai.uploads import InputDecoder
 from vllm_omni.models.base import ModelSpec
+from vllm_omni.utils.text import log_safe
 
 logger = logging.getLogger("vllm_omni.api")
 
@@ -80,20 +84,46 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+# Routes that answer without the API key (as in vLLM: probes, metrics, version, API docs). The
+# image content route checks its own signature instead. Every other path needs the key, whatever
+# --root-path is and whether or not the route exists.
+PUBLIC_ROUTES = frozenset({"/health", "/metrics", "/version", "/docs", "/docs/oauth2-redirect",
+                           "/redoc", "/openapi.json"})
+SIGNED_ROUTE = re.compile(r"/v1/images/[^/]+/content")
+
+
+def route_path(scope) -> str:
+    """The path the router matches: with the root path (--root-path) removed, if present.
+    Starlette's own function, so that auth sees exactly what the router routes."""
+    return get_route_path(scope)
+
+
+def own_base_url(scope, root_path: str) -> str:
+    """This server's address as the socket the request came in on reports it (never the
+    client's Host header, which would let anyone have links built to their host)."""
+    host, port = scope.get("server") or ("127.0.0.1", 80)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scope.get('scheme', 'http')}://{host}:{port}{root_path}"
+
+
 class ApiKeyAuth:
-    """ASGI middleware: every ``/v1`` route needs ``Authorization: Bearer <key>`` (401 if not)."""
+    """ASGI middleware: every route but ``PUBLIC_ROUTES`` needs ``Authorization: Bearer <key>``
+    (401 if not). It matches the path the router sees, so a root-path prefix changes nothing."""
 
     def __init__(self, app, keys: list[str]):
         self.app = app
         self.accepted = [f"Bearer {k}".encode() for k in keys]
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            given = dict(scope.get("headers") or []).get(b"authorization", b"")
-            if not any(hmac.compare_digest(given, a) for a in self.accepted):
-                e = OpenAIError(401, "Incorrect or missing API key (send "
-                                "'Authorization: Bearer <key>')", code="invalid_api_key")
-                return await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+        if scope["type"] == "http":
+            path = route_path(scope)
+            if path not in PUBLIC_ROUTES and not SIGNED_ROUTE.fullmatch(path):
+                given = dict(scope.get("headers") or []).get(b"authorization", b"")
+                if not any(hmac.compare_digest(given, a) for a in self.accepted):
+                    e = OpenAIError(401, "Incorrect or missing API key (send "
+                                    "'Authorization: Bearer <key>')", code="invalid_api_key")
+                    return await JSONResponse(e.body(), status_code=401)(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -108,7 +138,7 @@ class CountResponses:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if scope["type"] != "http" or not route_path(scope).startswith("/v1"):
             return await self.app(scope, receive, send)
         status = 500
 
@@ -128,11 +158,12 @@ class CountResponses:
 def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str], *,
               model_root: str, api_keys: list[str] | None = None, seed: int | None = None,
               root_path: str = "", limits: ServingLimits | None = None,
-              metrics: ServerMetrics | None = None) -> FastAPI:
+              metrics: ServerMetrics | None = None, public_url: str | None = None) -> FastAPI:
     limits = limits or ServingLimits()
     metrics = metrics or ServerMetrics(served_model_names[0])
     store = ImageStore()
     images = ServingImages(engine, spec, served_model_names, seed, store, limits, metrics)
+    decoder = InputDecoder(spec.adapter, spec.pipeline_class)
     created = int(time.time())
     warm = asyncio.Event()
 
@@ -169,7 +200,7 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        logger.exception("unhandled error on %s", request.url.path)
+        logger.exception("unhandled error on %s", log_safe(request.url.path))
         e = OpenAIError(500, f"internal error: {type(exc).__name__}", "server_error")
         return JSONResponse(e.body(), status_code=500)
 
@@ -214,7 +245,7 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
                                      headers={"Cache-Control": "no-cache"},
                                      background=BackgroundTask(release))
         try:
-            return await images.generate(body, str(request.base_url), request.is_disconnected)
+            return await images.generate(body, base_url(request), request.is_disconnected)
         except ClientDisconnected:
             # Nobody reads this; 499 is what proxies log for a client that closed the request.
             return Response(status_code=499)
@@ -225,22 +256,8 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
         base64 / data-URL images."""
         from pydantic import ValidationError
 
-        from vllm_omni.entrypoints.openai.uploads import json_edit_images, parse_edit_form
-
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "multipart/form-data":
-            form = await request.form(max_part_size=limits.max_body_bytes)
-            try:
-                body, inputs, mask = await parse_edit_form(form)
-            finally:
-                await form.close()
-        elif kind == "application/json":
-            try:
-                body = ImageEditRequest.model_validate_json(await request.body())
-            except ValidationError as e:
-                raise RequestValidationError(e.errors()) from None
-            inputs, mask = json_edit_images(body)
-        else:
+        if kind not in ("multipart/form-data", "application/json"):
             raise OpenAIError(415, f"Content-Type {kind or 'none'} is not accepted: send "
                               "multipart/form-data (as the OpenAI client does) or "
                               "application/json", code="unsupported_media_type")
@@ -248,24 +265,45 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
             raise OpenAIError(400, f"{spec.pipeline_class} generates from text alone and does "
                               "not edit images; use /v1/images/generations", param="image",
                               code="unsupported_parameter")
+        if kind == "multipart/form-data":
+            form = await request.form(max_part_size=limits.max_body_bytes)
+            try:
+                body, inputs, mask = await decoder.form(form)
+            finally:
+                await form.close()
+        else:
+            try:
+                body = ImageEditRequest.model_validate_json(await request.body())
+            except ValidationError as e:
+                raise RequestValidationError(e.errors()) from None
+            inputs, mask = await decoder.json_images(body)
         if body.stream:
             events, release = images.stream(body, inputs, mask)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"},
                                      background=BackgroundTask(release))
         try:
-            return await images.generate(body, str(request.base_url), request.is_disconnected,
+            return await images.generate(body, base_url(request), request.is_disconnected,
                                          inputs, mask)
         except ClientDisconnected:
             return Response(status_code=499)
 
     @app.get("/v1/images/{image_id}/content")
-    async def image_content(image_id: str):
+    async def image_content(image_id: str, expires: str | None = None,
+                            signature: str | None = None):
+        """A ``response_format=url`` image; the link's signature stands in for the API key."""
+        why = store.check_signature(image_id, expires, signature)
+        if why is not None:
+            raise OpenAIError(403, f"Access denied to image {image_id!r}: {why}",
+                              param="signature", code="invalid_signature")
         item = store.get(image_id)
         if item is None:
             raise OpenAIError(404, f"No image with id {image_id!r} (image URLs expire after an "
                               "hour)", param="image_id", code="not_found")
         return Response(content=item[0], media_type=item[1])
+
+    def base_url(request: Request) -> str:
+        return public_url.rstrip("/") if public_url else own_base_url(request.scope, root_path)
 
     return app
 

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from vllm_omni.inputs.data import MAX_SEED
+from vllm_omni.inputs.data import MAX_GUIDANCE_SCALE, MAX_SEED
 
 
 class OpenAIError(Exception):
@@ -24,14 +24,14 @@ class OpenAIError(Exception):
                           "code": self.code}}
 
 
-_SIZE = re.compile(r"^([1-9][0-9]{0,5})x([1-9][0-9]{0,5})$")
+_SIZE = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")
 
 
 def parse_size(size: str | None) -> tuple[int | None, int | None]:
     """``"WxH"`` -> (W, H); ``None``/``"auto"`` -> the model's default."""
     if size is None or size == "auto":
         return None, None
-    m = _SIZE.match(size)
+    m = _SIZE.fullmatch(size)
     if not m:
         raise OpenAIError(400, f"Invalid size {size!r}: expected 'WIDTHxHEIGHT' (e.g. '1024x1024') "
                           "or 'auto'", param="size", code="invalid_value")
@@ -42,7 +42,8 @@ class ImageRequestBase(BaseModel):
     """Fields shared by /v1/images/generations and /v1/images/edits."""
 
     # Unknown fields are errors, and "4" is not an integer: nothing is guessed or dropped.
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # JSON's NaN / Infinity (which Python's parser accepts) are refused in every float field.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     model: str | None = None
     n: int = Field(1, ge=1)  # the upper bound is a server flag (--max-images-per-request)
@@ -50,7 +51,7 @@ class ImageRequestBase(BaseModel):
     response_format: Literal["b64_json", "url"] = "b64_json"
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
-    user: str | None = None
+    user: str | None = Field(None, max_length=256)  # logged, escaped (utils.text.log_safe)
     # OpenAI fields whose only value we can honour is the neutral one (checked in the handler).
     quality: str | None = None
     background: str | None = None
@@ -60,8 +61,8 @@ class ImageRequestBase(BaseModel):
     # Diffusion extensions (top level, so the OpenAI SDK's extra_body reaches them).
     negative_prompt: str | None = None
     num_inference_steps: int | None = Field(None, ge=1)  # bounded by --max-inference-steps
-    guidance_scale: float | None = Field(None, ge=0)
-    true_cfg_scale: float | None = Field(None, ge=0)
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
+    true_cfg_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     # Model-specific options (rejected by models that do not have them).
     enable_prompt_rewrite: bool | None = None  # LongCat-Image: rewrite the prompt first

@@ -22,6 +22,7 @@ from vllm_omni.entrypoints.openai.protocol import OpenAIError, ImageRequestBase,
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.utils.image import encode_image
+from vllm_omni.utils.text import log_safe
 
 logger = logging.getLogger("vllm_omni.api")
 
@@ -169,7 +170,8 @@ class ServingImages:
         req.partial_images = body.partial_images or 0
         logger.info("request %s: %dx%d, %d steps, n=%d, seed=%d, inputs=%d, stream=%s, user=%s",
                     request_id, req.width, req.height, req.num_inference_steps, req.num_images,
-                    req.seed, len(req.images), bool(body.stream), body.user)
+                    req.seed, len(req.images), bool(body.stream),
+                    None if body.user is None else log_safe(body.user))
         return req
 
     async def generate(self, body: ImageRequestBase, base_url: str, is_disconnected=None,
@@ -191,8 +193,9 @@ class ServingImages:
         for i, blob in enumerate(encoded):
             if body.response_format == "url":
                 image_id = f"{request_id}-{i}"
-                self.store.put(image_id, blob, fmt)
-                data.append({"url": f"{base_url}v1/images/{image_id}/content",
+                expires = self.store.put(image_id, blob, fmt)
+                data.append({"url": f"{base_url}/v1/images/{image_id}/content?"
+                                    f"{self.store.signed_query(image_id, expires)}",
                              "revised_prompt": None})
             else:
                 data.append({"b64_json": base64.b64encode(blob).decode(), "revised_prompt": None})

@@ -1,12 +1,18 @@
-"""Input images of /v1/images/edits: multipart files or base64 / data-URL strings, decoded once.
+"""Input images of /v1/images/edits: multipart files or base64 / data-URL strings.
 
 Multipart is OpenAI's form: ``image`` (repeated, or ``image[]``), ``mask``, and every other
 field as text. The text fields are validated by the same pydantic model as the JSON form, in
 lax mode (a form field is always a string, so "2" must count as 2).
+
+An upload can be small and decode to gigabytes (a one-colour 8192² PNG is 200 KB), so the
+count of images is checked before any is decoded, each image's header before its pixels, and
+the images are decoded one at a time in a thread (the event loop keeps answering) and shrunk
+to the model's working size at once (``fit_input``): only that is kept while the request waits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import io
@@ -16,23 +22,30 @@ from typing import Any
 from PIL import Image
 
 from vllm_omni.entrypoints.openai.protocol import ImageEditRequest, OpenAIError
+from vllm_omni.models.base import ModelAdapter
+from vllm_omni.utils.image import fit_input
 
 # Decoded pixels per input image; Pillow's own bomb check stops far larger ones earlier.
 MAX_INPUT_PIXELS = 64 * 2**20
 _DATA_URL = re.compile(r"^data:image/[a-zA-Z0-9.+-]+;base64,", re.ASCII)
 
 
-def decode_image(data: bytes, param: str, index: int | None = None) -> Image.Image:
-    """A loaded RGB or RGBA PIL image, or a 400 naming which upload could not be read."""
-    where = param if index is None else f"{param}[{index}]"
+def _where(param: str, index: int | None) -> str:
+    return param if index is None else f"{param}[{index}]"
+
+
+def decode_image(data: bytes, param: str, index: int | None = None, keep_alpha: bool = True,
+                 max_area: int | None = None) -> Image.Image:
+    """A loaded image as the model takes it (``fit_input``), or a 400 naming which upload could
+    not be read."""
+    where = _where(param, index)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
             if im.width * im.height > MAX_INPUT_PIXELS:
                 raise OpenAIError(400, f"{where} is {im.width}x{im.height}, more than "
                                   f"{MAX_INPUT_PIXELS} pixels", param=param, code="invalid_value")
             im.load()
-            has_alpha = im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info
-            return im.convert("RGBA" if has_alpha else "RGB")
+            return fit_input(im, keep_alpha, max_area)
     except OpenAIError:
         raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
@@ -41,66 +54,89 @@ def decode_image(data: bytes, param: str, index: int | None = None) -> Image.Ima
                           code="invalid_image") from None
 
 
-def decode_base64_image(text: str, param: str, index: int | None = None) -> Image.Image:
+def base64_bytes(text: str, param: str, index: int | None = None) -> bytes:
     payload = _DATA_URL.sub("", text.strip(), count=1)
     try:
-        data = base64.b64decode(payload, validate=True)
+        return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
-        where = param if index is None else f"{param}[{index}]"
-        raise OpenAIError(400, f"{where} is neither a base64 string nor a data URL "
-                          "(data:image/png;base64,...)", param=param,
+        raise OpenAIError(400, f"{_where(param, index)} is neither a base64 string nor a data "
+                          "URL (data:image/png;base64,...)", param=param,
                           code="invalid_image") from None
-    return decode_image(data, param, index)
 
 
-def json_edit_images(body: ImageEditRequest) -> tuple[list[Image.Image], Image.Image | None]:
-    texts = [body.image] if isinstance(body.image, str) else list(body.image)
-    images = [decode_base64_image(t, "image", i if len(texts) > 1 else None)
-              for i, t in enumerate(texts)]
-    mask = decode_base64_image(body.mask, "mask") if body.mask is not None else None
-    return images, mask
+class InputDecoder:
+    """Decodes one request's uploads as ``adapter``'s pipeline takes them."""
 
+    def __init__(self, adapter: ModelAdapter, pipeline_class: str):
+        self.adapter, self.pipeline_class = adapter, pipeline_class
 
-async def parse_edit_form(form) -> tuple[ImageEditRequest, list[Image.Image], Image.Image | None]:
-    """A Starlette ``FormData`` as (validated fields, input images, mask)."""
-    from pydantic import ValidationError
-    from starlette.datastructures import UploadFile
-
-    fields: dict[str, Any] = {}
-    files: list[Any] = []
-    mask = None
-    for key, value in form.multi_items():
-        if key in ("image", "image[]"):
-            files.append(value)
-        elif key == "mask":
-            mask = value
-        elif isinstance(value, UploadFile):
-            raise OpenAIError(400, f"{key} must be a text field, not a file", param=key,
+    def check_count(self, n: int) -> None:
+        lo, hi = self.adapter.image_inputs
+        if hi and n > hi:
+            what = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
+            raise OpenAIError(400, f"{n} input images given to {self.pipeline_class}: it takes "
+                              f"{what} input image{'s' if hi > 1 else ''}", param="image",
                               code="invalid_value")
-        elif key in fields:
-            raise OpenAIError(400, f"{key} was given more than once", param=key,
-                              code="invalid_value")
-        else:
-            fields[key] = value
-    if not files:
-        raise OpenAIError(400, "Missing required parameter: 'image'.", param="image",
-                          code="missing_required_parameter")
-    images = []
-    for i, f in enumerate(files):
-        data = await f.read() if isinstance(f, UploadFile) else None
-        if data is None:  # a text part: accept base64 / data URL like the JSON form
-            images.append(decode_base64_image(f, "image", i if len(files) > 1 else None))
-        else:
-            images.append(decode_image(data, "image", i if len(files) > 1 else None))
-    mask_image = None
-    if mask is not None:
-        mask_image = (decode_image(await mask.read(), "mask") if isinstance(mask, UploadFile)
-                      else decode_base64_image(mask, "mask"))
-    try:
-        # The files are decoded already; the model still wants its required image field.
-        body = ImageEditRequest.model_validate({**fields, "image": "multipart"}, strict=False)
-    except ValidationError as e:
-        from fastapi.exceptions import RequestValidationError
 
-        raise RequestValidationError(e.errors()) from None
-    return body, images, mask_image
+    async def decode(self, sources: list[Any], param: str = "image") -> list[Image.Image]:
+        """Uploads (multipart files, or base64 / data-URL text) decoded one after another off
+        the event loop, after checking their count; a mask keeps its alpha channel."""
+        from starlette.datastructures import UploadFile
+
+        if param == "image":
+            self.check_count(len(sources))
+        keep_alpha = param == "mask" or self.adapter.task == "image-layers"
+        images = []
+        for i, source in enumerate(sources):
+            index = i if len(sources) > 1 else None
+            if isinstance(source, UploadFile):
+                data = await source.read()
+            else:
+                data = base64_bytes(source, param, index)
+            images.append(await asyncio.to_thread(decode_image, data, param, index, keep_alpha,
+                                                  self.adapter.input_area))
+            del data
+        return images
+
+    async def json_images(self, body: ImageEditRequest
+                          ) -> tuple[list[Image.Image], Image.Image | None]:
+        texts = [body.image] if isinstance(body.image, str) else list(body.image)
+        images = await self.decode(texts)
+        mask = (await self.decode([body.mask], "mask"))[0] if body.mask is not None else None
+        return images, mask
+
+    async def form(self, form) -> tuple[ImageEditRequest, list[Image.Image], Image.Image | None]:
+        """A Starlette ``FormData`` as (validated fields, input images, mask)."""
+        from pydantic import ValidationError
+        from starlette.datastructures import UploadFile
+
+        fields: dict[str, Any] = {}
+        files: list[Any] = []
+        mask = None
+        for key, value in form.multi_items():
+            if key in ("image", "image[]"):
+                files.append(value)
+            elif key == "mask":
+                mask = value
+            elif isinstance(value, UploadFile):
+                raise OpenAIError(400, f"{key} must be a text field, not a file", param=key,
+                                  code="invalid_value")
+            elif key in fields:
+                raise OpenAIError(400, f"{key} was given more than once", param=key,
+                                  code="invalid_value")
+            else:
+                fields[key] = value
+        if not files:
+            raise OpenAIError(400, "Missing required parameter: 'image'.", param="image",
+                              code="missing_required_parameter")
+        try:
+            # The files are decoded below; the model still wants its required image field.
+            body = ImageEditRequest.model_validate({**fields, "image": "multipart"},
+                                                   strict=False)
+        except ValidationError as e:
+            from fastapi.exceptions import RequestValidationError
+
+            raise RequestValidationError(e.errors()) from None
+        images = await self.decode(files)
+        mask_image = (await self.decode([mask], "mask"))[0] if mask is not None else None
+        return body, images, mask_image
