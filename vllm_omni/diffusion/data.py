@@ -62,6 +62,12 @@ class OmniEngineConfig:
     # Seconds to wait for workers to load the model before giving up.
     load_timeout_s: float = 1800.0
     device: str | None = None  # None: CUDA when available, else CPU
+    # A worker whose heartbeat (a thread beating even during compute) is older than this is
+    # treated as dead (stopped, or frozen holding the interpreter) and the workers restart.
+    heartbeat_timeout_s: float = 30.0
+    # After a running batch is cancelled (timeout, disconnect), the workers get this long to
+    # stop; then they are restarted so the queue moves.
+    cancel_grace_s: float = 10.0
 
     def __post_init__(self) -> None:
         if isinstance(self.cache_config, str):
@@ -80,6 +86,10 @@ class OmniEngineConfig:
             raise ValueError("max_num_seqs > 1 with a cache backend: the cache decides for a whole "
                              "batch, so an image would depend on the requests batched with it; "
                              "use max_num_seqs 1 (--max-num-seqs 1) with caching")
+        for name in ("heartbeat_timeout_s", "cancel_grace_s", "load_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.check_supported()

@@ -44,6 +44,7 @@ class AsyncOmniEngine:
         self.worker_pids: list[int] = []
         self._pending: dict[str, asyncio.Future] = {}
         self._partials: dict[str, tuple[asyncio.AbstractEventLoop, Callable]] = {}
+        self._abort_reasons: dict[str, str] = {}  # set by abort() before cancelling the wait
         self._lock = threading.Lock()
         self._closed = False
         self._wait_ready()
@@ -97,11 +98,17 @@ class AsyncOmniEngine:
         except asyncio.CancelledError:
             with self._lock:
                 self._pending.pop(request.request_id, None)
-            self._in.put(("abort", request.request_id))
+            self._in.put(("abort", request.request_id,
+                          self._abort_reasons.pop(request.request_id, "cancelled")))
             raise
         finally:
             with self._lock:
                 self._partials.pop(request.request_id, None)
+
+    def set_abort_reason(self, request_id: str, reason: str) -> None:
+        """Why the request's ``generate`` is about to be cancelled ("timeout" or "cancelled"),
+        so the engine can count and answer it as such."""
+        self._abort_reasons[request_id] = reason
 
     def _resolve(self, out: DiffusionOutput) -> None:
         with self._lock:

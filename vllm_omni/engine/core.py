@@ -22,9 +22,12 @@ from vllm_omni.engine.request import (
 from vllm_omni.engine.scheduler import Scheduler
 from vllm_omni.executor.multiproc import MultiprocExecutor, WorkerDiedError
 from vllm_omni.models.registry import load_model_spec
-from vllm_omni.utils.proc import parent_alive, set_process_title
+from vllm_omni.utils.proc import set_process_title, watch_parent
 
 logger = logging.getLogger(__name__)
+
+# How often an idle engine checks its workers (a dead one is restarted before the next request).
+IDLE_POLL_S = 0.2
 
 class EngineCore:
     def __init__(self, config: OmniEngineConfig):
@@ -48,19 +51,34 @@ class EngineCore:
             return
         self.scheduler.add(request)
 
-    def abort_request(self, request_id: str) -> bool:
-        """Drops a waiting request, or stops a running one at its next step end."""
-        if self.scheduler.abort(request_id) is not None:
+    def abort_request(self, request_id: str, reason: str = "cancelled") -> bool:
+        """Drops a waiting request, or stops a running one at its next step end. ``reason``:
+        "cancelled" (the client left) or "timeout" (its deadline passed)."""
+        req = self.scheduler.abort(request_id)
+        if req is not None:
+            self._immediate.append(_cancelled(req, reason, "before it started"))
             return True
-        return self.executor is not None and self.executor.cancel(request_id)
+        return self.executor is not None and self.executor.cancel(request_id, reason)
 
     def has_work(self) -> bool:
         return self.scheduler.has_waiting() or bool(self._immediate)
+
+    def check_workers(self) -> bool:
+        """Whether the workers can serve; if not, they are restarted before the next batch
+        (called while idle too, so no request that arrives afterwards is lost)."""
+        if self.executor is None or self.needs_restart:
+            return not self.needs_restart
+        why = self.executor.unhealthy()
+        if why:
+            logger.error("%s; restarting workers", why)
+            self.needs_restart = True
+        return why is None
 
     def step(self, on_progress: ProgressFn | None = None,
              poll: Callable[[], None] | None = None,
              on_partial: PartialFn | None = None) -> list[DiffusionOutput]:
         """Runs one batch. ``poll`` is called while it runs, to take new requests and aborts."""
+        self.check_workers()
         if self.needs_restart:
             self.restart()
         outputs, self._immediate = self._immediate, []
@@ -71,7 +89,10 @@ class EngineCore:
             results = self.executor.execute(batch, on_progress, poll, on_partial)
         except WorkerDiedError as e:
             logger.error("%s; failing %d in-flight request(s) and restarting workers", e, len(batch))
-            results = [_error(r, 500, f"generation failed: {e}") for r in batch]
+            cancelled = self.executor.cancelled
+            results = [_cancelled(r, cancelled[r.request_id], "and its workers were restarted")
+                       if r.request_id in cancelled else _error(r, 500, f"generation failed: {e}")
+                       for r in batch]
             # Answer the failed requests first; the (slow) restart happens on the next step.
             self.needs_restart = True
         return outputs + self.scheduler.finish(batch, results)
@@ -103,14 +124,18 @@ def _error(req: DiffusionRequest, status: int, message: str) -> DiffusionOutput:
     return DiffusionOutput(req.request_id, error=RequestError(status, message, kind))
 
 
+def _cancelled(req: DiffusionRequest, reason: str, when: str) -> DiffusionOutput:
+    return DiffusionOutput(req.request_id, error=RequestError.cancelled(reason, when))
+
+
 def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
-    """Engine core process. In: ("add", req) | ("abort", id) | ("shutdown",).
+    """Engine core process. In: ("add", req) | ("abort", id, reason) | ("shutdown",).
     Out: ("ready", pids) | ("startup_failed", text) | ("output", out) |
     ("partial", id, index, image) | ("status", state, pids)."""
     set_process_title("engine_core")
     logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
                         format="%(levelname)s %(asctime)s [engine_core] %(message)s")
-    parent = os.getppid()
+    watch_parent()  # the API server died: exit; our workers then exit by the same watch
     try:
         core = EngineCore(config)
     except Exception as e:
@@ -125,7 +150,7 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
         if msg[0] == "add":
             core.add_request(msg[1])
         elif msg[0] == "abort":
-            core.abort_request(msg[1])
+            core.abort_request(msg[1], msg[2])
         elif msg[0] == "shutdown":
             raise Shutdown
 
@@ -143,12 +168,10 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
 
     try:
         while True:
-            if not core.has_work() and not core.needs_restart:
+            if not core.has_work() and core.check_workers():
                 try:
-                    handle(in_queue.get(timeout=1.0))
+                    handle(in_queue.get(timeout=IDLE_POLL_S))
                 except queue.Empty:
-                    if not parent_alive(parent):
-                        return
                     continue
             poll()
             if core.needs_restart:

@@ -6,6 +6,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+# What a running request's cancel flag says (0: run on); the worker answers with the matching
+# error (RequestError.cancelled).
+CANCEL_CODES = {"cancelled": 1, "timeout": 2}
+
 # Per-step progress callback: (request ids, steps done, total steps).
 ProgressFn = Callable[[list[str], int, int], None]
 # A preview while denoising: (request id, partial image index, image).
@@ -33,6 +37,13 @@ class RequestError:
     @classmethod
     def invalid(cls, e: InvalidRequestError) -> "RequestError":
         return cls(400, e.message, "invalid_request_error", e.param, e.code)
+
+    @classmethod
+    def cancelled(cls, reason: str, when: str) -> "RequestError":
+        """A request stopped because its client left (499) or its deadline passed (504)."""
+        if reason == "timeout":
+            return cls(504, f"timed out {when}", "server_error", code="timeout")
+        return cls(499, f"cancelled {when}", "cancelled", code="cancelled")
 
 
 @dataclass

@@ -132,11 +132,12 @@ class Omni:
                 bar.update(step - done_steps.get(rid, 0))
                 done_steps[rid] = step
 
-        results = {}
+        results, ids = {}, {req.request_id for req in requests}
         try:
             while len(results) < len(requests):
                 for out in self._engine.step(on_progress):
-                    results[out.request_id] = out
+                    if out.request_id in ids:  # not the answer to an earlier, aborted call
+                        results[out.request_id] = out
         finally:
             bar.close()
             # An interrupted call (Ctrl-C) must not leave its requests queued for the next one.

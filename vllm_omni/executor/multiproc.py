@@ -16,7 +16,13 @@ import time
 from collections.abc import Callable
 
 from vllm_omni.diffusion.data import OmniEngineConfig
-from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialFn, ProgressFn
+from vllm_omni.engine.request import (
+    CANCEL_CODES,
+    DiffusionOutput,
+    DiffusionRequest,
+    PartialFn,
+    ProgressFn,
+)
 from vllm_omni.utils.proc import start_process
 from vllm_omni.worker.worker import worker_main
 
@@ -65,13 +71,18 @@ class MultiprocExecutor:
         # One flag per batch slot, shared with every rank: set to cancel that request, which the
         # ranks agree on at their next step end.
         self.cancel_flags = ctx.RawArray("b", MAX_BATCH)
+        # Each rank's last heartbeat (time.monotonic, which is system-wide on Linux), written
+        # by a thread of the worker every HEARTBEAT_S, also while it computes.
+        self.heartbeats = ctx.RawArray("d", [time.monotonic()] * config.world_size)
         self.running: list[str] = []
+        self.cancelled: dict[str, str] = {}  # running request id -> why it was cancelled
+        self._stop_by: float | None = None  # when a fully cancelled batch must have stopped
         self.workers = []
         for rank in range(config.world_size):
             p = ctx.Process(
                 target=worker_main, name=f"vllm_omni_worker{rank}", daemon=True,
                 args=(rank, config, init_method, self.work_queues[rank], self.result_queue,
-                      self.cancel_flags, dict(os.environ)),
+                      self.cancel_flags, self.heartbeats, dict(os.environ)),
             )
             start_process(p)
             self.workers.append(p)
@@ -91,6 +102,18 @@ class MultiprocExecutor:
                 return f"worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
         return None
 
+    def unhealthy(self) -> str | None:
+        """Why the workers cannot serve (one exited, or stopped beating), or None."""
+        dead = self._dead_worker()
+        if dead:
+            return dead
+        now, limit = time.monotonic(), self.config.heartbeat_timeout_s
+        for rank, beat in enumerate(self.heartbeats):
+            if now - beat > limit:
+                return (f"worker rank {rank} (pid {self.workers[rank].pid}) sent no heartbeat "
+                        f"for {now - beat:.0f}s (limit {limit:g}s): stopped or hung")
+        return None
+
     def _recv(self, deadline: float | None = None, poll: Callable[[], None] | None = None):
         while True:
             try:
@@ -99,9 +122,13 @@ class MultiprocExecutor:
                 pass
             if poll is not None:
                 poll()
-            dead = self._dead_worker()
-            if dead:
-                raise WorkerDiedError(dead)
+            why = self.unhealthy()
+            if why:
+                raise WorkerDiedError(why)
+            if self._stop_by is not None and time.monotonic() > self._stop_by:
+                raise WorkerDiedError(
+                    f"the workers did not stop within {self.config.cancel_grace_s:g}s of the "
+                    "request being cancelled")
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError("timed out waiting for workers")
 
@@ -126,11 +153,16 @@ class MultiprocExecutor:
             if msg[0] == "ready":
                 ready.add(msg[1])
 
-    def cancel(self, request_id: str) -> bool:
-        """Stops a running request at its next step end; False if it is not running."""
+    def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
+        """Stops a running request at its next step end (alone on one rank: at its next block
+        or decode tile); False if it is not running. Once every request of the batch is
+        cancelled, the workers have ``cancel_grace_s`` to stop before they are restarted."""
         if request_id not in self.running:
             return False
-        self.cancel_flags[self.running.index(request_id)] = 1
+        self.cancel_flags[self.running.index(request_id)] = CANCEL_CODES[reason]
+        self.cancelled[request_id] = reason
+        if self._stop_by is None and set(self.running) <= set(self.cancelled):
+            self._stop_by = time.monotonic() + self.config.cancel_grace_s
         return True
 
     def execute(self, batch: list[DiffusionRequest], on_progress: ProgressFn | None = None,
@@ -142,10 +174,11 @@ class MultiprocExecutor:
         for i in range(len(batch)):
             self.cancel_flags[i] = 0
         self.running = [r.request_id for r in batch]
+        self.cancelled, self._stop_by = {}, None
         try:
             return self._execute(batch, on_progress, poll, on_partial)
         finally:
-            self.running = []
+            self.running, self._stop_by = [], None
 
     def _execute(self, batch, on_progress, poll, on_partial) -> list[DiffusionOutput]:
         # Progress costs a queue message per step; only ask for it when someone listens.

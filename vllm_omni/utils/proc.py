@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
 
 
 def set_process_title(role: str) -> None:
@@ -16,8 +18,30 @@ def set_process_title(role: str) -> None:
         pass
 
 
-def parent_alive(parent_pid: int) -> bool:
-    return os.getppid() == parent_pid
+HEARTBEAT_S = 0.5
+
+
+def watch_parent(beat=None) -> None:
+    """Starts a thread that exits this process at once when the process that started it dies
+    (its sentinel pipe closes), also in the middle of a computation, so no worker outlives its
+    engine; and that calls ``beat()`` every ``HEARTBEAT_S`` meanwhile. A thread runs while the
+    main thread is inside torch (which releases the interpreter lock), so a missing heartbeat
+    means a stopped or frozen process, not a busy one."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+
+    def run() -> None:
+        while True:
+            if beat is not None:
+                beat()
+            if parent is None:
+                time.sleep(HEARTBEAT_S)
+            elif wait([parent.sentinel], timeout=HEARTBEAT_S):
+                os._exit(1)  # nobody will read our results; skip exit handlers that could block
+
+    threading.Thread(target=run, name="vllm_omni-watch-parent", daemon=True).start()
 
 
 def free_port() -> int:

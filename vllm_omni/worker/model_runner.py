@@ -13,12 +13,14 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from vllm_omni.cache.apply import apply_cache
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.distributed.apply import apply_parallel
 from vllm_omni.distributed.groups import ParallelGroups
 from vllm_omni.engine.request import (
+    CANCEL_CODES,
     DiffusionOutput,
     DiffusionRequest,
     InvalidRequestError,
@@ -67,6 +69,7 @@ class ModelRunner:
         self.cache = None
         self.cancel_flags = cancel_flags  # shared per-slot flags set by the engine (or None)
         self.timing = StepTiming()
+        self._running_slots: list[int] = []  # cancel-flag slots of the batch being run
         # Tests make one rank fail a marked request, to prove a desynchronised group recovers.
         self._fault_rank = int(os.environ.get("VLLM_OMNI_TEST_FAIL_RANK", "-1"))
 
@@ -88,6 +91,7 @@ class ModelRunner:
         self.cache = apply_cache(self.pipe, self.config.cache_backend, self.config.cache_config,
                                  self.adapter, self.spec, self.groups)
         self._install_timing()
+        self._install_cancel_points()
         logger.info("rank %d loaded %s (%s, %s) in %.2fs", self.rank, self.spec.pipeline_class,
                     dtype, self.device, time.perf_counter() - t0)
 
@@ -134,17 +138,38 @@ class ModelRunner:
                 outputs[req.request_id] = DiffusionOutput(req.request_id,
                                                           error=RequestError.invalid(e))
         if runnable:
-            outputs.update(self._run([s for s, _ in runnable], [r for _, r in runnable], progress,
-                                     partial))
+            try:
+                outputs.update(self._run([s for s, _ in runnable], [r for _, r in runnable],
+                                         progress, partial))
+            finally:
+                self._running_slots = []
         return [outputs[r.request_id] for r in batch]
 
-    def _cancelled(self, slots: list[int]) -> list[bool]:
-        """Which of ``slots`` the engine cancelled, agreed by every rank."""
+    def _cancelled(self, slots: list[int]) -> list[int]:
+        """Each slot's cancel code (0: run on; see ``CANCEL_CODES``), agreed by every rank."""
         flags = [int(self.cancel_flags[s]) if self.cancel_flags is not None else 0 for s in slots]
         if self.groups.world.world_size > 1:
             # Ranks read the flags at slightly different moments; all must stop at the same step.
-            flags = self.groups.world.all_reduce(torch.tensor(flags, dtype=torch.int32)).tolist()
-        return [f > 0 for f in flags]
+            flags = self.groups.world.all_reduce(torch.tensor(flags, dtype=torch.int32),
+                                                 op=dist.ReduceOp.MAX).tolist()
+        return flags
+
+    def _install_cancel_points(self) -> None:
+        """Lets a lone rank stop a cancelled request inside a step: before each transformer
+        block and each piece of the VAE decoder, not only at step ends (one step or one decode
+        of a large image can take minutes on a CPU). Ranks of a parallel group must stop
+        together, so they stop at step ends only (the engine restarts them if that is late)."""
+        if self.groups.world.world_size > 1 or self.cancel_flags is None:
+            return
+
+        def check(module, args):
+            slots = self._running_slots
+            if slots and all(self.cancel_flags[s] for s in slots):
+                self.timing.cancelled = [int(self.cancel_flags[s]) for s in slots]
+                raise RequestCancelled
+
+        for module in cancel_points(self.pipe):
+            module.register_forward_pre_hook(check)
 
     def _step_callback(self, slots: list[int], reqs: list[DiffusionRequest],
                        progress: ProgressFn | None, partial: PartialFn | None):
@@ -174,7 +199,8 @@ class ModelRunner:
     def _run(self, slots: list[int], reqs: list[DiffusionRequest], progress: ProgressFn | None,
              partial: PartialFn | None = None) -> dict[str, DiffusionOutput]:
         t0 = time.perf_counter()
-        self.timing = timing = StepTiming(cancelled=[False] * len(reqs))
+        self.timing = timing = StepTiming(cancelled=[0] * len(reqs))
+        self._running_slots = slots
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         ids = ", ".join(r.request_id for r in reqs)
@@ -235,12 +261,13 @@ class ModelRunner:
                     if images is not None else [])
             offset += req.num_images
             if cancelled or images is None:
-                logger.info("request %s cancelled after %d of %d steps", req.request_id,
-                            timing.steps, req.num_inference_steps)
+                reason = "timeout" if cancelled == CANCEL_CODES["timeout"] else "cancelled"
+                when = f"after {timing.steps} of {req.num_inference_steps} steps"
+                logger.info("request %s %s %s", req.request_id,
+                            "timed out" if reason == "timeout" else "cancelled", when)
                 outputs[req.request_id] = DiffusionOutput(
-                    req.request_id, metrics=dict(metrics), error=RequestError(
-                        499, f"cancelled after {timing.steps} of {req.num_inference_steps} steps",
-                        "cancelled", code="cancelled"))
+                    req.request_id, metrics=dict(metrics),
+                    error=RequestError.cancelled(reason, when))
             else:
                 outputs[req.request_id] = DiffusionOutput(req.request_id, images=mine,
                                                           metrics=dict(metrics), extra=extra)
@@ -302,12 +329,31 @@ class RequestCancelled(Exception):
     """Raised at a step end on every rank when the engine cancelled the request."""
 
 
+def cancel_points(pipe) -> list[torch.nn.Module]:
+    """Where a lone rank checks for cancellation: each block of the denoisers' block stacks
+    (the ModuleLists directly under a transformer) and each block-list entry of the VAE
+    decoder, at any depth (resnets, attention, upsamplers; each tile runs them again)."""
+    points = []
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipe, name, None)
+        if isinstance(model, torch.nn.Module):
+            for child in model.children():
+                if isinstance(child, torch.nn.ModuleList):
+                    points.extend(child)
+    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
+    if isinstance(decoder, torch.nn.Module):
+        for module in decoder.modules():
+            if isinstance(module, torch.nn.ModuleList):
+                points.extend(m for m in module if not isinstance(m, torch.nn.ModuleList))
+    return points
+
+
 @dataclass
 class StepTiming:
     """Where one request's time went, filled by the step callback and the timing hooks."""
 
     steps: int = 0
-    cancelled: list[bool] = field(default_factory=list)  # per request of the batch
+    cancelled: list[int] = field(default_factory=list)  # per request: its cancel code, 0 if none
     denoise_start: float | None = None  # the first transformer call
     denoise_end: float | None = None  # the last step end
     vae_s: float = 0.0

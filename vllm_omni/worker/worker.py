@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import time
 import traceback
 
 from vllm_omni.diffusion.data import OmniEngineConfig
-from vllm_omni.utils.proc import parent_alive, set_process_title
+from vllm_omni.utils.proc import set_process_title, watch_parent
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def _init_distributed(rank: int, config: OmniEngineConfig, init_method: str, dev
 
 
 def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
-                work_queue, result_queue, cancel_flags=None,
+                work_queue, result_queue, cancel_flags=None, heartbeats=None,
                 environ: dict[str, str] | None = None) -> None:
     """Messages in: ("execute", batch, want_progress) | ("shutdown",). Out: ("ready", rank) |
     ("load_error", rank, text) | ("done", rank, failed) per batch from every rank; from rank 0
@@ -40,7 +41,11 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
         os.environ.update(environ)
     logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
                         format=f"%(levelname)s %(asctime)s [worker{rank}] %(message)s")
-    parent = os.getppid()
+
+    def beat() -> None:
+        heartbeats[rank] = time.monotonic()
+
+    watch_parent(beat if heartbeats is not None else None)
     try:
         import torch
 
@@ -75,8 +80,6 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
         try:
             msg = work_queue.get(timeout=1.0)
         except queue.Empty:
-            if not parent_alive(parent):
-                return  # the engine core is gone; nobody will read our results
             continue
         if msg[0] == "shutdown":
             return

@@ -28,7 +28,7 @@ class ServerMetrics:
         self.requests = Counter("vllm_omni:requests", "HTTP requests answered, by route and "
                                 "status code", [*names, "route", "status"], registry=r)
         self.engine_outcomes = Counter("vllm_omni:engine_requests", "Requests the engine "
-                                       "finished, by outcome (ok, cancelled, error)",
+                                       "finished, by outcome (ok, cancelled, timed_out, error)",
                                        [*names, "outcome"], registry=r)
         self.rejected = Counter("vllm_omni:requests_rejected", "Requests refused before reaching "
                                 "the engine, by reason", [*names, "reason"], registry=r)
@@ -81,6 +81,8 @@ class ServerMetrics:
             outcome = "ok"
         elif out.error.code == "cancelled":
             outcome = "cancelled"
+        elif out.error.code == "timeout":
+            outcome = "timed_out"
         else:
             outcome = "error"
         self.engine_outcomes.labels(**lab, outcome=outcome).inc()

@@ -113,6 +113,7 @@ class ServingImages:
                         self._latency_s = t if not avg else 0.8 * avg + 0.2 * t
                     return out
                 if deadline is not None and time.monotonic() > deadline:
+                    self.engine.set_abort_reason(req.request_id, "timeout")
                     task.cancel()  # AsyncOmniEngine.generate sends the abort
                     if self.metrics is not None:
                         self.metrics.reject("timeout")
