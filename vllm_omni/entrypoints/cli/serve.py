@@ -72,6 +72,13 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
         g.add_argument("--warmup-steps", type=int, default=None,
                        help="Denoising steps of each warm-up request. Default: 2 (4 with a "
                             "cache-dit step mask, the fewest its masks support)."),
+        g.add_argument("--worker-heartbeat-timeout", type=float, default=30.0,
+                       help="Seconds without a heartbeat from a worker (sent by a thread, also "
+                            "during compute) before it is treated as dead (stopped, frozen) and "
+                            "the workers restart."),
+        g.add_argument("--cancel-grace-period", type=float, default=10.0,
+                       help="Seconds the workers get to stop a cancelled (timed-out or "
+                            "abandoned) request before they are restarted so the queue moves."),
         g.add_argument("--public-url", type=str, default=None,
                        help="Base URL of this server as clients reach it (e.g. "
                             "https://images.example.com/api), used in response_format=url "
@@ -145,6 +152,8 @@ def config_from_args(args: argparse.Namespace, serve_parser):
         enable_cpu_offload=args.enable_cpu_offload, lora_path=args.lora_path,
         default_seed=args.seed, load_timeout_s=args.model_load_timeout,
         max_num_seqs=args.max_num_seqs or 1,
+        heartbeat_timeout_s=args.worker_heartbeat_timeout,
+        cancel_grace_s=args.cancel_grace_period,
     )
     spec = load_model_spec(config.model)
     spec.adapter.check_engine(spec, config)
