@@ -28,6 +28,21 @@ HONOURED = {
 }
 
 
+def _positive(kind):
+    """An argparse type: a finite ``kind`` > 0, or a usage error naming the flag."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            v = None
+        if v is None or not 0 < v < float("inf"):
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"expected {what} > 0, got {text!r}")
+        return v
+
+    return parse
+
+
 def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     g = parser.add_argument_group(OMNI_GROUP, "Diffusion serving (vllm_omni). These flags, and "
                                   "the vLLM flags listed in the epilog, apply with --omni.")
@@ -66,6 +81,17 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
                             "own limit."),
         g.add_argument("--max-upload-mb", type=float, default=50.0,
                        help="Largest request body in MiB, uploads included (413 beyond)."),
+        g.add_argument("--header-read-timeout", type=_positive(float), default=10.0,
+                       help="Seconds a client has to send a request line and headers, from "
+                            "connecting or, on a kept-alive connection, from its first byte "
+                            "after the previous response; then the connection is closed."),
+        g.add_argument("--body-read-timeout", type=_positive(float), default=60.0,
+                       help="Seconds a client has to send a whole request body, from the end of "
+                            "its headers; then it gets 408 and the connection is closed. Raise "
+                            "it for large uploads over slow links (50 MiB in 60 s is ~7 Mbit/s)."),
+        g.add_argument("--max-connections", type=_positive(int), default=512,
+                       help="Open HTTP connections accepted at once; a connection beyond them "
+                            "is answered 503 and closed at once."),
         g.add_argument("--warmup-sizes", type=str, default=None,
                        help="Sizes generated before /health reports ready, e.g. "
                             "'1024x1024,512x512', or 'none'. Default: the model's default size."),
@@ -174,7 +200,9 @@ def limits_from_args(args: argparse.Namespace, spec, config: OmniEngineConfig | 
         max_inference_steps=args.max_inference_steps, max_pixels=args.max_pixels,
         max_body_bytes=int(args.max_upload_mb * 2**20),
         warmup_sizes=parse_sizes(args.warmup_sizes) if args.warmup_sizes else None,
-        warmup_steps=warmup_steps(args, spec, config))
+        warmup_steps=warmup_steps(args, spec, config),
+        header_read_timeout_s=args.header_read_timeout,
+        body_read_timeout_s=args.body_read_timeout, max_connections=args.max_connections)
     if args.public_url is not None:
         from urllib.parse import urlsplit
 
@@ -220,9 +248,14 @@ def _api_keys(value) -> list[str]:
 
 def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=None) -> None:
     import uvicorn
+    from vllm import envs
 
     from vllm_omni.engine.async_engine import AsyncOmniEngine
     from vllm_omni.entrypoints.openai.api_server import build_app
+    from vllm_omni.entrypoints.openai.connections import guarded_protocol
+    from vllm_omni.entrypoints.openai.limits import ServingLimits
+
+    limits = limits or ServingLimits()
 
     # Bind the port before the engine starts, as vLLM does: the workers open many TCP
     # connections while loading, and one of them could take a port chosen but not yet bound.
@@ -251,6 +284,8 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=
                                allow_headers=args.allowed_headers)
         server = uvicorn.Server(uvicorn.Config(
             app, host=host, port=args.port, log_level=args.uvicorn_log_level,
+            http=guarded_protocol(limits.header_read_timeout_s, limits.max_connections),
+            timeout_keep_alive=envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE,  # as vLLM's own server
             access_log=not args.disable_uvicorn_access_log, ssl_keyfile=args.ssl_keyfile,
             ssl_certfile=args.ssl_certfile, ssl_ca_certs=args.ssl_ca_certs,
             timeout_graceful_shutdown=10))

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import vllm_omni
 from vllm_omni.engine.async_engine import AsyncOmniEngine
+from vllm_omni.entrypoints.openai.connections import BodyDeadline
 from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
@@ -180,6 +181,8 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
     # Added first, so innermost (add_middleware prepends): the router reads the body through it
     # directly, and its 413 reaches our error handler.
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    # Its 408 is raised where the body is read, so it too reaches our error handler.
+    app.add_middleware(BodyDeadline, timeout_s=limits.body_read_timeout_s)
     metrics.set_limit(limits.max_in_flight)
 
     @app.exception_handler(OpenAIError)
@@ -194,7 +197,7 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
-        code = "request_too_large" if exc.status_code == 413 else None
+        code = {408: "request_timeout", 413: "request_too_large"}.get(exc.status_code)
         e = OpenAIError(exc.status_code, str(exc.detail), kind, code=code)
         return JSONResponse(e.body(), status_code=exc.status_code, headers=exc.headers)
 

@@ -1,5 +1,5 @@
-"""What the API server admits: queue length, deadlines, request sizes, and the warm-up it runs
-before it reports healthy. Set by ``vllm serve`` flags, validated once here."""
+"""What the API server admits: queue length, deadlines, request sizes, connections, and the
+warm-up it runs before it reports healthy. Set by ``vllm serve`` flags, validated once here."""
 
 from __future__ import annotations
 
@@ -34,16 +34,24 @@ class ServingLimits:
     # Warm-up before /health says ready: (width, height) pairs; None: the model's default size.
     warmup_sizes: list[tuple[int, int]] | None = None
     warmup_steps: int = 2
+    # Slow and numerous clients (connections.py): a request head, a request body, open connections.
+    header_read_timeout_s: float = 10.0
+    body_read_timeout_s: float = 60.0  # the whole body: a 50 MiB upload needs ~7 Mbit/s
+    max_connections: int = 512
 
     def __post_init__(self) -> None:
         for name in ("max_queue_len", "max_num_seqs", "max_images_per_request",
-                     "max_inference_steps", "max_body_bytes", "warmup_steps"):
+                     "max_inference_steps", "max_body_bytes", "warmup_steps", "max_connections"):
             v = getattr(self, name)
             lo = 0 if name in ("max_queue_len", "warmup_steps") else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s!r}")
+        for name in ("header_read_timeout_s", "body_read_timeout_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
         if self.max_pixels is not None and self.max_pixels < 1:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels!r}")
 
