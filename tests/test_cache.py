@@ -111,6 +111,11 @@ def test_named_presets(tiny_qwen_image):
                             ("cache_dit", QwenImageAdapter.cache_dit_presets["fast"])]:
         with Omni(model=tiny_qwen_image, cache_backend=backend, cache_config=config) as engine:
             outs[backend, json.dumps(config)] = _generate(engine)
+            if backend == "cache_dit":
+                # cache-dit's step masks exist for 4, 6 and 8+ steps: others are a clear 400.
+                with pytest.raises(ValueError, match="supports 4, 6, or 8 and more steps"):
+                    _generate(engine, steps=2)
+                assert len(_generate(engine, steps=4)) == len(PROMPTS)
     # A preset is exactly its settings.
     for backend, explicit in [("tea_cache", {"rel_l1_thresh": 0.4}),
                               ("cache_dit", QwenImageAdapter.cache_dit_presets["fast"])]:

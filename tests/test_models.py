@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -254,7 +255,7 @@ def test_edits_oversized_upload_is_413(servers):
     r = requests.post(f"{url}/v1/images/edits", data={"prompt": PROMPT},
                       files={"image": ("big.png", big, "image/png")}, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
-    r = requests.post(f"{url}/v1/images/edits", data={"prompt": PROMPT, "num_inference_steps": "1"},
+    r = requests.post(f"{url}/v1/images/edits", data={"prompt": PROMPT, "num_inference_steps": "2"},
                       files={"image": ("a.png", _png(_image(4, (16, 16))), "image/png")},
                       timeout=60)
     assert r.status_code == 200, r.text  # the server is fine after refusing
@@ -272,7 +273,7 @@ def test_text_models_refuse_edits_and_edit_models_need_images(servers):
 def test_layered_auto_caption_is_per_request(servers):
     url = servers["qwen-image-layered"].url
     files = {"image": ("a.png", _png(INPUTS[0]), "image/png")}
-    base = {"num_inference_steps": "1", "layers": "2", "seed": "1"}
+    base = {"num_inference_steps": "2", "layers": "2", "seed": "1"}
     r = requests.post(f"{url}/v1/images/edits", data=base, files=files, timeout=60)
     assert r.status_code == 400 and "auto_caption" in r.json()["error"]["message"]
     r = requests.post(f"{url}/v1/images/edits", data={**base, "auto_caption": "true",
@@ -326,3 +327,116 @@ def test_edits_stream_partial_images(servers):
     kinds = [line.split(": ", 1)[1] for line in r.iter_lines(decode_unicode=True)
              if line.startswith("event: ")]
     assert kinds == ["image_edit.partial_image", "image_edit.completed"]  # OpenAI's edit events
+
+
+def _with_alpha(mode: str) -> Image.Image:
+    """INPUTS[0] with a transparent left half, as an RGBA, LA or transparent-palette image."""
+    rgba = INPUTS[0].convert("RGBA")
+    alpha = Image.new("L", rgba.size, 255)
+    alpha.paste(0, (0, 0, rgba.width // 2, rgba.height))
+    rgba.putalpha(alpha)
+    if mode == "RGBA":
+        return rgba
+    if mode == "LA":
+        return rgba.convert("LA")
+    p = INPUTS[0].quantize(15)  # palette entries 0-14; entry 15 is the transparent one
+    p.putpalette(p.getpalette()[:45] + [0, 0, 0])
+    p.paste(15, (0, 0, p.width // 2, p.height))
+    p.info["transparency"] = 15
+    return p
+
+
+def test_edit_inputs_with_alpha_are_composited_on_white(servers):
+    """RGBA, LA and transparent-palette PNGs reach RGB models as RGB on white (multipart and
+    JSON, alone or beside an RGB image); the answer equals sending that RGB image."""
+    from vllm_omni.utils.image import fit_input
+
+    url = servers["qwen-image-edit-2509"].url
+    fields = {"prompt": PROMPT, "num_inference_steps": str(STEPS), "seed": str(SEED)}
+    for mode in ("RGBA", "LA", "P"):
+        im = _with_alpha(mode)
+        flat = fit_input(im, keep_alpha=False, max_area=None)
+        assert flat.mode == "RGB" and flat.getpixel((0, 0)) == (255, 255, 255)
+        r = requests.post(f"{url}/v1/images/edits", data=fields, timeout=120,
+                          files={"image": ("a.png", _png(im), "image/png")})
+        assert r.status_code == 200, (mode, r.text[:300])
+        want = requests.post(f"{url}/v1/images/edits", data=fields, timeout=120,
+                             files={"image": ("a.png", _png(flat), "image/png")})
+        assert r.json()["data"][0]["b64_json"] == want.json()["data"][0]["b64_json"], mode
+    pair = [_png(INPUTS[1]), _png(_with_alpha("RGBA"))]
+    r = requests.post(f"{url}/v1/images/edits", data=fields, timeout=120,
+                      files=[("image[]", (f"{i}.png", b, "image/png")) for i, b in enumerate(pair)])
+    assert r.status_code == 200, r.text[:300]
+    r = requests.post(f"{url}/v1/images/edits", timeout=120, json={
+        "prompt": PROMPT, "num_inference_steps": STEPS, "seed": SEED,
+        "image": [base64.b64encode(b).decode() for b in pair]})
+    assert r.status_code == 200, r.text[:300]
+
+
+def test_layered_webp_keeps_alpha(servers):
+    url = servers["qwen-image-layered"].url
+    r = requests.post(f"{url}/v1/images/edits", timeout=120, data={
+        "prompt": PROMPT, "num_inference_steps": str(STEPS), "layers": "2", "seed": str(SEED),
+        "output_format": "webp"}, files={"image": ("a.png", _png(_with_alpha("RGBA")),
+                                                   "image/png")})
+    assert r.status_code == 200, r.text[:300]
+    layers = [decode(d["b64_json"]) for d in r.json()["data"]]
+    assert [im.format for im in layers] == ["WEBP", "WEBP"]
+    assert all(im.mode == "RGBA" for im in layers)
+    assert any(im.getchannel("A").getextrema()[0] < 255 for im in layers)
+
+
+def _peak_rss_reset(pid: int) -> None:
+    with open(f"/proc/{pid}/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident set
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_decompression_bombs_are_cheap_and_do_not_block(servers):
+    """Three one-colour 8192² PNGs (~200 KB each, 200 MB each decoded): the API server's peak
+    memory grows by under 300 MB and /health keeps answering within 100 ms meanwhile; six are
+    refused before any is decoded."""
+    import threading
+
+    server = servers["qwen-image-edit-2509"]
+    buf = io.BytesIO()
+    Image.new("RGB", (8192, 8192), (200, 30, 30)).save(buf, "PNG")
+    bomb = buf.getvalue()
+    assert len(bomb) < 300_000
+    files = [("image[]", (f"{i}.png", bomb, "image/png")) for i in range(3)]
+    fields = {"prompt": PROMPT, "num_inference_steps": str(STEPS), "size": "64x64"}
+
+    t0 = time.monotonic()
+    r = requests.post(f"{server.url}/v1/images/edits", data=fields, timeout=60, files=files * 2)
+    assert r.status_code == 400 and "takes 1 to 3" in r.json()["error"]["message"], r.text
+    assert time.monotonic() - t0 < 2
+
+    _peak_rss_reset(server.proc.pid)
+    base = _peak_rss(server.proc.pid)
+    latencies, done = [], threading.Event()
+
+    def probe():
+        while not done.is_set():
+            t = time.monotonic()
+            assert requests.get(f"{server.url}/health", timeout=5).status_code == 200
+            latencies.append(time.monotonic() - t)
+            time.sleep(0.02)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        r = requests.post(f"{server.url}/v1/images/edits", data=fields, timeout=120, files=files)
+    finally:
+        done.set()
+        prober.join()
+    assert r.status_code == 200, r.text[:300]
+    grew = _peak_rss(server.proc.pid) - base
+    assert grew < 300 * 2**20, f"peak RSS grew by {grew / 2**20:.0f} MiB"
+    assert len(latencies) > 10 and max(latencies) < 0.1, max(latencies)

@@ -38,20 +38,27 @@ def fit_input(image: Image.Image, keep_alpha: bool, max_area: int | None) -> Ima
     """An input image as the model takes it: RGBA for models that keep alpha (layers), else RGB
     with transparent pixels composited on white; shrunk (aspect kept) to ``max_area`` pixels
     when larger, since the pipeline resizes it to its working area anyway and keeping the full
-    decode alive while the request waits costs memory in every process it passes through."""
+    decode alive while the request waits costs memory in every process it passes through.
+
+    Shrinking comes first, in the image's own mode where Pillow can resample it, so that no
+    full-size copy is made beside the decoded image."""
     source = source_size(image)
-    if keep_alpha:
-        out = image.convert("RGBA")
-    elif has_alpha(image):
-        rgba = image.convert("RGBA")
-        out = Image.new("RGB", rgba.size, (255, 255, 255))
-        out.paste(rgba, mask=rgba.getchannel("A"))
-    else:
-        out = image.convert("RGB")
+    alpha = has_alpha(image)
+    out = image
+    if out.mode not in ("RGB", "RGBA", "L", "LA"):  # palette, CMYK, 16-bit: convert first
+        out = out.convert("RGBA" if alpha else "RGB")
     w, h = out.size
     if max_area is not None and w * h > max_area:
         scale = (max_area / (w * h)) ** 0.5
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         out = out.resize(size, Image.LANCZOS, reducing_gap=3.0)
+    if keep_alpha:
+        out = out.convert("RGBA")
+    elif alpha:
+        rgba = out.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+    else:
+        out = out.convert("RGB")
     out.info = {SOURCE_SIZE: tuple(source)}
     return out

@@ -98,11 +98,11 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
         g.add_argument("--warmup-steps", type=int, default=None,
                        help="Denoising steps of each warm-up request. Default: 2 (4 with a "
                             "cache-dit step mask, the fewest its masks support)."),
-        g.add_argument("--worker-heartbeat-timeout", type=float, default=30.0,
+        g.add_argument("--worker-heartbeat-timeout", type=_positive(float), default=30.0,
                        help="Seconds without a heartbeat from a worker (sent by a thread, also "
                             "during compute) before it is treated as dead (stopped, frozen) and "
                             "the workers restart."),
-        g.add_argument("--cancel-grace-period", type=float, default=10.0,
+        g.add_argument("--cancel-grace-period", type=_positive(float), default=10.0,
                        help="Seconds the workers get to stop a cancelled (timed-out or "
                             "abandoned) request before they are restarted so the queue moves."),
         g.add_argument("--public-url", type=str, default=None,

@@ -170,9 +170,12 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
+        if spec.adapter.image_inputs[1]:
+            await asyncio.to_thread(decoder.start)
         task = asyncio.create_task(_warm_up(images, spec, limits, warm))
         yield
         task.cancel()
+        decoder.close()
 
     app = FastAPI(title="vllm_omni", version=vllm_omni.__version__, root_path=root_path,
                   lifespan=lifespan)
@@ -253,7 +256,7 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
             # Nobody reads this; 499 is what proxies log for a client that closed the request.
             return Response(status_code=499)
 
-    @app.post("/v1/images/edits")
+    @app.post("/v1/images/edits", openapi_extra=edit_request_body())
     async def edits(request: Request):
         """OpenAI's multipart form (image / image[] files, mask, text fields), or JSON with
         base64 / data-URL images."""
@@ -309,6 +312,18 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
         return public_url.rstrip("/") if public_url else own_base_url(request.scope, root_path)
 
     return app
+
+
+def edit_request_body() -> dict[str, Any]:
+    """The edits route reads its body itself (multipart or JSON); this describes both forms in
+    /openapi.json, for clients and for the schema fuzzer."""
+    json_schema = ImageEditRequest.model_json_schema()
+    files = {"type": "array", "items": {"type": "string", "format": "binary"}}
+    form = {**json_schema, "properties": {
+        **json_schema["properties"], "image": files,
+        "mask": {"type": "string", "format": "binary"}}}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form}, "application/json": {"schema": json_schema}}}}
 
 
 def warmup_params(spec: ModelSpec, steps: int, width: int, height: int):

@@ -4,10 +4,13 @@ Multipart is OpenAI's form: ``image`` (repeated, or ``image[]``), ``mask``, and 
 field as text. The text fields are validated by the same pydantic model as the JSON form, in
 lax mode (a form field is always a string, so "2" must count as 2).
 
-An upload can be small and decode to gigabytes (a one-colour 8192² PNG is 200 KB), so the
-count of images is checked before any is decoded, each image's header before its pixels, and
-the images are decoded one at a time in a thread (the event loop keeps answering) and shrunk
-to the model's working size at once (``fit_input``): only that is kept while the request waits.
+An upload can be small and decode to gigabytes (a one-colour 8192² PNG is 200 KB and 256 MB
+decoded), so the count of images is checked before any is decoded, each image's header before its
+pixels, and the images are decoded one at a time in a separate decoder process and shrunk there to
+the model's working size (``fit_input``): only that comes back and is kept while the request
+waits. The API server's event loop keeps answering meanwhile, its memory does not grow with the
+decoded size (glibc would keep the freed pages), and a decoder that dies takes no request but its
+own with it.
 """
 
 from __future__ import annotations
@@ -64,11 +67,66 @@ def base64_bytes(text: str, param: str, index: int | None = None) -> bytes:
                           code="invalid_image") from None
 
 
+def _decode_for_parent(data: bytes, param: str, index: int | None, keep_alpha: bool,
+                       max_area: int | None) -> tuple[str, Any]:
+    """``decode_image`` in the decoder process: ("ok", image) or ("error", OpenAIError fields)
+    (an exception with our constructor would not survive pickling)."""
+    try:
+        return "ok", decode_image(data, param, index, keep_alpha, max_area)
+    except OpenAIError as e:
+        return "error", (e.status, e.message, e.type, e.param, e.code)
+
+
+def _decoder_started() -> None:
+    from vllm_omni.utils.proc import set_process_title, watch_parent
+
+    set_process_title("image_decoder")
+    watch_parent()
+
+
 class InputDecoder:
     """Decodes one request's uploads as ``adapter``'s pipeline takes them."""
 
     def __init__(self, adapter: ModelAdapter, pipeline_class: str):
         self.adapter, self.pipeline_class = adapter, pipeline_class
+        self._pool = None
+
+    def start(self) -> None:
+        """Starts the decoder process now (edit models), so the first upload does not wait."""
+        self._executor().submit(int).result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def _executor(self):
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_decoder_started)
+        return self._pool
+
+    async def _decode_one(self, data: bytes, param: str, index: int | None,
+                          keep_alpha: bool) -> Image.Image:
+        from concurrent.futures.process import BrokenProcessPool
+
+        loop = asyncio.get_running_loop()
+        try:
+            kind, value = await loop.run_in_executor(
+                self._executor(), _decode_for_parent, data, param, index, keep_alpha,
+                self.adapter.input_area)
+        except BrokenProcessPool:
+            self._pool = None  # a new decoder process for the next upload
+            raise OpenAIError(400, f"{_where(param, index)} could not be decoded: the decoder "
+                              "process died (out of memory?)", param=param,
+                              code="invalid_image") from None
+        if kind == "error":
+            raise OpenAIError(*value)
+        return value
 
     def check_count(self, n: int) -> None:
         lo, hi = self.adapter.image_inputs
@@ -93,8 +151,7 @@ class InputDecoder:
                 data = await source.read()
             else:
                 data = base64_bytes(source, param, index)
-            images.append(await asyncio.to_thread(decode_image, data, param, index, keep_alpha,
-                                                  self.adapter.input_area))
+            images.append(await self._decode_one(data, param, index, keep_alpha))
             del data
         return images
 
