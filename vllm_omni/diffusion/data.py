@@ -62,6 +62,9 @@ class OmniEngineConfig:
     # Seconds to wait for workers to load the model before giving up.
     load_timeout_s: float = 1800.0
     device: str | None = None  # None: CUDA when available, else CPU
+    # Largest estimated peak memory (bytes, or e.g. "8GiB") one batch may take beyond the loaded
+    # model; the device's free memory limits it in any case. None: only free memory; 0: no check.
+    max_request_memory: int | str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.cache_config, str):
@@ -80,6 +83,13 @@ class OmniEngineConfig:
             raise ValueError("max_num_seqs > 1 with a cache backend: the cache decides for a whole "
                              "batch, so an image would depend on the requests batched with it; "
                              "use max_num_seqs 1 (--max-num-seqs 1) with caching")
+        if self.max_request_memory is not None:
+            from vllm_omni.worker.memory import parse_memory_size
+
+            try:
+                self.max_request_memory = parse_memory_size(self.max_request_memory)
+            except ValueError as e:
+                raise ValueError(f"max_request_memory: {e}") from None
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.check_supported()
