@@ -68,6 +68,9 @@ class OmniEngineConfig:
     # After a running batch is cancelled (timeout, disconnect), the workers get this long to
     # stop; then they are restarted so the queue moves.
     cancel_grace_s: float = 10.0
+    # Largest estimated peak memory (bytes, or e.g. "8GiB") one batch may take beyond the loaded
+    # model; the device's free memory limits it in any case. None: only free memory; 0: no check.
+    max_request_memory: int | str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.cache_config, str):
@@ -90,6 +93,13 @@ class OmniEngineConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
+        if self.max_request_memory is not None:
+            from vllm_omni.worker.memory import parse_memory_size
+
+            try:
+                self.max_request_memory = parse_memory_size(self.max_request_memory)
+            except ValueError as e:
+                raise ValueError(f"max_request_memory: {e}") from None
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.check_supported()

@@ -43,12 +43,13 @@ class GroupComm:
         self.calls = 0
 
     # -- collectives ---------------------------------------------------------------------------
-    def all_reduce(self, x: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-        """Sum (or ``op``) over the group, in place."""
+    def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """Sum (or "min", "max") over the group, in place."""
         if self.world_size == 1:
             return x
         self._count(2 * (self.world_size - 1) / self.world_size * _nbytes(x))
-        dist.all_reduce(x, op=op, group=self.group)
+        ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
+        dist.all_reduce(x, op=ops[op], group=self.group)
         return x
 
     def all_gather(self, x: torch.Tensor, dim: int = 0,

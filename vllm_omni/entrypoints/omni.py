@@ -65,6 +65,7 @@ class Omni:
         lora_path: str | None = None,
         load_timeout_s: float = 1800.0,
         max_num_seqs: int = 1,
+        max_request_memory: int | str | None = None,
     ):
         from vllm_omni.engine.core import EngineCore
 
@@ -75,7 +76,7 @@ class Omni:
             cache_backend=cache_backend or "none", cache_config=cache_config or {},
             quantization=quantization, enable_cpu_offload=enable_cpu_offload,
             lora_path=lora_path, default_seed=seed, load_timeout_s=load_timeout_s,
-            max_num_seqs=max_num_seqs,
+            max_num_seqs=max_num_seqs, max_request_memory=max_request_memory,
         )
         self.spec = load_model_spec(model_dir)
         self.spec.adapter.check_engine(self.spec, self.config)

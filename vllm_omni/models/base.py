@@ -148,6 +148,16 @@ class ModelAdapter:
     def check_loaded(self, pipe: Any, req: DiffusionRequest) -> None:
         """Checks that need the loaded pipeline (run in the worker)."""
 
+    # -- memory (vllm_omni.worker.memory) ------------------------------------------------------
+    def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:
+        """(width, height) at which the pipeline VAE-encodes each input image; their latents also
+        join the transformer's sequence. Default: as given."""
+        return [im.size for im in req.images]
+
+    def output_frames(self, req: DiffusionRequest) -> int:
+        """Images the VAE decodes (and latent frames the transformer sees) per output image."""
+        return 1
+
     def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
         raise NotImplementedError
 

@@ -80,6 +80,12 @@ class LongCatImageEditAdapter(LongCatImageAdapter):
         m = spec.size_multiple
         return width // m * m, height // m * m
 
+    def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:
+        from diffusers.pipelines.longcat_image import pipeline_longcat_image_edit as module
+
+        w, h = req.images[0].size
+        return [tuple(module.calculate_dimensions(1024 * 1024, w / h)[:2])]
+
 
 def longcat_cp_plan(transformer: Any) -> dict[str, Any]:
     """FLUX.1's context-parallel plan (same forward inputs and ``proj_out``): split the image and

@@ -130,12 +130,26 @@ class QwenImageEditAdapter(QwenImageAdapter):
                           "tensor_parallel", "cpu_offload", "lora"})
     image_inputs = (1, 1)
 
+    def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:
+        # The pipeline resizes its input to about 1 megapixel whatever the output size.
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit as module
+
+        w, h = req.images[0].size
+        return [tuple(module.calculate_dimensions(1024 * 1024, w / h)[:2])]
+
 
 class QwenImageEditPlusAdapter(QwenImageEditAdapter):
     name = "qwen-image-edit-2509"
     models = (("Qwen-Image-Edit-2509", "Qwen/Qwen-Image-Edit-2509"),)
     pipeline_classes = ("QwenImageEditPlusPipeline",)
     image_inputs = (1, 3)  # the released model is trained with up to three input images
+
+    def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:
+        # Each input is VAE-encoded at VAE_IMAGE_SIZE (1024²) pixels, in its own aspect ratio.
+        from diffusers.pipelines.qwenimage import pipeline_qwenimage_edit_plus as module
+
+        return [tuple(module.calculate_dimensions(module.VAE_IMAGE_SIZE, w / h)[:2])
+                for w, h in (im.size for im in req.images)]
 
 
 class QwenImageLayeredAdapter(QwenImageAdapter):
@@ -183,3 +197,10 @@ class QwenImageLayeredAdapter(QwenImageAdapter):
 
     def flatten_output(self, images: list[Any]) -> list[Any]:
         return [layer for image in images for layer in image]
+
+    def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:
+        return [(req.width, req.height)]  # the input is resized to the output size
+
+    def output_frames(self, req: DiffusionRequest) -> int:
+        # The transformer denoises the layers plus the input's frame; the VAE decodes the layers.
+        return req.options.get("layers", self.default_layers) + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -13,7 +14,6 @@ import traceback
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from vllm_omni.cache.apply import apply_cache
 from vllm_omni.diffusion.data import OmniEngineConfig
@@ -29,6 +29,7 @@ from vllm_omni.engine.request import (
     RequestError,
 )
 from vllm_omni.models.registry import load_model_spec
+from vllm_omni.worker import memory
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ class ModelRunner:
         self.cancel_flags = cancel_flags  # shared per-slot flags set by the engine (or None)
         self.timing = StepTiming()
         self._running_slots: list[int] = []  # cancel-flag slots of the batch being run
+        self.memory_dims: memory.ModelDims | None = None  # set by load()
         # Tests make one rank fail a marked request, to prove a desynchronised group recovers.
         self._fault_rank = int(os.environ.get("VLLM_OMNI_TEST_FAIL_RANK", "-1"))
 
@@ -92,6 +94,11 @@ class ModelRunner:
                                  self.adapter, self.spec, self.groups)
         self._install_timing()
         self._install_cancel_points()
+        try:
+            self.memory_dims = memory.ModelDims.from_model_dir(self.config.model, self.adapter,
+                                                               self.spec, dtype.itemsize)
+        except ValueError as e:
+            logger.warning("requests are not checked against free memory: %s", e)
         logger.info("rank %d loaded %s (%s, %s) in %.2fs", self.rank, self.spec.pipeline_class,
                     dtype, self.device, time.perf_counter() - t0)
 
@@ -127,7 +134,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, batch: list[DiffusionRequest], progress: ProgressFn | None = None,
                 partial: PartialFn | None = None) -> list[DiffusionOutput]:
-        """Runs ``batch`` (requests of one batch key) as one pipeline call."""
+        """Runs ``batch`` (requests of one batch key) as one pipeline call; as several in turn
+        where the whole batch would not fit in memory, and refusing (400) each request whose
+        estimated memory does not fit even alone."""
         outputs: dict[str, DiffusionOutput] = {}
         runnable = []
         for slot, req in enumerate(batch):
@@ -138,12 +147,109 @@ class ModelRunner:
                 outputs[req.request_id] = DiffusionOutput(req.request_id,
                                                           error=RequestError.invalid(e))
         if runnable:
+            calls, refused = self._plan_memory([r for _, r in runnable])
+            for i in refused:
+                req = runnable[i][1]
+                outputs[req.request_id] = DiffusionOutput(req.request_id,
+                                                          error=RequestError.invalid(refused[i]))
             try:
-                outputs.update(self._run([s for s, _ in runnable], [r for _, r in runnable],
-                                         progress, partial))
+                for call in calls:  # one pipeline call each, in order (see memory.plan_batch)
+                    outputs.update(self._run([runnable[i][0] for i in call],
+                                             [runnable[i][1] for i in call], progress, partial))
             finally:
                 self._running_slots = []
         return [outputs[r.request_id] for r in batch]
+
+    # -- memory ----------------------------------------------------------------------------------
+    def estimate_memory(self, reqs: list[DiffusionRequest]) -> memory.MemoryEstimate:
+        """Peak memory beyond the loaded model of running ``reqs`` as one call (estimated)."""
+        def uses_cfg(req):
+            return self.adapter.uses_cfg(self.adapter.pipeline_kwargs(self.spec, req))
+
+        return memory.estimate(self.memory_dims, self.adapter, reqs, uses_cfg)
+
+    def memory_limit(self) -> tuple[int, str]:
+        """(bytes one call may take, what sets it), the same on every rank."""
+        free, margin = memory.free_memory(self.device)
+        world = self.groups.world.world_size
+        if self.device.type == "cpu":
+            free //= world  # every rank of this engine runs on this host and allocates its share
+        where = (f"{'GPU memory' if self.device.type == 'cuda' else 'RAM'} free "
+                 f"{'per rank ' if world > 1 and self.device.type == 'cpu' else ''}"
+                 f"(after a {memory.format_bytes(margin)} safety margin)")
+        if world > 1:  # ranks read slightly different numbers; all must decide alike
+            t = torch.tensor([free], dtype=torch.int64, device=self.device)
+            free = int(self.groups.world.all_reduce(t, op="min")[0])
+        cap = self.config.max_request_memory
+        if cap is not None and cap < free:
+            return cap, "limit set by max_request_memory (--max-request-memory)"
+        return free, where
+
+    def _plan_memory(self, reqs: list[DiffusionRequest]
+                     ) -> tuple[list[list[int]], dict[int, InvalidRequestError]]:
+        """Which of ``reqs`` run in which call, and the refusal of each that cannot fit."""
+        everything = [list(range(len(reqs)))]
+        if self.memory_dims is None or self.config.max_request_memory == 0:
+            return everything, {}
+        limit, where = self.memory_limit()
+        try:  # a request the estimate cannot describe runs as it would have without the check
+            calls, refused = memory.plan_batch(
+                len(reqs), lambda idx: self.estimate_memory([reqs[i] for i in idx]).total, limit)
+            errors = {i: self._memory_error(reqs[i], limit, where) for i in refused}
+        except Exception:  # the same on every rank: it depends on the requests and model alone
+            logger.exception("memory estimate failed; running the batch unchecked")
+            return everything, {}
+        if len(calls) > 1:
+            logger.info("batch of %d split into %d calls to fit %s", len(reqs), len(calls),
+                        memory.format_bytes(limit))
+        return calls, errors
+
+    def _memory_error(self, req: DiffusionRequest, limit: int, where: str) -> InvalidRequestError:
+        est = self.estimate_memory([req])
+        fits = lambda r: self.estimate_memory([r]).total <= limit  # noqa: E731
+        n_fit = next((n for n in range(req.num_images - 1, 0, -1)
+                      if fits(dataclasses.replace(req, num_images=n))), 0)
+        phase = {"decode": "the VAE decode", "encode": "the VAE encode of the input images",
+                 "denoise": "the transformer", "post": "the output images"}.get(est.largest)
+        what = f"{req.width}x{req.height}" + (f" with n={req.num_images}"
+                                              if req.num_images > 1 else "")
+        message = (f"{what} needs an estimated {memory.format_bytes(est.total)} of memory beyond "
+                   f"the loaded model (most of it in {phase}), more than the "
+                   f"{memory.format_bytes(limit)} {where}; ")
+        if n_fit:
+            message += (f"use n={n_fit}{' or less' if n_fit > 1 else ''} at this size, "
+                        "or a smaller size")
+            return InvalidRequestError(message, param="n", code="insufficient_memory")
+        smaller = self._largest_fitting_size(req, fits) if self.adapter.sized else None
+        alone = (self._largest_fitting_size(dataclasses.replace(req, num_images=1), fits)
+                 if self.adapter.sized and req.num_images > 1 and smaller is None else None)
+        if smaller:
+            message += f"use a smaller size (about {smaller[0]}x{smaller[1]} fits"
+            message += f" with n={req.num_images})" if req.num_images > 1 else ")"
+        elif alone:
+            message += f"use n=1 and a smaller size (about {alone[0]}x{alone[1]} fits)"
+        elif not self.adapter.sized:
+            message += "the model sets the output size from its input; nothing smaller fits"
+        else:
+            message += "no size fits within it"
+        return InvalidRequestError(message, param="size", code="insufficient_memory")
+
+    def _largest_fitting_size(self, req: DiffusionRequest, fits) -> tuple[int, int] | None:
+        """The largest size of ``req``'s aspect ratio (and n) that fits, or None."""
+        m = self.spec.size_multiple
+        lo, hi = 0, req.width // m  # widths in multiples of m: lo fits (or is 0), hi does not
+
+        def size(k: int) -> tuple[int, int]:
+            return k * m, max(m, round(k * req.height / req.width) * m)
+
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            w, h = size(mid)
+            if fits(dataclasses.replace(req, width=w, height=h)):
+                lo = mid
+            else:
+                hi = mid
+        return size(lo) if lo else None
 
     def _cancelled(self, slots: list[int]) -> list[int]:
         """Each slot's cancel code (0: run on; see ``CANCEL_CODES``), agreed by every rank."""
@@ -151,7 +257,7 @@ class ModelRunner:
         if self.groups.world.world_size > 1:
             # Ranks read the flags at slightly different moments; all must stop at the same step.
             flags = self.groups.world.all_reduce(torch.tensor(flags, dtype=torch.int32),
-                                                 op=dist.ReduceOp.MAX).tolist()
+                                                 op="max").tolist()
         return flags
 
     def _install_cancel_points(self) -> None:
@@ -249,6 +355,9 @@ class ModelRunner:
             return {r.request_id: DiffusionOutput(r.request_id, metrics=self._metrics(t0),
                                                   error=error) for r in reqs}
         metrics = self._metrics(t0)
+        if self.memory_dims is not None:
+            with contextlib.suppress(Exception):  # logged by _plan_memory already
+                metrics["estimated_memory_bytes"] = self.estimate_memory(reqs).total
         extra = self.adapter.output_extra(self.pipe) if images is not None else {}
         if images is not None:
             if self.cache is not None:

@@ -79,6 +79,10 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
         g.add_argument("--max-pixels", type=int, default=None,
                        help="Largest width x height accepted (400 beyond). Default: the model's "
                             "own limit."),
+        g.add_argument("--max-request-memory", type=str, default=None,
+                       help="Largest estimated peak memory one batch may take beyond the loaded "
+                            "model, e.g. 8GiB (400 beyond, naming the estimate). The device's free "
+                            "memory (RAM on CPU) always limits it too; 0 turns the check off."),
         g.add_argument("--max-upload-mb", type=float, default=50.0,
                        help="Largest request body in MiB, uploads included (413 beyond)."),
         g.add_argument("--header-read-timeout", type=_positive(float), default=10.0,
@@ -177,7 +181,7 @@ def config_from_args(args: argparse.Namespace, serve_parser):
         cache_config=args.cache_config or {}, quantization=args.quantization,
         enable_cpu_offload=args.enable_cpu_offload, lora_path=args.lora_path,
         default_seed=args.seed, load_timeout_s=args.model_load_timeout,
-        max_num_seqs=args.max_num_seqs or 1,
+        max_num_seqs=args.max_num_seqs or 1, max_request_memory=args.max_request_memory,
         heartbeat_timeout_s=args.worker_heartbeat_timeout,
         cancel_grace_s=args.cancel_grace_period,
     )

@@ -1,0 +1,299 @@
+"""What one batch may cost: its peak memory beyond the loaded weights, estimated before it runs.
+
+A diffusion call goes through phases one after the other, and its peak is the largest of them:
+
+- **encode** (edit and layered models): the VAE encoder on each input image, at the size the
+  pipeline resizes it to (about 1 MP for the Qwen and LongCat edit models, whatever size the output
+  is). The images are encoded one at a time.
+- **denoise**: the transformer on ``batch x tokens`` hidden states, where a token is one 2x2 patch
+  of latents (``token_side`` = 16 pixels for every served family) and the sequence also holds the
+  input images' latents (edit) and the prompt.
+- **decode**: the VAE decoder on every output image of the batch at once (no pipeline slices it),
+  at full resolution. On the CPU this dominates by far: the last decoder stage keeps several
+  ``channels x H x W`` activations alive, and the Qwen-Image VAE's causal convolutions also keep a
+  copy of every convolution input in their frame cache until the decode ends.
+- **post**: the decoded images converted to numpy and PIL.
+
+With ``b`` bytes per activation, ``P = W x H`` output pixels, ``N`` output images in the call
+(``n`` summed over the batch, times the frames per image):
+
+    decode  = N * P * (b * U_dec * C_dec + 24) + slack
+    encode  = (largest input's working pixels) * b * U_enc * C_enc + slack
+    denoise = sum over requests of n * (2 if CFG doubles the batch) * T * hidden * b * 40 + 16 MiB
+    post    = N * P * 64
+    peak    = max(encode, denoise, decode, post)
+
+where ``C`` is the VAE width that runs at full resolution, ``U`` its coefficient (below) and
+``T = P / 16² + input tokens + 512 prompt tokens``.
+
+Attention scores are not a term: on the CPU, ``scaled_dot_product_attention`` (torch 2.13) takes
+the flash kernel for these models (no mask, or a ``B x 1 x 1 x L`` key-padding mask), which never
+materialises the ``L x L`` scores (measured: 2 MiB extra for L=8192, 2 heads, where scores would
+be 512 MiB); CUDA's flash and memory-efficient kernels do not either. Only a full ``L x L`` mask
+costs ``L^2`` (the mask itself), and no served transformer builds one.
+
+The coefficients below are in "units": elements per output pixel per channel of the layer width
+they name, times the activation element size. They were measured on the tiny random-weight models
+(``vllm_omni.testing.tiny_models``) and on stand-alone VAEs of other widths, fp32 on a 2-core CPU,
+as the peak resident set size (``/proc/self/status`` VmHWM after resetting it through
+``/proc/self/clear_refs``, after ``malloc_trim``) minus the resident size before the call, at
+256² to 2048², after a warm-up call; ``python -m vllm_omni.testing.memory_probe MODEL_DIR``
+repeats the measurement for a model. Where a coefficient fell between measurements the larger
+side was taken: the estimate errs high. Half-precision activations (CUDA) were not measured here;
+the VAEs upcast norms and upsampling to fp32, so half precision is counted at 3 bytes, not 2.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+MiB = 2**20
+GiB = 2**30
+
+# -- VAE decoders and encoders --------------------------------------------------------------------
+# AutoencoderKL / AutoencoderKLFlux2 (FLUX.1, FLUX.2, SD3, Z-Image, LongCat, Ovis, GLM-Image): the
+# last up block receives ``block_out_channels[1]`` channels upsampled to full resolution, and its
+# first resnet holds input, GroupNorm output and SiLU output at that width at once. Measured:
+# 4.3-5.0 units at 1024²-2048² (widths 8/16 and 16/32, 1-2 layers per block).
+KL_DECODE_UNITS = 5.0  # x block_out_channels[1]
+# The encoder's first stage runs at full resolution at block_out_channels[0]: 4.3-6.0 units.
+KL_ENCODE_UNITS = 6.0  # x block_out_channels[0]
+# Allocator slack: tensors under glibc's 32 MiB mmap threshold come from the heap, which fragments;
+# measured +4 to +14 MiB over the per-pixel term at 256²-512².
+KL_SLACK = 8 * MiB
+
+# AutoencoderKLQwenImage (every Qwen-Image model): the full-resolution stage runs at ``base_dim``
+# channels; besides its transients (the 2x upsample at 2*base_dim, the three-frame causal padding)
+# each causal convolution caches its input until the decode ends, two per residual block.
+# Measured: 18.9-20.3 units with 1 residual block per stage, 22.4-24.4 with 2 (base_dim 8 and 16).
+QWEN_DECODE_UNITS = 15.0
+QWEN_DECODE_UNITS_PER_RES_BLOCK = 4.0
+# Encoder: 11.4-12.6 units with 1 residual block, 13.4-15.0 with 2.
+QWEN_ENCODE_UNITS = 10.0
+QWEN_ENCODE_UNITS_PER_RES_BLOCK = 2.5
+# Many more heap-sized allocations (pads, cache clones) than the KL VAE: measured +75 to +290 MiB
+# over the per-pixel term at 256²-768².
+QWEN_SLACK = 192 * MiB
+
+# The decoded batch (float RGB, then clamped) at the end of the decode, in bytes per pixel.
+DECODE_OUTPUT_BYTES_PER_PIXEL = 24
+# Post-processing: float numpy copy, x255, rounding, uint8 and PIL images. Measured 51-60.
+POST_BYTES_PER_PIXEL = 64
+
+# -- transformer ----------------------------------------------------------------------------------
+# Live activations per token, in units of the hidden size: hidden states of both streams, q/k/v,
+# the MLP's 4x expansion, modulation, RoPE tables. Measured 28-35 units (Qwen-Image widths 32 and
+# 256, Z-Image width 48 with batched CFG) at 1024².
+DIT_UNITS = 40.0
+DIT_SLACK = 16 * MiB
+# Prompt tokens counted into the sequence: a generous prompt (the Qwen text templates are ~34
+# tokens, a long prompt a few hundred).
+TEXT_TOKENS = 512
+
+# -- the budget -----------------------------------------------------------------------------------
+# Kept free for everything else (the other processes, the API server, page cache pressure).
+SAFETY_MARGIN_FRACTION = 0.05
+SAFETY_MARGIN_MIN = 512 * MiB
+
+
+@dataclass(frozen=True)
+class VaeCost:
+    """How a VAE's activations scale: ``units`` elements per pixel per ``width`` channel."""
+
+    kind: str
+    decode_width: int
+    decode_units: float
+    encode_width: int
+    encode_units: float
+    slack: int
+
+
+def vae_cost(config: dict[str, Any]) -> VaeCost:
+    """The cost model of a VAE from its ``vae/config.json``."""
+    cls = config.get("_class_name", "")
+    if "base_dim" in config:  # AutoencoderKLQwenImage (and its Wan-style relatives)
+        base, blocks = int(config["base_dim"]), int(config.get("num_res_blocks", 2))
+        return VaeCost(kind=cls, decode_width=base,
+                       decode_units=QWEN_DECODE_UNITS + QWEN_DECODE_UNITS_PER_RES_BLOCK * blocks,
+                       encode_width=base,
+                       encode_units=QWEN_ENCODE_UNITS + QWEN_ENCODE_UNITS_PER_RES_BLOCK * blocks,
+                       slack=QWEN_SLACK)
+    if "block_out_channels" in config:  # AutoencoderKL, AutoencoderKLFlux2
+        enc = [int(c) for c in config["block_out_channels"]]
+        dec = [int(c) for c in (config.get("decoder_block_out_channels") or enc)]
+        return VaeCost(kind=cls, decode_width=dec[1] if len(dec) > 1 else dec[0],
+                       decode_units=KL_DECODE_UNITS, encode_width=enc[0],
+                       encode_units=KL_ENCODE_UNITS, slack=KL_SLACK)
+    raise ValueError(f"no memory model for VAE {cls or config!r}: it has neither base_dim nor "
+                     "block_out_channels")
+
+
+def transformer_hidden(config: dict[str, Any]) -> int:
+    """The transformer's hidden size from its ``transformer/config.json``."""
+    if "dim" in config:  # Z-Image
+        return int(config["dim"])
+    if "num_attention_heads" in config and "attention_head_dim" in config:
+        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    for key in ("hidden_size", "inner_dim"):
+        if key in config:
+            return int(config[key])
+    raise ValueError(f"no hidden size in the config of {config.get('_class_name', 'transformer')}")
+
+
+def activation_bytes(element_size: int) -> float:
+    """Bytes per activation element: fp32 as measured; half precision at 3 (see module doc)."""
+    return 4.0 if element_size >= 4 else 1.5 * element_size
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """What the estimate needs to know about a loaded model."""
+
+    vae: VaeCost
+    hidden: int
+    token_side: int  # output pixels per side of one transformer token
+    element_size: int  # bytes per element of the loaded weights' dtype
+    cfg_batched: bool  # CFG runs as one call on a doubled batch
+
+    @property
+    def act_bytes(self) -> float:
+        return activation_bytes(self.element_size)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, adapter: Any, spec: Any,
+                       element_size: int) -> "ModelDims":
+        from vllm_omni.models.base import read_json
+
+        vae = vae_cost(read_json(model_dir, "vae", "config.json"))
+        hidden = transformer_hidden(read_json(model_dir, "transformer", "config.json"))
+        vae_scale = getattr(adapter, "vae_scale", None)
+        # Every served DiT takes one token per 2x2 latent patch (patch 2, or FLUX-style packing).
+        token_side = vae_scale(model_dir) * 2 if vae_scale else spec.size_multiple
+        return cls(vae=vae, hidden=hidden, token_side=token_side, element_size=element_size,
+                   cfg_batched=adapter.cfg_calls == "batched")
+
+
+@dataclass
+class MemoryEstimate:
+    total: int
+    parts: dict[str, int] = field(default_factory=dict)
+    images: int = 1  # output images of the batch
+
+    @property
+    def largest(self) -> str:
+        return max(self.parts, key=self.parts.get) if self.parts else "total"
+
+
+def estimate(dims: ModelDims, adapter: Any, reqs: Sequence[Any],
+             uses_cfg: Callable[[Any], bool] | None = None) -> MemoryEstimate:
+    """The peak extra memory of running ``reqs`` (requests of one batch key) as one call.
+
+    ``uses_cfg(req)`` says whether a request runs classifier-free guidance; it only matters for
+    adapters whose CFG doubles the transformer batch (``cfg_calls == "batched"``).
+    """
+    first = reqs[0]
+    pixels = first.width * first.height
+    frames = adapter.output_frames(first)
+    images = sum(r.num_images for r in reqs) * frames
+    act = dims.act_bytes
+    vae = dims.vae
+
+    decode = (images * pixels * (act * vae.decode_units * vae.decode_width
+                                 + DECODE_OUTPUT_BYTES_PER_PIXEL) + vae.slack)
+    post = images * pixels * POST_BYTES_PER_PIXEL
+
+    inputs = [adapter.vae_input_sizes(r) for r in reqs]
+    encode = 0
+    if any(inputs):
+        largest = max(w * h for sizes in inputs for w, h in sizes)
+        encode = int(largest * act * vae.encode_units * vae.encode_width + vae.slack)
+
+    side = dims.token_side
+    out_tokens = (first.width // side) * (first.height // side) * frames
+    batch = 0
+    for r, sizes in zip(reqs, inputs):
+        in_tokens = sum((w // side) * (h // side) for w, h in sizes)
+        doubled = 2 if dims.cfg_batched and uses_cfg is not None and uses_cfg(r) else 1
+        batch += r.num_images * doubled * (out_tokens + in_tokens + TEXT_TOKENS)
+    denoise = batch * dims.hidden * act * DIT_UNITS + DIT_SLACK
+
+    parts = {"encode": int(encode), "denoise": int(denoise), "decode": int(decode),
+             "post": int(post)}
+    return MemoryEstimate(total=max(parts.values()), parts=parts,
+                          images=sum(r.num_images for r in reqs))
+
+
+# -- the budget -----------------------------------------------------------------------------------
+def safety_margin(total: int) -> int:
+    return max(SAFETY_MARGIN_MIN, int(total * SAFETY_MARGIN_FRACTION))
+
+
+def free_memory(device: Any) -> tuple[int, int]:
+    """(memory a call on ``device`` may still take, the safety margin already taken off it): on
+    CUDA the device's free memory plus what the caching allocator holds unused; on the CPU the
+    host's available RAM."""
+    if device.type == "cuda":
+        import torch
+
+        free, total = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        margin = safety_margin(total)
+        return max(0, free + cached - margin), margin
+    import psutil
+
+    vm = psutil.virtual_memory()
+    margin = safety_margin(vm.total)
+    return max(0, vm.available - margin), margin
+
+
+def format_bytes(n: float) -> str:
+    if n >= GiB:
+        return f"{n / GiB:.1f} GiB"
+    return f"{n / MiB:.0f} MiB"
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_memory_size(value: int | str) -> int:
+    """``"8GiB"``, ``"512M"``, ``"1.5G"`` or a number of bytes -> bytes (binary units)."""
+    if isinstance(value, bool):
+        raise ValueError(f"not a memory size: {value!r}")
+    if isinstance(value, (int, float)):
+        n = value
+    else:
+        m = _SIZE.match(value)
+        if not m:
+            raise ValueError(f"not a memory size: {value!r} (e.g. 8GiB, 512MiB, or bytes)")
+        n = float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " ")
+    if n < 0 or math.isnan(n) or math.isinf(n):
+        raise ValueError(f"memory size must be >= 0, got {value!r}")
+    return int(n)
+
+
+# -- batches --------------------------------------------------------------------------------------
+def plan_batch(count: int, cost: Callable[[tuple[int, ...]], int],
+               limit: int) -> tuple[list[list[int]], list[int]]:
+    """Splits a batch of ``count`` requests into consecutive calls that each fit ``limit``.
+
+    ``cost(indices)`` is the estimate of running those requests as one call. Returns (the calls,
+    as lists of indices; the indices of requests that do not fit even alone). A request that fits
+    alone is never refused for what it was batched with: it runs in a later call of the batch.
+    """
+    calls: list[list[int]] = []
+    refused: list[int] = []
+    current: list[int] = []
+    for i in range(count):
+        if cost((i,)) > limit:
+            refused.append(i)
+            continue
+        if current and cost(tuple(current) + (i,)) > limit:
+            calls.append(current)
+            current = []
+        current.append(i)
+    if current:
+        calls.append(current)
+    return calls, refused
