@@ -256,8 +256,8 @@ class ModelRunner:
         flags = [int(self.cancel_flags[s]) if self.cancel_flags is not None else 0 for s in slots]
         if self.groups.world.world_size > 1:
             # Ranks read the flags at slightly different moments; all must stop at the same step.
-            flags = self.groups.world.all_reduce(torch.tensor(flags, dtype=torch.int32),
-                                                 op="max").tolist()
+            t = torch.tensor(flags, dtype=torch.int32, device=self.device)  # NCCL: on the GPU
+            flags = self.groups.world.all_reduce(t, op="max").tolist()
         return flags
 
     def _install_cancel_points(self) -> None:
