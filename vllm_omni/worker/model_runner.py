@@ -440,8 +440,9 @@ class RequestCancelled(Exception):
 
 def cancel_points(pipe) -> list[torch.nn.Module]:
     """Where a lone rank checks for cancellation: each block of the denoisers' block stacks
-    (the ModuleLists directly under a transformer) and each block-list entry of the VAE
-    decoder, at any depth (resnets, attention, upsamplers; each tile runs them again)."""
+    (the ModuleLists directly under a transformer), and each layer with weights of the VAE
+    decoder (its convolutions and norms: at full resolution a single residual block of a large
+    image takes seconds on a CPU; each tile of a tiled decode runs them again)."""
     points = []
     for name in ("transformer", "transformer_2"):
         model = getattr(pipe, name, None)
@@ -451,9 +452,8 @@ def cancel_points(pipe) -> list[torch.nn.Module]:
                     points.extend(child)
     decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
     if isinstance(decoder, torch.nn.Module):
-        for module in decoder.modules():
-            if isinstance(module, torch.nn.ModuleList):
-                points.extend(m for m in module if not isinstance(m, torch.nn.ModuleList))
+        points.extend(m for m in decoder.modules()
+                      if next(m.parameters(recurse=False), None) is not None)
     return points
 
 
