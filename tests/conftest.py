@@ -18,6 +18,14 @@ VENV_BIN = os.path.dirname(sys.executable)
 # The edit and layered pipelines resize their inputs to ~1 megapixel, seconds of VAE work on a
 # CPU even for tiny models; cap it for every process the tests start (vllm_omni.testing.edit_area).
 os.environ.setdefault("VLLM_OMNI_TEST_EDIT_AREA", str(64 * 64))
+# Test-only hooks (edit-area cap, fault injection) reach every process the tests start through
+# tests/hooks/sitecustomize.py; production code never imports them.
+HOOKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hooks")
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (HOOKS_DIR, os.environ.get("PYTHONPATH")) if p)
+from vllm_omni.testing import hooks  # noqa: E402
+
+hooks.install()  # and in this process
 
 
 def decode(b64: str):

@@ -205,7 +205,7 @@ def test_rank_failing_alone_does_not_hang_the_group(tiny_qwen_image, single_rank
                                                     monkeypatch):
     """Rank 1 fails while rank 0 waits in an all-to-all: the request errors, workers restart."""
     from vllm_omni import Omni, OmniDiffusionSamplingParams
-    from vllm_omni.worker.model_runner import FAULT_MARKER
+    from vllm_omni.testing.faults import FAULT_MARKER
 
     monkeypatch.setenv("VLLM_OMNI_TEST_FAIL_RANK", "1")
     monkeypatch.setattr("vllm_omni.executor.multiproc.DESYNC_GRACE_S", 3.0)

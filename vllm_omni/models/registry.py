@@ -18,7 +18,6 @@ from vllm_omni.models.qwen_image import (
 )
 from vllm_omni.models.sd3 import StableDiffusion3Adapter
 from vllm_omni.models.z_image import ZImageAdapter
-from vllm_omni.testing import edit_area
 
 ADAPTERS: tuple[ModelAdapter, ...] = (
     FluxAdapter(), Flux2KleinAdapter(), GlmImageAdapter(), LongCatImageAdapter(),
@@ -28,8 +27,6 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
 )
 
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.pipeline_classes}
-
-edit_area.apply_from_env()  # tests only (VLLM_OMNI_TEST_EDIT_AREA); a no-op otherwise
 
 
 def supported_pipeline_classes() -> list[str]:

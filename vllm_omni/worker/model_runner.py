@@ -7,7 +7,6 @@ import dataclasses
 import functools
 import inspect
 import logging
-import os
 import resource
 import time
 import traceback
@@ -36,8 +35,6 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
 
-
-FAULT_MARKER = "__vllm_omni_test_fault__"
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -72,8 +69,6 @@ class ModelRunner:
         self.timing = StepTiming()
         self._running_slots: list[int] = []  # cancel-flag slots of the batch being run
         self.memory_dims: memory.ModelDims | None = None  # set by load()
-        # Tests make one rank fail a marked request, to prove a desynchronised group recovers.
-        self._fault_rank = int(os.environ.get("VLLM_OMNI_TEST_FAIL_RANK", "-1"))
 
     def load(self) -> None:
         from diffusers import DiffusionPipeline
@@ -311,8 +306,6 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
         ids = ", ".join(r.request_id for r in reqs)
         try:
-            if self._fault_rank == self.rank and any(FAULT_MARKER in r.prompt for r in reqs):
-                raise RuntimeError(f"fault injected on rank {self.rank} (tests)")
             if len(reqs) == 1:
                 kwargs = self.adapter.pipeline_kwargs(self.spec, reqs[0])
             else:
