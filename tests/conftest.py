@@ -28,6 +28,18 @@ from vllm_omni.testing import hooks  # noqa: E402
 hooks.install()  # and in this process
 
 
+def metric(server, name: str, **labels) -> float:
+    """The value of one sample of ``/metrics`` summed over matching labels (0 when absent)."""
+    text = requests.get(server.url + "/metrics", timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def decode(b64: str):
     """A ``b64_json`` image from a response, as a PIL image."""
     import base64

@@ -39,25 +39,34 @@ def _check(response) -> None:
         assert isinstance(error["message"], str) and error["message"]
 
 
-@pytest.mark.parametrize("mode", ["positive", "negative"])
-def test_schemathesis_finds_no_server_error(fuzz_server, mode):
+def _fuzz(url: str, mode: str, examples: int, path: str | None = None) -> dict[int, int]:
+    """Sends ``examples`` derandomized schemathesis cases (of ``path``'s operations, or all) and
+    checks each answer; returns the count of each status code."""
     from hypothesis import HealthCheck, given, settings
     from schemathesis.generation import GenerationMode
 
-    schema = schemathesis.openapi.from_url(fuzz_server.url + "/openapi.json")
+    schema = schemathesis.openapi.from_url(url + "/openapi.json")
+    if path is not None:
+        schema = schema.include(path=path)
     strategy = schema.as_strategy(generation_mode=GenerationMode(mode))
     session = requests.Session()
     seen: dict[int, int] = {}
 
-    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     @given(case=strategy)
     def run(case):
-        response = case.call(base_url=fuzz_server.url, session=session, timeout=60)
+        response = case.call(base_url=url, session=session, timeout=60)
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
         _check(response)
 
     run()
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_schemathesis_finds_no_server_error(fuzz_server, mode):
+    seen = _fuzz(fuzz_server.url, mode, 150)
     assert requests.get(fuzz_server.url + "/health", timeout=10).status_code == 200
     print(f"{mode}: status counts {dict(sorted(seen.items()))}")
     # Both kinds of answer were exercised, not only one.
@@ -71,26 +80,10 @@ def test_schemathesis_finds_no_server_error_on_edits(fuzz_edit_server, mode):
     images, so valid answers come from the hand-made request after the run."""
     import io
 
-    from hypothesis import HealthCheck, given, settings
     from PIL import Image
-    from schemathesis.generation import GenerationMode
 
     url = fuzz_edit_server.url
-    schema = schemathesis.openapi.from_url(url + "/openapi.json").include(
-        path="/v1/images/edits")
-    strategy = schema.as_strategy(generation_mode=GenerationMode(mode))
-    session = requests.Session()
-    seen: dict[int, int] = {}
-
-    @settings(max_examples=100, deadline=None, database=None, derandomize=True,
-              suppress_health_check=list(HealthCheck))
-    @given(case=strategy)
-    def run(case):
-        response = case.call(base_url=url, session=session, timeout=60)
-        seen[response.status_code] = seen.get(response.status_code, 0) + 1
-        _check(response)
-
-    run()
+    seen = _fuzz(url, mode, 100, path="/v1/images/edits")
     print(f"edits {mode}: status counts {dict(sorted(seen.items()))}")
     assert any(400 <= s < 500 for s in seen)
     buf = io.BytesIO()

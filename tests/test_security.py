@@ -16,7 +16,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import Server
+from conftest import Server, metric
 
 KEY = "sk-security"
 GEN = "/v1/images/generations"
@@ -25,15 +25,6 @@ SMALL = {"prompt": "a fox", "size": "32x32", "num_inference_steps": 2}
 
 def auth() -> dict[str, str]:
     return {"Authorization": f"Bearer {KEY}"}
-
-
-def metric(server, name: str, **labels) -> float:
-    text = requests.get(server.url + "/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def children(server, title: str) -> list[psutil.Process]:

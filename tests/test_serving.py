@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from conftest import Server
+from conftest import Server, metric
 
 QUEUE = 32
 TIMEOUT_S = 8
@@ -26,18 +26,6 @@ def server(tiny_qwen_image, tmp_path_factory):
                log_path=str(tmp_path_factory.mktemp("logs") / "serving.log"))
     yield s
     s.stop()
-
-
-def metric(server, name: str, **labels) -> float:
-    """The value of one sample of ``/metrics`` (0 when absent)."""
-    text = requests.get(server.url + "/metrics", timeout=10).text
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and not line.startswith(name + " "):
-            continue
-        if all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_warmup_ran_through_the_request_path_before_health(server):
