@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 # How often an idle engine checks its workers (a dead one is restarted before the next request).
 IDLE_POLL_S = 0.2
 
+
 class EngineCore:
     def __init__(self, config: OmniEngineConfig):
         self.config = config
