@@ -44,7 +44,7 @@ class AsyncOmniEngine:
         self.worker_pids: list[int] = []
         self._pending: dict[str, asyncio.Future] = {}
         self._partials: dict[str, tuple[asyncio.AbstractEventLoop, Callable]] = {}
-        self._abort_reasons: dict[str, str] = {}  # set by abort() before cancelling the wait
+        self._abort_reasons: dict[str, str] = {}  # set_abort_reason(), before the wait is cancelled
         self._lock = threading.Lock()
         self._closed = False
         self._wait_ready()
@@ -99,11 +99,12 @@ class AsyncOmniEngine:
             with self._lock:
                 self._pending.pop(request.request_id, None)
             self._in.put(("abort", request.request_id,
-                          self._abort_reasons.pop(request.request_id, "cancelled")))
+                          self._abort_reasons.get(request.request_id, "cancelled")))
             raise
         finally:
             with self._lock:
                 self._partials.pop(request.request_id, None)
+            self._abort_reasons.pop(request.request_id, None)  # also if it finished first
 
     def set_abort_reason(self, request_id: str, reason: str) -> None:
         """Why the request's ``generate`` is about to be cancelled ("timeout" or "cancelled"),

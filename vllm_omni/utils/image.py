@@ -42,6 +42,10 @@ def fit_input(image: Image.Image, keep_alpha: bool, max_area: int | None) -> Ima
 
     Shrinking comes first, in the image's own mode where Pillow can resample it, so that no
     full-size copy is made beside the decoded image."""
+    target = "RGBA" if keep_alpha else "RGB"
+    if SOURCE_SIZE in image.info and image.mode == target and (
+            max_area is None or image.width * image.height <= max_area):
+        return image  # fitted already (the API server did it; the engine core need not again)
     source = source_size(image)
     alpha = has_alpha(image)
     out = image
