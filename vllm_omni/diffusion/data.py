@@ -71,6 +71,8 @@ class OmniEngineConfig:
     # Largest estimated peak memory (bytes, or e.g. "8GiB") one batch may take beyond the loaded
     # model; the device's free memory limits it in any case. None: only free memory; 0: no check.
     max_request_memory: int | str | None = None
+    # What runs the workers (vLLM's --distributed-executor-backend): "mp", processes here.
+    distributed_executor_backend: str = "mp"
 
     def __post_init__(self) -> None:
         if isinstance(self.cache_config, str):
@@ -100,6 +102,12 @@ class OmniEngineConfig:
                 self.max_request_memory = parse_memory_size(self.max_request_memory)
             except ValueError as e:
                 raise ValueError(f"max_request_memory: {e}") from None
+        from vllm_omni.executor.base import BACKENDS
+
+        if self.distributed_executor_backend not in BACKENDS:
+            raise ValueError(f"distributed_executor_backend {self.distributed_executor_backend!r} "
+                             "is not available in this release of vllm_omni; use "
+                             f"{' or '.join(BACKENDS)} (worker processes on this host)")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.check_supported()

@@ -17,7 +17,18 @@ from typing import Any
 
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine.core import run_engine_core
-from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, RequestError
+from vllm_omni.engine.errors import EngineDeadError
+from vllm_omni.engine.messages import (
+    AbortRequest,
+    AddRequest,
+    EngineReady,
+    EngineStartupFailed,
+    EngineStatus,
+    PartialImage,
+    Progress,
+    Shutdown,
+)
+from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
 from vllm_omni.utils.proc import start_process
 
 logger = logging.getLogger(__name__)
@@ -43,7 +54,9 @@ class AsyncOmniEngine:
         self.state = "starting"
         self.worker_pids: list[int] = []
         self._pending: dict[str, asyncio.Future] = {}
-        self._partials: dict[str, tuple[asyncio.AbstractEventLoop, Callable]] = {}
+        # Request id -> (its loop, on_partial, on_progress): the live listeners of each request.
+        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, Callable | None,
+                                         Callable | None]] = {}
         self._abort_reasons: dict[str, str] = {}  # set_abort_reason(), before the wait is cancelled
         self._lock = threading.Lock()
         self._closed = False
@@ -68,11 +81,11 @@ class AsyncOmniEngine:
                     self.shutdown()
                     raise EngineStartupError("engine core did not start in time")
                 continue
-            if msg[0] == "startup_failed":
+            if isinstance(msg, EngineStartupFailed):
                 self._proc.join(5)
-                raise EngineStartupError(msg[1])
-            if msg[0] == "ready":
-                self.worker_pids = msg[1]
+                raise EngineStartupError(msg.message)
+            if isinstance(msg, EngineReady):
+                self.worker_pids = msg.worker_pids
                 self.state = "ready"
                 return
 
@@ -81,29 +94,31 @@ class AsyncOmniEngine:
         return self.state == "ready" and self._proc.is_alive()
 
     async def generate(self, request: DiffusionRequest,
-                       on_partial: Callable[[int, Any], None] | None = None) -> DiffusionOutput:
-        """The request's output; ``on_partial(index, image)`` gets its previews (streaming)."""
+                       on_partial: Callable[[int, Any], None] | None = None,
+                       on_progress: Callable[[int, int], None] | None = None) -> DiffusionOutput:
+        """The request's output; ``on_partial(index, image)`` gets its previews (streaming),
+        ``on_progress(step, total)`` its denoising progress; both run on the caller's loop."""
         if self.state == "dead" or self._closed:
-            return DiffusionOutput(request.request_id, error=RequestError(
-                503, "the engine is not running", "server_error"))
+            return DiffusionOutput(request.request_id,
+                                   error=EngineDeadError("the engine is not running"))
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         with self._lock:
             self._pending[request.request_id] = fut
-            if on_partial is not None:
-                self._partials[request.request_id] = (loop, on_partial)
-        self._in.put(("add", request))
+            if on_partial is not None or on_progress is not None:
+                self._listeners[request.request_id] = (loop, on_partial, on_progress)
+        self._in.put(AddRequest(request))
         try:
             return await fut
         except asyncio.CancelledError:
             with self._lock:
                 self._pending.pop(request.request_id, None)
-            self._in.put(("abort", request.request_id,
-                          self._abort_reasons.get(request.request_id, "cancelled")))
+            self._in.put(AbortRequest(request.request_id,
+                                      self._abort_reasons.get(request.request_id, "cancelled")))
             raise
         finally:
             with self._lock:
-                self._partials.pop(request.request_id, None)
+                self._listeners.pop(request.request_id, None)
             self._abort_reasons.pop(request.request_id, None)  # also if it finished first
 
     def set_abort_reason(self, request_id: str, reason: str) -> None:
@@ -129,21 +144,27 @@ class AsyncOmniEngine:
             except (EOFError, OSError):
                 self._core_died()
                 return
-            if msg[0] == "output":
+            if isinstance(msg, DiffusionOutput):
                 if self.on_output is not None:
                     try:
-                        self.on_output(msg[1])
+                        self.on_output(msg)
                     except Exception:
                         logger.exception("output observer failed")
-                self._resolve(msg[1])
-            elif msg[0] == "partial":
-                with self._lock:
-                    target = self._partials.get(msg[1])
-                if target is not None:
-                    target[0].call_soon_threadsafe(target[1], msg[2], msg[3])
-            elif msg[0] == "status":
-                self.state, self.worker_pids = msg[1], msg[2] or self.worker_pids
+                self._resolve(msg)
+            elif isinstance(msg, PartialImage):
+                self._notify(msg.request_id, 1, msg.index, msg.image)
+            elif isinstance(msg, Progress):
+                for rid in msg.request_ids:
+                    self._notify(rid, 2, msg.step, msg.total)
+            elif isinstance(msg, EngineStatus):
+                self.state, self.worker_pids = msg.state, msg.worker_pids or self.worker_pids
                 logger.info("engine state: %s", self.state)
+
+    def _notify(self, request_id: str, which: int, *args) -> None:
+        with self._lock:
+            listeners = self._listeners.get(request_id)
+        if listeners is not None and listeners[which] is not None:
+            listeners[0].call_soon_threadsafe(listeners[which], *args)
 
     def _core_died(self) -> None:
         if self._closed:
@@ -154,14 +175,14 @@ class AsyncOmniEngine:
             pending, self._pending = self._pending, {}
         for rid, fut in pending.items():
             fut.get_loop().call_soon_threadsafe(_set_result, fut, DiffusionOutput(
-                rid, error=RequestError(503, "the engine core process died", "server_error")))
+                rid, error=EngineDeadError("the engine core process died")))
 
     def shutdown(self) -> None:
         if self._closed:
             return
         self._closed = True
         try:
-            self._in.put(("shutdown",))
+            self._in.put(Shutdown())
         except (ValueError, OSError):
             pass
         self._proc.join(15)

@@ -12,15 +12,21 @@ import queue
 from collections.abc import Callable
 
 from vllm_omni.diffusion.data import OmniEngineConfig
-from vllm_omni.engine.request import (
-    DiffusionOutput,
-    DiffusionRequest,
-    PartialFn,
-    ProgressFn,
-    RequestError,
+from vllm_omni.engine import errors
+from vllm_omni.engine.errors import EngineDeadError, WorkerDiedError
+from vllm_omni.engine.messages import (
+    AbortRequest,
+    AddRequest,
+    EngineReady,
+    EngineStartupFailed,
+    EngineStatus,
+    PartialImage,
+    Progress,
+    Shutdown,
 )
+from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialFn, ProgressFn
 from vllm_omni.engine.scheduler import Scheduler
-from vllm_omni.executor.multiproc import MultiprocExecutor, WorkerDiedError
+from vllm_omni.executor.base import Executor
 from vllm_omni.models.registry import load_model_spec
 from vllm_omni.utils.proc import set_process_title, watch_parent
 
@@ -36,7 +42,8 @@ class EngineCore:
         adapter = load_model_spec(config.model).adapter
         self.scheduler = Scheduler(config.max_num_seqs, adapter.batch_key
                                    if config.max_num_seqs > 1 else None)
-        self.executor: MultiprocExecutor | None = MultiprocExecutor(config)
+        self.executor_class = Executor.get_class(config.distributed_executor_backend)
+        self.executor: Executor | None = self.executor_class(config)
         self.state = "ready"  # ready | restarting | dead
         self.needs_restart = False
         self._immediate: list[DiffusionOutput] = []
@@ -47,8 +54,8 @@ class EngineCore:
 
     def add_request(self, request: DiffusionRequest) -> None:
         if self.state == "dead":
-            self._immediate.append(_error(request, 503, "the engine is not running: its workers "
-                                          "died and could not be restarted"))
+            self._immediate.append(_failed(request, EngineDeadError(
+                "the engine is not running: its workers died and could not be restarted")))
             return
         self.scheduler.add(request)
 
@@ -92,8 +99,8 @@ class EngineCore:
             logger.error("%s; failing %d in-flight request(s) and restarting workers", e, len(batch))
             cancelled = self.executor.cancelled
             results = [_cancelled(r, cancelled[r.request_id], "and its workers were restarted")
-                       if r.request_id in cancelled else _error(r, 500, f"generation failed: {e}")
-                       for r in batch]
+                       if r.request_id in cancelled
+                       else _failed(r, WorkerDiedError(f"generation failed: {e}")) for r in batch]
             # Answer the failed requests first; the (slow) restart happens on the next step.
             self.needs_restart = True
         return outputs + self.scheduler.finish(batch, results)
@@ -105,14 +112,15 @@ class EngineCore:
             self.executor.shutdown(timeout=2.0)
             self.executor = None
         try:
-            self.executor = MultiprocExecutor(self.config)
+            self.executor = self.executor_class(self.config)
             self.state = "ready"
             logger.info("workers restarted")
         except Exception as e:
             logger.error("could not restart workers: %s", e)
             self.state = "dead"
             for req in self.scheduler.drain():
-                self._immediate.append(_error(req, 503, f"the engine could not restart its workers: {e}"))
+                self._immediate.append(_failed(req, EngineDeadError(
+                    f"the engine could not restart its workers: {e}")))
 
     def shutdown(self) -> None:
         if self.executor is not None:
@@ -120,19 +128,18 @@ class EngineCore:
             self.executor = None
 
 
-def _error(req: DiffusionRequest, status: int, message: str) -> DiffusionOutput:
-    kind = "server_error" if status >= 500 else "invalid_request_error"
-    return DiffusionOutput(req.request_id, error=RequestError(status, message, kind))
+def _failed(req: DiffusionRequest, error: errors.OmniError) -> DiffusionOutput:
+    return DiffusionOutput(req.request_id, error=error)
 
 
 def _cancelled(req: DiffusionRequest, reason: str, when: str) -> DiffusionOutput:
-    return DiffusionOutput(req.request_id, error=RequestError.cancelled(reason, when))
+    return DiffusionOutput(req.request_id, error=errors.cancelled(reason, when))
 
 
 def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
-    """Engine core process. In: ("add", req) | ("abort", id, reason) | ("shutdown",).
-    Out: ("ready", pids) | ("startup_failed", text) | ("output", out) |
-    ("partial", id, index, image) | ("status", state, pids)."""
+    """Engine core process. In: ``AddRequest`` | ``AbortRequest`` | ``Shutdown``. Out:
+    ``EngineReady`` or ``EngineStartupFailed``, then ``DiffusionOutput``, ``Progress``,
+    ``PartialImage`` and ``EngineStatus`` (see engine/messages.py)."""
     set_process_title("engine_core")
     logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
                         format="%(levelname)s %(asctime)s [engine_core] %(message)s")
@@ -140,20 +147,20 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
     try:
         core = EngineCore(config)
     except Exception as e:
-        out_queue.put(("startup_failed", str(e)))
+        out_queue.put(EngineStartupFailed(str(e)))
         return
-    out_queue.put(("ready", core.worker_pids))
+    out_queue.put(EngineReady(core.worker_pids))
 
-    class Shutdown(Exception):
+    class Stop(Exception):
         pass
 
     def handle(msg) -> None:
-        if msg[0] == "add":
-            core.add_request(msg[1])
-        elif msg[0] == "abort":
-            core.abort_request(msg[1], msg[2])
-        elif msg[0] == "shutdown":
-            raise Shutdown
+        if isinstance(msg, AddRequest):
+            core.add_request(msg.request)
+        elif isinstance(msg, AbortRequest):
+            core.abort_request(msg.request_id, msg.reason)
+        elif isinstance(msg, Shutdown):
+            raise Stop
 
     def poll() -> None:
         """Takes everything queued so far (while a batch runs, too: aborts reach it)."""
@@ -164,8 +171,11 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
                 return
             handle(msg)
 
+    def progress(ids, step, total) -> None:
+        out_queue.put(Progress(ids, step, total))
+
     def partial(request_id, index, image) -> None:
-        out_queue.put(("partial", request_id, index, image))
+        out_queue.put(PartialImage(request_id, index, image))
 
     try:
         while True:
@@ -176,12 +186,12 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
                     continue
             poll()
             if core.needs_restart:
-                out_queue.put(("status", "restarting", []))
+                out_queue.put(EngineStatus("restarting"))
                 core.restart()
-                out_queue.put(("status", core.state, core.worker_pids))
-            for out in core.step(poll=poll, on_partial=partial):
-                out_queue.put(("output", out))
-    except Shutdown:
+                out_queue.put(EngineStatus(core.state, core.worker_pids))
+            for out in core.step(progress, poll=poll, on_partial=partial):
+                out_queue.put(out)
+    except Stop:
         pass
     finally:
         core.shutdown()

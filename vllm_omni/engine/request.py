@@ -1,4 +1,5 @@
-"""Plain dataclasses that cross process boundaries (API server <-> engine core <-> workers)."""
+"""A request as the engine runs it, and what it produces: typed artifacts (images, videos,
+audio) plus model-specific extras."""
 
 from __future__ import annotations
 
@@ -6,44 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-# What a running request's cancel flag says (0: run on); the worker answers with the matching
-# error (RequestError.cancelled).
-CANCEL_CODES = {"cancelled": 1, "timeout": 2}
+# InvalidRequestError: re-exported, the adapters raise it.
+from vllm_omni.engine.errors import InvalidRequestError, OmniError  # noqa: F401
 
 # Per-step progress callback: (request ids, steps done, total steps).
 ProgressFn = Callable[[list[str], int, int], None]
 # A preview while denoising: (request id, partial image index, image).
 PartialFn = Callable[[str, int, Any], None]
-
-
-class InvalidRequestError(ValueError):
-    """The request cannot be served as asked: the client gets HTTP 400 naming the field."""
-
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_value"):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-
-
-@dataclass
-class RequestError:
-    status: int  # HTTP status the API server answers with
-    message: str
-    type: str = "server_error"
-    param: str | None = None
-    code: str | None = None
-
-    @classmethod
-    def invalid(cls, e: InvalidRequestError) -> "RequestError":
-        return cls(400, e.message, "invalid_request_error", e.param, e.code)
-
-    @classmethod
-    def cancelled(cls, reason: str, when: str) -> "RequestError":
-        """A request stopped because its client left (499) or its deadline passed (504)."""
-        if reason == "timeout":
-            return cls(504, f"timed out {when}", "server_error", code="timeout")
-        return cls(499, f"cancelled {when}", "cancelled", code="cancelled")
 
 
 @dataclass
@@ -72,14 +42,35 @@ class DiffusionRequest:
 
 
 @dataclass
+class Video:
+    frames: list[Any]  # PIL images, or float HxWxC arrays for output_type "np"
+    fps: float
+
+
+@dataclass
+class Audio:
+    samples: Any  # float32 array, (channels, samples)
+    sample_rate: int
+
+
+@dataclass
 class DiffusionOutput:
     request_id: str
     images: list[Any] = field(default_factory=list)  # PIL images, or float arrays for "np"
-    error: RequestError | None = None
+    videos: list[Video] = field(default_factory=list)
+    audios: list[Audio] = field(default_factory=list)
+    error: OmniError | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    # Model-specific results beside the images (GLM-Image: the prior's image tokens).
+    # Model-specific results beside the artifacts (GLM-Image: the prior's image tokens).
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def add(self, artifacts: list[Any]) -> "DiffusionOutput":
+        """Files each artifact under its kind (anything not a video or audio is an image)."""
+        for a in artifacts:
+            (self.videos if isinstance(a, Video) else self.audios if isinstance(a, Audio)
+             else self.images).append(a)
+        return self

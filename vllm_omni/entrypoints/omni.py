@@ -12,7 +12,6 @@ from tqdm.auto import tqdm
 
 from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
 from vllm_omni.engine.input_processor import InputProcessor
-from vllm_omni.engine.request import InvalidRequestError
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.registry import load_model_spec, resolve_model_dir
 
@@ -117,10 +116,8 @@ class Omni:
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError("need one sampling params object per prompt, or a single one")
-        try:
-            requests = [self._to_request(p, sp) for p, sp in zip(prompts, sampling_params)]
-        except InvalidRequestError as e:
-            raise ValueError(e.message) from None
+        # An invalid request raises InvalidRequestError, a ValueError naming the field.
+        requests = [self._to_request(p, sp) for p, sp in zip(prompts, sampling_params)]
 
         for req in requests:
             self._engine.add_request(req)
@@ -149,8 +146,9 @@ class Omni:
         for req, prompt in zip(requests, prompts):
             out = results[req.request_id]
             if out.error is not None:
-                exc = ValueError if out.error.status < 500 else RuntimeError
-                raise exc(out.error.message)
+                # The engine's error kinds are the offline API's exceptions: a client mistake
+                # is a ValueError, a failure of the server a RuntimeError (engine/errors.py).
+                raise out.error
             outputs.append(OmniRequestOutput(
                 request_id=req.request_id, prompt=req.prompt, images=out.images, seed=req.seed,
                 metrics=out.metrics, extra=out.extra))

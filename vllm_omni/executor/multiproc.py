@@ -1,4 +1,4 @@
-"""Runs one worker process per rank and turns their messages into results or errors.
+"""The ``mp`` executor: one worker process per rank on this host.
 
 Every wait here is bounded and checks that the workers are still alive, so a dead worker becomes
 a ``WorkerDiedError`` within ``POLL_S`` instead of a hang.
@@ -6,6 +6,7 @@ a ``WorkerDiedError`` within ``POLL_S`` instead of a hang.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -14,35 +15,31 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 from vllm_omni.diffusion.data import OmniEngineConfig
-from vllm_omni.engine.request import (
-    CANCEL_CODES,
-    DiffusionOutput,
-    DiffusionRequest,
-    PartialFn,
-    ProgressFn,
+from vllm_omni.engine.errors import WorkerDiedError
+from vllm_omni.engine.messages import (
+    CollectiveRpc,
+    PartialImage,
+    Progress,
+    RpcResult,
+    Shutdown,
+    WorkerLoadFailed,
+    WorkerReady,
 )
+from vllm_omni.engine.request import PartialFn, ProgressFn
+from vllm_omni.executor.base import Executor, WorkerStartupError
 from vllm_omni.utils.proc import start_process
 from vllm_omni.worker.worker import worker_main
 
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2
-MAX_BATCH = 256  # cancel-flag slots; far above any useful --max-num-seqs
 
-
-class WorkerDiedError(RuntimeError):
-    pass
-
-
-# After a rank reports a failed request, how long its peers get to finish before the parallel
+# After a rank reports a failed call, how long its peers get to finish before the parallel
 # group is declared out of step and the workers are restarted.
 DESYNC_GRACE_S = float(os.environ.get("VLLM_OMNI_DESYNC_GRACE_S", "30"))
-
-
-class WorkerStartupError(RuntimeError):
-    pass
 
 
 def worker_context():
@@ -58,7 +55,7 @@ def worker_context():
     return ctx
 
 
-class MultiprocExecutor:
+class MultiprocExecutor(Executor):
     def __init__(self, config: OmniEngineConfig):
         self.config = config
         ctx = worker_context()
@@ -68,21 +65,16 @@ class MultiprocExecutor:
         # engine starting at the same moment (two servers on one machine collided this way).
         self._rendezvous = tempfile.mkdtemp(prefix="vllm_omni_dist_")
         init_method = f"file://{os.path.join(self._rendezvous, 'store')}"
-        # One flag per batch slot, shared with every rank: set to cancel that request, which the
-        # ranks agree on at their next step end.
-        self.cancel_flags = ctx.RawArray("b", MAX_BATCH)
         # Each rank's last heartbeat (time.monotonic, which is system-wide on Linux), written
         # by a thread of the worker every HEARTBEAT_S, also while it computes.
         self.heartbeats = ctx.RawArray("d", [time.monotonic()] * config.world_size)
-        self.running: list[str] = []
-        self.cancelled: dict[str, str] = {}  # running request id -> why it was cancelled
-        self._stop_by: float | None = None  # when a fully cancelled batch must have stopped
+        self._call_ids = itertools.count()
         self.workers = []
         for rank in range(config.world_size):
             p = ctx.Process(
                 target=worker_main, name=f"vllm_omni_worker{rank}", daemon=True,
                 args=(rank, config, init_method, self.work_queues[rank], self.result_queue,
-                      self.cancel_flags, self.heartbeats, dict(os.environ)),
+                      self.heartbeats, dict(os.environ)),
             )
             start_process(p)
             self.workers.append(p)
@@ -103,7 +95,6 @@ class MultiprocExecutor:
         return None
 
     def unhealthy(self) -> str | None:
-        """Why the workers cannot serve (one exited, or stopped beating), or None."""
         dead = self._dead_worker()
         if dead:
             return dead
@@ -125,7 +116,7 @@ class MultiprocExecutor:
             why = self.unhealthy()
             if why:
                 raise WorkerDiedError(why)
-            if self._stop_by is not None and time.monotonic() > self._stop_by:
+            if self.stop_by is not None and time.monotonic() > self.stop_by:
                 raise WorkerDiedError(
                     f"the workers did not stop within {self.config.cancel_grace_s:g}s of the "
                     "request being cancelled")
@@ -148,73 +139,63 @@ class MultiprocExecutor:
                 raise WorkerStartupError(
                     f"workers did not load the model within {self.config.load_timeout_s:.0f}s"
                 ) from None
-            if msg[0] == "load_error":
-                raise WorkerStartupError(f"worker rank {msg[1]} failed to load the model:\n{msg[2]}")
-            if msg[0] == "ready":
-                ready.add(msg[1])
+            if isinstance(msg, WorkerLoadFailed):
+                raise WorkerStartupError(
+                    f"worker rank {msg.rank} failed to load the model:\n{msg.traceback}")
+            if isinstance(msg, WorkerReady):
+                ready.add(msg.rank)
 
-    def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
-        """Stops a running request at its next step end (alone on one rank: at its next block
-        or decode tile); False if it is not running. Once every request of the batch is
-        cancelled, the workers have ``cancel_grace_s`` to stop before they are restarted."""
-        if request_id not in self.running:
-            return False
-        self.cancel_flags[self.running.index(request_id)] = CANCEL_CODES[reason]
-        self.cancelled[request_id] = reason
-        if self._stop_by is None and set(self.running) <= set(self.cancelled):
-            self._stop_by = time.monotonic() + self.config.cancel_grace_s
-        return True
-
-    def execute(self, batch: list[DiffusionRequest], on_progress: ProgressFn | None = None,
-                poll: Callable[[], None] | None = None,
-                on_partial: PartialFn | None = None) -> list[DiffusionOutput]:
-        """Runs ``batch`` on every rank; ``poll`` is called while waiting (to take aborts)."""
-        if len(batch) > MAX_BATCH:
-            raise ValueError(f"batch of {len(batch)} exceeds {MAX_BATCH}")
-        for i in range(len(batch)):
-            self.cancel_flags[i] = 0
-        self.running = [r.request_id for r in batch]
-        self.cancelled, self._stop_by = {}, None
-        try:
-            return self._execute(batch, on_progress, poll, on_partial)
-        finally:
-            self.running, self._stop_by = [], None
-
-    def _execute(self, batch, on_progress, poll, on_partial) -> list[DiffusionOutput]:
-        # Progress costs a queue message per step; only ask for it when someone listens.
+    def send_all(self, msg: Any) -> None:
         for q in self.work_queues:
-            q.put(("execute", batch, on_progress is not None))
-        outputs, done, failed = None, set(), []
-        deadline = None
-        while outputs is None or len(done) < len(self.workers):
+            q.put(msg)
+
+    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
+                       timeout: float | None = None, poll: Callable[[], None] | None = None,
+                       on_progress: ProgressFn | None = None,
+                       on_partial: PartialFn | None = None) -> list[Any]:
+        if method.startswith("_"):
+            raise ValueError(f"{method!r} is not a public worker method")
+        call = CollectiveRpc(next(self._call_ids), method, tuple(args), dict(kwargs or {}))
+        self.send_all(call)
+        results: dict[int, RpcResult] = {}
+        failed: list[int] = []
+        end = None if timeout is None else time.monotonic() + timeout
+        grace_end = None
+        while len(results) < len(self.workers):
+            deadline = min((t for t in (end, grace_end) if t is not None), default=None)
             try:
                 msg = self._recv(deadline, poll)
             except TimeoutError:
-                stuck = sorted(set(range(len(self.workers))) - done)
+                stuck = sorted(set(range(len(self.workers))) - set(results))
+                if grace_end is None:
+                    raise TimeoutError(f"{method}: rank(s) {stuck} did not answer within "
+                                       f"{timeout:g}s") from None
                 raise WorkerDiedError(
-                    f"rank(s) {failed} failed mid-request and rank(s) {stuck} did not finish within "
-                    f"{DESYNC_GRACE_S:.0f}s (blocked in a collective with the failed rank)") from None
-            if msg[0] == "result":
-                outputs = msg[1]
-            elif msg[0] == "done":
-                done.add(msg[1])
-                if msg[2]:
-                    failed.append(msg[1])
-            elif msg[0] == "progress" and on_progress is not None:
-                on_progress(msg[1], msg[2], msg[3])
-            elif msg[0] == "partial" and on_partial is not None:
-                on_partial(msg[1], msg[2], msg[3])
+                    f"rank(s) {failed} failed mid-request and rank(s) {stuck} did not finish "
+                    f"within {DESYNC_GRACE_S:.0f}s (blocked in a collective with the failed "
+                    "rank)") from None
+            if isinstance(msg, RpcResult) and msg.call_id == call.call_id:
+                results[msg.rank] = msg
+                if msg.failed:
+                    failed.append(msg.rank)
+            elif isinstance(msg, Progress) and on_progress is not None:
+                on_progress(msg.request_ids, msg.step, msg.total)
+            elif isinstance(msg, PartialImage) and on_partial is not None:
+                on_partial(msg.request_id, msg.index, msg.image)
             if poll is not None:
                 poll()
-            if failed and deadline is None and len(self.workers) > 1:
-                deadline = time.monotonic() + DESYNC_GRACE_S
-        return outputs
+            if failed and grace_end is None and len(self.workers) > 1:
+                grace_end = time.monotonic() + DESYNC_GRACE_S
+        errors = [r for r in results.values() if r.error is not None]
+        if errors:
+            raise RuntimeError(f"{method} failed on rank {errors[0].rank}:\n{errors[0].error}")
+        return [results[rank].value for rank in range(len(self.workers))]
 
     def shutdown(self, timeout: float = 5.0) -> None:
         for q, p in zip(self.work_queues, self.workers):
             if p.is_alive():
                 try:
-                    q.put(("shutdown",))
+                    q.put(Shutdown())
                 except (ValueError, OSError):
                     pass
         deadline = time.monotonic() + timeout

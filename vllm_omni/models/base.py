@@ -169,6 +169,11 @@ class ModelAdapter:
         adapter forgets them once read."""
         return {}
 
+    def artifacts(self, output: Any) -> list[Any]:
+        """The pipeline call's results, one per generated item in request order: images here;
+        a video adapter returns ``Video``s, an audio adapter ``Audio``s."""
+        return list(output.images)
+
     def flatten_output(self, images: list[Any]) -> list[Any]:
         """One request's output images as the flat list the client receives."""
         return images

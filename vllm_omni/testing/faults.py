@@ -16,7 +16,8 @@ FAULT_MARKER = "__vllm_omni_test_fault__"
 
 
 def install(model_runner_module) -> None:
-    from vllm_omni.engine.request import DiffusionOutput, RequestError
+    from vllm_omni.engine.errors import GenerationError
+    from vllm_omni.engine.request import DiffusionOutput
 
     runner = model_runner_module.ModelRunner
     if getattr(runner._run, "_vllm_omni_fault", False):
@@ -24,13 +25,13 @@ def install(model_runner_module) -> None:
     original = runner._run
 
     @functools.wraps(original)
-    def _run(self, slots, reqs, progress, partial=None):
+    def _run(self, reqs, progress, partial=None):
         if int(os.environ.get(ENV, "-1")) == self.rank and any(FAULT_MARKER in r.prompt
                                                                for r in reqs):
-            error = RequestError(500, f"generation failed: RuntimeError: fault injected on rank "
-                                 f"{self.rank} (tests)", "server_error")
+            error = GenerationError(f"generation failed: RuntimeError: fault injected on rank "
+                                    f"{self.rank} (tests)")
             return {r.request_id: DiffusionOutput(r.request_id, error=error) for r in reqs}
-        return original(self, slots, reqs, progress, partial)
+        return original(self, reqs, progress, partial)
 
     _run._vllm_omni_fault = True
     runner._run = _run

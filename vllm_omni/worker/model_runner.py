@@ -18,15 +18,10 @@ from vllm_omni.cache.apply import apply_cache
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.distributed.apply import apply_parallel
 from vllm_omni.distributed.groups import ParallelGroups
-from vllm_omni.engine.request import (
-    CANCEL_CODES,
-    DiffusionOutput,
-    DiffusionRequest,
-    InvalidRequestError,
-    PartialFn,
-    ProgressFn,
-    RequestError,
-)
+from vllm_omni.engine import errors
+from vllm_omni.engine.errors import InvalidRequestError, RequestTooLargeError
+from vllm_omni.engine.messages import CANCEL_REASONS
+from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialFn, ProgressFn
 from vllm_omni.models.registry import load_model_spec
 from vllm_omni.worker import memory
 
@@ -55,7 +50,7 @@ def make_generators(seed: int, n: int) -> list[torch.Generator]:
 
 class ModelRunner:
     def __init__(self, config: OmniEngineConfig, rank: int, device: torch.device,
-                 groups: ParallelGroups | None = None, cancel_flags=None):
+                 groups: ParallelGroups | None = None, cancelled: dict[str, str] | None = None):
         self.config = config
         self.rank = rank
         self.device = device
@@ -65,9 +60,10 @@ class ModelRunner:
         self.pipe = None
         self.parallel: dict = {}
         self.cache = None
-        self.cancel_flags = cancel_flags  # shared per-slot flags set by the engine (or None)
+        # Request id -> why it was cancelled, filled as the engine's messages arrive (or None).
+        self.cancelled = cancelled
         self.timing = StepTiming()
-        self._running_slots: list[int] = []  # cancel-flag slots of the batch being run
+        self._running: list[str] = []  # the ids of the call being run
         self.memory_dims: memory.ModelDims | None = None  # set by load()
 
     def load(self) -> None:
@@ -134,25 +130,22 @@ class ModelRunner:
         estimated memory does not fit even alone."""
         outputs: dict[str, DiffusionOutput] = {}
         runnable = []
-        for slot, req in enumerate(batch):
+        for req in batch:
             try:  # the same answer on every rank: it depends on the request alone
                 self.adapter.check_loaded(self.pipe, req)
-                runnable.append((slot, req))
+                runnable.append(req)
             except InvalidRequestError as e:
-                outputs[req.request_id] = DiffusionOutput(req.request_id,
-                                                          error=RequestError.invalid(e))
+                outputs[req.request_id] = DiffusionOutput(req.request_id, error=e)
         if runnable:
-            calls, refused = self._plan_memory([r for _, r in runnable])
+            calls, refused = self._plan_memory(runnable)
             for i in refused:
-                req = runnable[i][1]
-                outputs[req.request_id] = DiffusionOutput(req.request_id,
-                                                          error=RequestError.invalid(refused[i]))
+                outputs[runnable[i].request_id] = DiffusionOutput(runnable[i].request_id,
+                                                                  error=refused[i])
             try:
                 for call in calls:  # one pipeline call each, in order (see memory.plan_batch)
-                    outputs.update(self._run([runnable[i][0] for i in call],
-                                             [runnable[i][1] for i in call], progress, partial))
+                    outputs.update(self._run([runnable[i] for i in call], progress, partial))
             finally:
-                self._running_slots = []
+                self._running = []
         return [outputs[r.request_id] for r in batch]
 
     # -- memory ----------------------------------------------------------------------------------
@@ -199,7 +192,7 @@ class ModelRunner:
                         memory.format_bytes(limit))
         return calls, errors
 
-    def _memory_error(self, req: DiffusionRequest, limit: int, where: str) -> InvalidRequestError:
+    def _memory_error(self, req: DiffusionRequest, limit: int, where: str) -> RequestTooLargeError:
         est = self.estimate_memory([req])
         fits = lambda r: self.estimate_memory([r]).total <= limit  # noqa: E731
         n_fit = next((n for n in range(req.num_images - 1, 0, -1)
@@ -214,7 +207,7 @@ class ModelRunner:
         if n_fit:
             message += (f"use n={n_fit}{' or less' if n_fit > 1 else ''} at this size, "
                         "or a smaller size")
-            return InvalidRequestError(message, param="n", code="insufficient_memory")
+            return RequestTooLargeError(message, param="n")
         smaller = self._largest_fitting_size(req, fits) if self.adapter.sized else None
         alone = (self._largest_fitting_size(dataclasses.replace(req, num_images=1), fits)
                  if self.adapter.sized and req.num_images > 1 and smaller is None else None)
@@ -227,7 +220,7 @@ class ModelRunner:
             message += "the model sets the output size from its input; nothing smaller fits"
         else:
             message += "no size fits within it"
-        return InvalidRequestError(message, param="size", code="insufficient_memory")
+        return RequestTooLargeError(message, param="size")
 
     def _largest_fitting_size(self, req: DiffusionRequest, fits) -> tuple[int, int] | None:
         """The largest size of ``req``'s aspect ratio (and n) that fits, or None."""
@@ -246,9 +239,14 @@ class ModelRunner:
                 hi = mid
         return size(lo) if lo else None
 
-    def _cancelled(self, slots: list[int]) -> list[int]:
-        """Each slot's cancel code (0: run on; see ``CANCEL_CODES``), agreed by every rank."""
-        flags = [int(self.cancel_flags[s]) if self.cancel_flags is not None else 0 for s in slots]
+    def _cancel_code(self, request_id: str) -> int:
+        """0: run on; else 1 + the reason's index in ``CANCEL_REASONS``."""
+        reason = self.cancelled.get(request_id) if self.cancelled is not None else None
+        return 0 if reason is None else 1 + CANCEL_REASONS.index(reason)
+
+    def _cancelled(self, ids: list[str]) -> list[int]:
+        """Each request's cancel code, agreed by every rank."""
+        flags = [self._cancel_code(rid) for rid in ids]
         if self.groups.world.world_size > 1:
             # Ranks read the flags at slightly different moments; all must stop at the same step.
             t = torch.tensor(flags, dtype=torch.int32, device=self.device)  # NCCL: on the GPU
@@ -260,19 +258,19 @@ class ModelRunner:
         block and each piece of the VAE decoder, not only at step ends (one step or one decode
         of a large image can take minutes on a CPU). Ranks of a parallel group must stop
         together, so they stop at step ends only (the engine restarts them if that is late)."""
-        if self.groups.world.world_size > 1 or self.cancel_flags is None:
+        if self.groups.world.world_size > 1 or self.cancelled is None:
             return
 
         def check(module, args):
-            slots = self._running_slots
-            if slots and all(self.cancel_flags[s] for s in slots):
-                self.timing.cancelled = [int(self.cancel_flags[s]) for s in slots]
+            ids = self._running
+            if ids and all(rid in self.cancelled for rid in ids):
+                self.timing.cancelled = [self._cancel_code(rid) for rid in ids]
                 raise RequestCancelled
 
         for module in cancel_points(self.pipe):
             module.register_forward_pre_hook(check)
 
-    def _step_callback(self, slots: list[int], reqs: list[DiffusionRequest],
+    def _step_callback(self, reqs: list[DiffusionRequest],
                        progress: ProgressFn | None, partial: PartialFn | None):
         ids, total, timing = [r.request_id for r in reqs], reqs[0].num_inference_steps, self.timing
         previews = preview_steps(total, reqs[0].partial_images)
@@ -290,18 +288,18 @@ class ModelRunner:
                     for req in reqs:
                         partial(req.request_id, previews.index(step), images[offset])
                         offset += req.num_images
-            timing.cancelled = self._cancelled(slots)
+            timing.cancelled = self._cancelled(ids)
             if all(timing.cancelled):  # a batch runs on while any of its requests is wanted
                 raise RequestCancelled
             return callback_kwargs
 
         return on_step_end
 
-    def _run(self, slots: list[int], reqs: list[DiffusionRequest], progress: ProgressFn | None,
+    def _run(self, reqs: list[DiffusionRequest], progress: ProgressFn | None,
              partial: PartialFn | None = None) -> dict[str, DiffusionOutput]:
         t0 = time.perf_counter()
         self.timing = timing = StepTiming(cancelled=[0] * len(reqs))
-        self._running_slots = slots
+        self._running = [r.request_id for r in reqs]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         ids = ", ".join(r.request_id for r in reqs)
@@ -310,7 +308,7 @@ class ModelRunner:
                 kwargs = self.adapter.pipeline_kwargs(self.spec, reqs[0])
             else:
                 kwargs = self.adapter.batch_pipeline_kwargs(self.spec, reqs)
-            on_step = self._step_callback(slots, reqs, progress, partial)
+            on_step = self._step_callback(reqs, progress, partial)
             follow_steps = contextlib.nullcontext()
             if self._takes_step_callback:
                 kwargs["callback_on_step_end"] = on_step
@@ -327,24 +325,21 @@ class ModelRunner:
             generators = [g for r in reqs for g in make_generators(r.seed, r.num_images)]
             self.adapter.output_extra(self.pipe)  # drops what a failed earlier call left behind
             with follow_steps:
-                images = self.pipe(**kwargs, generator=generators,
-                                   output_type=reqs[0].output_type).images
+                images = self.adapter.artifacts(self.pipe(
+                    **kwargs, generator=generators, output_type=reqs[0].output_type))
         except RequestCancelled:
             images = None
         except InvalidRequestError as e:
-            return {r.request_id: DiffusionOutput(r.request_id, error=RequestError.invalid(e))
-                    for r in reqs}
-        except NonFiniteError as e:
-            logger.error("request(s) %s: %s", ids, e)
-            error = RequestError(500, f"generation failed: {e}", "server_error",
-                                 code="non_finite_output")
-            return {r.request_id: DiffusionOutput(r.request_id, metrics=self._metrics(t0),
-                                                  error=error) for r in reqs}
+            return {r.request_id: DiffusionOutput(r.request_id, error=e) for r in reqs}
         except Exception as e:  # the worker survives a bad request or an OOM; the client is told
-            logger.error("request(s) %s failed:\n%s", ids, traceback.format_exc())
+            if isinstance(e, NonFiniteError):
+                logger.error("request(s) %s: %s", ids, e)
+                error = errors.GenerationError(f"generation failed: {e}", code="non_finite_output")
+            else:
+                logger.error("request(s) %s failed:\n%s", ids, traceback.format_exc())
+                error = errors.GenerationError(f"generation failed: {type(e).__name__}: {e}")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            error = RequestError(500, f"generation failed: {type(e).__name__}: {e}", "server_error")
             return {r.request_id: DiffusionOutput(r.request_id, metrics=self._metrics(t0),
                                                   error=error) for r in reqs}
         metrics = self._metrics(t0)
@@ -363,16 +358,15 @@ class ModelRunner:
                     if images is not None else [])
             offset += req.num_images
             if cancelled or images is None:
-                reason = "timeout" if cancelled == CANCEL_CODES["timeout"] else "cancelled"
-                when = f"after {timing.steps} of {req.num_inference_steps} steps"
-                logger.info("request %s %s %s", req.request_id,
-                            "timed out" if reason == "timeout" else "cancelled", when)
-                outputs[req.request_id] = DiffusionOutput(
-                    req.request_id, metrics=dict(metrics),
-                    error=RequestError.cancelled(reason, when))
+                reason = CANCEL_REASONS[max(cancelled, 1) - 1]
+                error = errors.cancelled(reason, f"after {timing.steps} of "
+                                                 f"{req.num_inference_steps} steps")
+                logger.info("request %s %s", req.request_id, error)
+                outputs[req.request_id] = DiffusionOutput(req.request_id, metrics=dict(metrics),
+                                                          error=error)
             else:
-                outputs[req.request_id] = DiffusionOutput(req.request_id, images=mine,
-                                                          metrics=dict(metrics), extra=extra)
+                outputs[req.request_id] = DiffusionOutput(req.request_id, metrics=dict(metrics),
+                                                          extra=extra).add(mine)
         return outputs
 
     def _metrics(self, t0: float) -> dict:

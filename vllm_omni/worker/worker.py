@@ -1,14 +1,28 @@
-"""One process per rank: joins vLLM's distributed environment, loads the model, runs work."""
+"""One process per rank: joins vLLM's distributed environment, loads the model, and runs the
+methods the executor calls on every rank (``CollectiveRpc``)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import queue
+import threading
 import time
 import traceback
 
 from vllm_omni.diffusion.data import OmniEngineConfig
+from vllm_omni.engine.errors import GenerationError
+from vllm_omni.engine.messages import (
+    Cancel,
+    CollectiveRpc,
+    PartialImage,
+    Progress,
+    RpcResult,
+    Shutdown,
+    WorkerLoadFailed,
+    WorkerReady,
+)
+from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
 from vllm_omni.utils.proc import set_process_title, watch_parent
 
 logger = logging.getLogger(__name__)
@@ -28,12 +42,64 @@ def _init_distributed(rank: int, config: OmniEngineConfig, init_method: str, dev
     return vllm_groups(config.parallel.layout, rank, backend)
 
 
-def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
-                work_queue, result_queue, cancel_flags=None, heartbeats=None,
-                environ: dict[str, str] | None = None) -> None:
-    """Messages in: ("execute", batch, want_progress) | ("shutdown",). Out: ("ready", rank) |
-    ("load_error", rank, text) | ("done", rank, failed) per batch from every rank; from rank 0
-    only: ("progress", ids, step, total) | ("partial", id, index, image) | ("result", outputs)."""
+class Worker:
+    """A rank's model runner and the methods callable on every rank. A public method is all it
+    takes to make something callable through ``Executor.collective_rpc``."""
+
+    def __init__(self, rank: int, config: OmniEngineConfig, init_method: str, out_queue):
+        import torch
+
+        from vllm_omni.worker.model_runner import ModelRunner
+
+        self.rank = rank
+        self.out = out_queue
+        # Running request id -> why it was cancelled; written by the inbox thread as ``Cancel``
+        # messages arrive, read by the runner at its cancel points.
+        self.cancelled: dict[str, str] = {}
+        self.failed = False  # set by a call that may have left this rank out of step
+        if config.device:
+            device = torch.device(config.device)
+        elif torch.cuda.is_available():
+            device = torch.device("cuda", rank)
+        else:
+            device = torch.device("cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        elif "OMP_NUM_THREADS" not in os.environ:
+            # Ranks share the host's cores; more threads than cores makes every rank spin-wait.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
+        groups = _init_distributed(rank, config, init_method, device.type)
+        self.runner = ModelRunner(config, rank, device, groups, self.cancelled)
+        self.runner.load()
+
+    def execute(self, batch: list[DiffusionRequest], want_progress: bool = False
+                ) -> list[DiffusionOutput]:
+        """Rank 0 answers with the outputs; the others with their errors alone (their artifacts
+        equal rank 0's, and would only cost a copy)."""
+        lead = self.rank == 0
+
+        def progress(ids, step, total):
+            self.out.put(Progress(ids, step, total))
+
+        def partial(request_id, index, image):
+            self.out.put(PartialImage(request_id, index, image))
+
+        outputs = self.runner.execute(batch, progress if want_progress and lead else None,
+                                      partial if lead else None)
+        # A request that failed here may have left the peers waiting in a collective.
+        self.failed = any(isinstance(o.error, GenerationError) for o in outputs)
+        return outputs if lead else [DiffusionOutput(o.request_id, error=o.error)
+                                     for o in outputs]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def worker_main(rank: int, config: OmniEngineConfig, init_method: str, work_queue, out_queue,
+                heartbeats=None, environ: dict[str, str] | None = None) -> None:
+    """In: ``CollectiveRpc`` | ``Cancel`` | ``Shutdown``. Out: ``WorkerReady`` or
+    ``WorkerLoadFailed``, then an ``RpcResult`` per call from every rank (and, from rank 0,
+    ``Progress`` and ``PartialImage`` while a batch runs)."""
     # Title first: setproctitle finds its memory next to the original environment block.
     set_process_title(f"worker_rank{rank}")
     if environ is not None:  # the engine's environment now, not the fork server's at its start
@@ -47,49 +113,38 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str,
 
     watch_parent(beat if heartbeats is not None else None)
     try:
-        import torch
-
-        from vllm_omni.worker.model_runner import ModelRunner
-
-        if config.device:
-            device = torch.device(config.device)
-        elif torch.cuda.is_available():
-            device = torch.device("cuda", rank)
-        else:
-            device = torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        elif "OMP_NUM_THREADS" not in os.environ:
-            # Ranks share the host's cores; more threads than cores makes every rank spin-wait.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
-        groups = _init_distributed(rank, config, init_method, device.type)
-        runner = ModelRunner(config, rank, device, groups, cancel_flags)
-        runner.load()
+        worker = Worker(rank, config, init_method, out_queue)
     except BaseException:
-        result_queue.put(("load_error", rank, traceback.format_exc()))
+        out_queue.put(WorkerLoadFailed(rank, traceback.format_exc()))
         return
-    result_queue.put(("ready", rank))
+    out_queue.put(WorkerReady(rank))
 
-    def progress(ids, step, total):
-        result_queue.put(("progress", ids, step, total))
+    # Calls run one at a time on this thread; a thread of its own reads the queue meanwhile, so
+    # a Cancel reaches a call that is running.
+    calls: queue.Queue = queue.Queue()
 
-    def partial(request_id, index, image):
-        result_queue.put(("partial", request_id, index, image))
+    def receive() -> None:
+        while True:
+            msg = work_queue.get()
+            if isinstance(msg, Cancel):
+                worker.cancelled[msg.request_id] = msg.reason
+                continue
+            if isinstance(msg, CollectiveRpc) and msg.method == "execute":
+                worker.cancelled.clear()  # in message order: a later Cancel is for this batch
+            calls.put(msg)
+            if isinstance(msg, Shutdown):
+                return
 
+    threading.Thread(target=receive, name="vllm_omni-worker-inbox", daemon=True).start()
     while True:
-        try:
-            msg = work_queue.get(timeout=1.0)
-        except queue.Empty:
-            continue
-        if msg[0] == "shutdown":
+        msg = calls.get()
+        if isinstance(msg, Shutdown):
             return
-        if msg[0] == "execute":
-            want_progress = msg[2] and rank == 0
-            outputs = runner.execute(msg[1], progress if want_progress else None,
-                                     partial if rank == 0 else None)
-            if rank == 0:
-                result_queue.put(("result", outputs))
-            # Every rank says it is through the batch, so the executor can tell a rank stuck in
-            # a collective (its peer failed) from one that is merely slow.
-            failed = any(o.error is not None and o.error.status >= 500 for o in outputs)
-            result_queue.put(("done", rank, failed))
+        worker.failed = False
+        try:
+            value = getattr(worker, msg.method)(*msg.args, **msg.kwargs)
+            result = RpcResult(msg.call_id, rank, value, failed=worker.failed)
+        except Exception:
+            logger.error("%s failed:\n%s", msg.method, traceback.format_exc())
+            result = RpcResult(msg.call_id, rank, error=traceback.format_exc(), failed=True)
+        out_queue.put(result)

@@ -24,7 +24,7 @@ HONOURED = {
     "tensor_parallel_size", "quantization", "revision", "uvicorn_log_level",
     "disable_uvicorn_access_log", "root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
     "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials", "config",
-    "max_num_seqs",
+    "max_num_seqs", "distributed_executor_backend",
 }
 
 
@@ -184,6 +184,7 @@ def config_from_args(args: argparse.Namespace, serve_parser):
         max_num_seqs=args.max_num_seqs or 1, max_request_memory=args.max_request_memory,
         heartbeat_timeout_s=args.worker_heartbeat_timeout,
         cancel_grace_s=args.cancel_grace_period,
+        distributed_executor_backend=args.distributed_executor_backend or "mp",
     )
     spec = load_model_spec(config.model)
     spec.adapter.check_engine(spec, config)

@@ -14,7 +14,14 @@ from typing import Any
 
 from vllm_omni.engine.async_engine import AsyncOmniEngine
 from vllm_omni.engine.input_processor import InputProcessor
-from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, InvalidRequestError
+from vllm_omni.engine.errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    OmniError,
+    RequestCancelledError,
+    RequestTimedOutError,
+)
+from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
 from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
@@ -37,9 +44,18 @@ async def _never_disconnected() -> bool:
     return False
 
 
-def _openai_error(out: DiffusionOutput) -> OpenAIError:
-    e = out.error
-    return OpenAIError(e.status, e.message, e.type, e.param, e.code)
+# How each kind of engine error is answered: (kind, HTTP status, OpenAI error type), the first
+# match wins. 499 is nginx's "client closed request": only logs and metrics ever see it.
+HTTP_ERRORS = ((RequestTimedOutError, 504, "server_error"),
+               (RequestCancelledError, 499, "cancelled"),
+               (InvalidRequestError, 400, "invalid_request_error"),
+               (EngineDeadError, 503, "server_error"),
+               (OmniError, 500, "server_error"))
+
+
+def openai_error(e: OmniError) -> OpenAIError:
+    status, kind = next((status, kind) for cls, status, kind in HTTP_ERRORS if isinstance(e, cls))
+    return OpenAIError(status, e.message, kind, e.param, e.code)
 
 
 def _extension(req: DiffusionRequest, out: DiffusionOutput) -> dict[str, Any]:
@@ -164,7 +180,7 @@ class ServingImages:
             req = self.inputs.process(body.prompt, params, request_id=request_id, images=images,
                                       mask=mask)
         except InvalidRequestError as e:
-            raise OpenAIError(400, e.message, param=e.param, code=e.code) from None
+            raise openai_error(e) from None
         except ValueError as e:
             raise OpenAIError(400, str(e), code="invalid_value") from None
         self.check_limits(body.n, body.num_inference_steps, req.width, req.height)
@@ -185,7 +201,7 @@ class ServingImages:
         finally:
             self.in_flight -= 1
         if out.error is not None:
-            raise _openai_error(out)
+            raise openai_error(out.error)
 
         fmt = body.output_format
         encoded = await asyncio.to_thread(
@@ -271,7 +287,7 @@ class ServingImages:
                     yield error_event(e)
                     return
                 if out.error is not None:
-                    yield error_event(_openai_error(out))
+                    yield error_event(openai_error(out.error))
                     return
                 yield await asyncio.to_thread(event, f"{prefix}.completed", out.images[0],
                                               vllm_omni=_extension(req, out))
