@@ -34,6 +34,8 @@ def test_rejects_impossible_layout_before_starting(tiny_qwen_image):
     assert r.returncode == 2 and "vae_patch_parallel_size <= 2" in r.stderr
     r = run("serve", tiny_qwen_image, "--omni", "--cache-config", "{bad")
     assert r.returncode == 2 and "not valid JSON" in r.stderr
+    r = run("serve", tiny_qwen_image, "--omni", "--distributed-executor-backend", "ray")
+    assert r.returncode == 2 and "'ray' is not available" in r.stderr
 
 
 def test_rejects_unknown_model_dir(tmp_path):

@@ -1,0 +1,74 @@
+"""The engine's seams: the executor interface, typed errors across processes, progress events."""
+
+import asyncio
+import pickle
+
+import pytest
+
+from vllm_omni.diffusion.data import OmniEngineConfig
+from vllm_omni.engine import errors
+from vllm_omni.engine.request import Audio, DiffusionOutput, Video
+from vllm_omni.entrypoints.openai.serving_images import openai_error
+from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+
+
+def test_collective_rpc_calls_a_worker_method_on_every_rank(omni):
+    executor = omni._engine.executor
+    assert executor.collective_rpc("pid") == omni.worker_pids
+    with pytest.raises(RuntimeError, match="pid failed on rank 0"):
+        executor.collective_rpc("pid", (1,))  # raises in the worker: the caller is told
+    with pytest.raises(ValueError, match="not a public worker method"):
+        executor.collective_rpc("_private")
+    # The workers serve on after a failed call.
+    assert omni.generate("a fox", OmniDiffusionSamplingParams(num_inference_steps=2, seed=1),
+                         use_tqdm=False)[0].images
+
+
+def test_only_the_mp_executor_is_offered(tiny_qwen_image):
+    with pytest.raises(ValueError, match="'ray' is not available.*use mp"):
+        OmniEngineConfig(model=tiny_qwen_image, model_name="m", distributed_executor_backend="ray")
+
+
+@pytest.mark.parametrize("error, status, kind", [
+    (errors.InvalidRequestError("bad size", param="size"), 400, "invalid_request_error"),
+    (errors.RequestTooLargeError("too big", param="n"), 400, "invalid_request_error"),
+    (errors.cancelled("cancelled", "after 1 of 2 steps"), 499, "cancelled"),
+    (errors.cancelled("timeout", "after 1 of 2 steps"), 504, "server_error"),
+    (errors.GenerationError("nan", code="non_finite_output"), 500, "server_error"),
+    (errors.WorkerDiedError("rank 0 exited"), 500, "server_error"),
+    (errors.EngineDeadError("gone"), 503, "server_error"),
+])
+def test_error_kinds_cross_processes_and_map_to_http_at_the_edge(error, status, kind):
+    out = pickle.loads(pickle.dumps(DiffusionOutput("r", error=error)))
+    e = out.error
+    assert type(e) is type(error) and (e.message, e.param, e.code) == (
+        error.message, error.param, error.code)
+    # Offline, a client mistake is a ValueError and a server failure a RuntimeError.
+    assert isinstance(e, ValueError if status == 400 else RuntimeError)
+    http = openai_error(e)
+    assert (http.status, http.type, http.param, http.code) == (status, kind, e.param, e.code)
+
+
+def test_outputs_file_artifacts_by_kind():
+    video, audio = Video(frames=["f0", "f1"], fps=16), Audio(samples=[[0.0]], sample_rate=44100)
+    out = DiffusionOutput("r").add(["img", video, audio])
+    assert (out.images, out.videos, out.audios) == (["img"], [video], [audio])
+
+
+def test_progress_reaches_the_api_server_process(tiny_qwen_image):
+    """Server mode: the engine core runs in its own process; every step end reaches the
+    caller's event loop, in order, before the output."""
+    from vllm_omni.engine.async_engine import AsyncOmniEngine
+    from vllm_omni.engine.input_processor import InputProcessor
+    from vllm_omni.models.registry import load_model_spec
+
+    engine = AsyncOmniEngine(OmniEngineConfig(model=tiny_qwen_image, model_name="m"))
+    try:
+        req = InputProcessor(load_model_spec(tiny_qwen_image)).process(
+            "a fox", OmniDiffusionSamplingParams(num_inference_steps=3, width=64, height=64))
+        seen = []
+        out = asyncio.run(engine.generate(req, on_progress=lambda *a: seen.append(a)))
+        assert out.ok and out.images
+        assert seen == [(1, 3), (2, 3), (3, 3)]
+    finally:
+        engine.shutdown()
