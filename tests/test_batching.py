@@ -14,7 +14,7 @@ def _req(rid, w=64, steps=4):
 
 
 def test_scheduler_batches_by_key_keeps_fifo_and_never_starves_the_head():
-    s = Scheduler(max_batch_size=2, batch_key=lambda r: (r.width, r.num_inference_steps))
+    s = Scheduler(max_num_seqs=2, batch_key=lambda r: (r.width, r.num_inference_steps))
     for r in [_req("a"), _req("b", w=48), _req("c"), _req("d"), _req("e", w=48)]:
         s.add(r)
     batches = []
@@ -22,7 +22,7 @@ def test_scheduler_batches_by_key_keeps_fifo_and_never_starves_the_head():
         batches.append([r.request_id for r in s.schedule()])
     # The oldest request always leads; compatible later ones join up to the limit.
     assert batches == [["a", "c"], ["b", "e"], ["d"]]
-    one = Scheduler(max_batch_size=4)  # no key: one at a time, in order
+    one = Scheduler(max_num_seqs=4)  # no key: one at a time, in order
     for r in [_req("x"), _req("y")]:
         one.add(r)
     assert [r.request_id for r in one.schedule()] == ["x"]

@@ -18,16 +18,7 @@ from typing import Any
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine.core import run_engine_core
 from vllm_omni.engine.errors import EngineDeadError
-from vllm_omni.engine.messages import (
-    AbortRequest,
-    AddRequest,
-    EngineReady,
-    EngineStartupFailed,
-    EngineStatus,
-    PartialImage,
-    Progress,
-    Shutdown,
-)
+from vllm_omni.engine import messages as m
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
 from vllm_omni.utils.proc import start_process
 
@@ -81,10 +72,10 @@ class AsyncOmniEngine:
                     self.shutdown()
                     raise EngineStartupError("engine core did not start in time")
                 continue
-            if isinstance(msg, EngineStartupFailed):
+            if isinstance(msg, m.EngineStartupFailed):
                 self._proc.join(5)
                 raise EngineStartupError(msg.message)
-            if isinstance(msg, EngineReady):
+            if isinstance(msg, m.EngineReady):
                 self.worker_pids = msg.worker_pids
                 self.state = "ready"
                 return
@@ -107,13 +98,13 @@ class AsyncOmniEngine:
             self._pending[request.request_id] = fut
             if on_partial is not None or on_progress is not None:
                 self._listeners[request.request_id] = (loop, on_partial, on_progress)
-        self._in.put(AddRequest(request))
+        self._in.put(m.AddRequest(request))
         try:
             return await fut
         except asyncio.CancelledError:
             with self._lock:
                 self._pending.pop(request.request_id, None)
-            self._in.put(AbortRequest(request.request_id,
+            self._in.put(m.AbortRequest(request.request_id,
                                       self._abort_reasons.get(request.request_id, "cancelled")))
             raise
         finally:
@@ -151,12 +142,12 @@ class AsyncOmniEngine:
                     except Exception:
                         logger.exception("output observer failed")
                 self._resolve(msg)
-            elif isinstance(msg, PartialImage):
+            elif isinstance(msg, m.PartialImage):
                 self._notify(msg.request_id, 1, msg.index, msg.image)
-            elif isinstance(msg, Progress):
+            elif isinstance(msg, m.Progress):
                 for rid in msg.request_ids:
                     self._notify(rid, 2, msg.step, msg.total)
-            elif isinstance(msg, EngineStatus):
+            elif isinstance(msg, m.EngineStatus):
                 self.state, self.worker_pids = msg.state, msg.worker_pids or self.worker_pids
                 logger.info("engine state: %s", self.state)
 
@@ -182,7 +173,7 @@ class AsyncOmniEngine:
             return
         self._closed = True
         try:
-            self._in.put(Shutdown())
+            self._in.put(m.Shutdown())
         except (ValueError, OSError):
             pass
         self._proc.join(15)

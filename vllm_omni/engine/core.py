@@ -14,16 +14,7 @@ from collections.abc import Callable
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine import errors
 from vllm_omni.engine.errors import EngineDeadError, WorkerDiedError
-from vllm_omni.engine.messages import (
-    AbortRequest,
-    AddRequest,
-    EngineReady,
-    EngineStartupFailed,
-    EngineStatus,
-    PartialImage,
-    Progress,
-    Shutdown,
-)
+from vllm_omni.engine import messages as m
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialFn, ProgressFn
 from vllm_omni.engine.scheduler import Scheduler
 from vllm_omni.executor.base import Executor
@@ -147,19 +138,19 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
     try:
         core = EngineCore(config)
     except Exception as e:
-        out_queue.put(EngineStartupFailed(str(e)))
+        out_queue.put(m.EngineStartupFailed(str(e)))
         return
-    out_queue.put(EngineReady(core.worker_pids))
+    out_queue.put(m.EngineReady(core.worker_pids))
 
     class Stop(Exception):
         pass
 
     def handle(msg) -> None:
-        if isinstance(msg, AddRequest):
+        if isinstance(msg, m.AddRequest):
             core.add_request(msg.request)
-        elif isinstance(msg, AbortRequest):
+        elif isinstance(msg, m.AbortRequest):
             core.abort_request(msg.request_id, msg.reason)
-        elif isinstance(msg, Shutdown):
+        elif isinstance(msg, m.Shutdown):
             raise Stop
 
     def poll() -> None:
@@ -172,10 +163,10 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
             handle(msg)
 
     def progress(ids, step, total) -> None:
-        out_queue.put(Progress(ids, step, total))
+        out_queue.put(m.Progress(ids, step, total))
 
     def partial(request_id, index, image) -> None:
-        out_queue.put(PartialImage(request_id, index, image))
+        out_queue.put(m.PartialImage(request_id, index, image))
 
     try:
         while True:
@@ -186,9 +177,9 @@ def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
                     continue
             poll()
             if core.needs_restart:
-                out_queue.put(EngineStatus("restarting"))
+                out_queue.put(m.EngineStatus("restarting"))
                 core.restart()
-                out_queue.put(EngineStatus(core.state, core.worker_pids))
+                out_queue.put(m.EngineStatus(core.state, core.worker_pids))
             for out in core.step(progress, poll=poll, on_partial=partial):
                 out_queue.put(out)
     except Stop:

@@ -2,7 +2,7 @@
 
 The oldest waiting request always runs next, so nobody starves. Later requests with the same
 batch key (same size, steps, guidance, ...: whatever makes them one pipeline call) join its
-batch, up to ``max_batch_size``; the others keep their place in the queue.
+batch, up to ``max_num_seqs``; the others keep their place in the queue.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int = 1,
+    def __init__(self, max_num_seqs: int = 1,
                  batch_key: Callable[[DiffusionRequest], Hashable] | None = None):
-        self.max_batch_size = max_batch_size
+        self.max_num_seqs = max_num_seqs
         self.batch_key = batch_key  # None: one request at a time
         self.waiting: OrderedDict[str, DiffusionRequest] = OrderedDict()
 
@@ -38,7 +38,7 @@ class Scheduler:
         batch: list[DiffusionRequest] = []
         key = None
         for rid, req in list(self.waiting.items()):
-            if len(batch) == self.max_batch_size:
+            if len(batch) == self.max_num_seqs:
                 break
             if batch:
                 if self.batch_key is None or self.batch_key(req) != key:

@@ -19,15 +19,7 @@ from typing import Any
 
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine.errors import WorkerDiedError
-from vllm_omni.engine.messages import (
-    CollectiveRpc,
-    PartialImage,
-    Progress,
-    RpcResult,
-    Shutdown,
-    WorkerLoadFailed,
-    WorkerReady,
-)
+from vllm_omni.engine import messages as m
 from vllm_omni.engine.request import PartialFn, ProgressFn
 from vllm_omni.executor.base import Executor, WorkerStartupError
 from vllm_omni.utils.proc import start_process
@@ -139,10 +131,10 @@ class MultiprocExecutor(Executor):
                 raise WorkerStartupError(
                     f"workers did not load the model within {self.config.load_timeout_s:.0f}s"
                 ) from None
-            if isinstance(msg, WorkerLoadFailed):
+            if isinstance(msg, m.WorkerLoadFailed):
                 raise WorkerStartupError(
                     f"worker rank {msg.rank} failed to load the model:\n{msg.traceback}")
-            if isinstance(msg, WorkerReady):
+            if isinstance(msg, m.WorkerReady):
                 ready.add(msg.rank)
 
     def send_all(self, msg: Any) -> None:
@@ -155,9 +147,9 @@ class MultiprocExecutor(Executor):
                        on_partial: PartialFn | None = None) -> list[Any]:
         if method.startswith("_"):
             raise ValueError(f"{method!r} is not a public worker method")
-        call = CollectiveRpc(next(self._call_ids), method, tuple(args), dict(kwargs or {}))
+        call = m.CollectiveRpc(next(self._call_ids), method, tuple(args), dict(kwargs or {}))
         self.send_all(call)
-        results: dict[int, RpcResult] = {}
+        results: dict[int, m.RpcResult] = {}
         failed: list[int] = []
         end = None if timeout is None else time.monotonic() + timeout
         grace_end = None
@@ -174,13 +166,13 @@ class MultiprocExecutor(Executor):
                     f"rank(s) {failed} failed mid-request and rank(s) {stuck} did not finish "
                     f"within {DESYNC_GRACE_S:.0f}s (blocked in a collective with the failed "
                     "rank)") from None
-            if isinstance(msg, RpcResult) and msg.call_id == call.call_id:
+            if isinstance(msg, m.RpcResult) and msg.call_id == call.call_id:
                 results[msg.rank] = msg
                 if msg.failed:
                     failed.append(msg.rank)
-            elif isinstance(msg, Progress) and on_progress is not None:
+            elif isinstance(msg, m.Progress) and on_progress is not None:
                 on_progress(msg.request_ids, msg.step, msg.total)
-            elif isinstance(msg, PartialImage) and on_partial is not None:
+            elif isinstance(msg, m.PartialImage) and on_partial is not None:
                 on_partial(msg.request_id, msg.index, msg.image)
             if poll is not None:
                 poll()
@@ -195,7 +187,7 @@ class MultiprocExecutor(Executor):
         for q, p in zip(self.work_queues, self.workers):
             if p.is_alive():
                 try:
-                    q.put(Shutdown())
+                    q.put(m.Shutdown())
                 except (ValueError, OSError):
                     pass
         deadline = time.monotonic() + timeout

@@ -12,16 +12,7 @@ import traceback
 
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine.errors import GenerationError
-from vllm_omni.engine.messages import (
-    Cancel,
-    CollectiveRpc,
-    PartialImage,
-    Progress,
-    RpcResult,
-    Shutdown,
-    WorkerLoadFailed,
-    WorkerReady,
-)
+from vllm_omni.engine import messages as m
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
 from vllm_omni.utils.proc import set_process_title, watch_parent
 
@@ -79,10 +70,10 @@ class Worker:
         lead = self.rank == 0
 
         def progress(ids, step, total):
-            self.out.put(Progress(ids, step, total))
+            self.out.put(m.Progress(ids, step, total))
 
         def partial(request_id, index, image):
-            self.out.put(PartialImage(request_id, index, image))
+            self.out.put(m.PartialImage(request_id, index, image))
 
         outputs = self.runner.execute(batch, progress if want_progress and lead else None,
                                       partial if lead else None)
@@ -115,36 +106,36 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str, work_queu
     try:
         worker = Worker(rank, config, init_method, out_queue)
     except BaseException:
-        out_queue.put(WorkerLoadFailed(rank, traceback.format_exc()))
+        out_queue.put(m.WorkerLoadFailed(rank, traceback.format_exc()))
         return
-    out_queue.put(WorkerReady(rank))
+    out_queue.put(m.WorkerReady(rank))
 
     # Calls run one at a time on this thread; a thread of its own reads the queue meanwhile, so
-    # a Cancel reaches a call that is running.
+    # a m.Cancel reaches a call that is running.
     calls: queue.Queue = queue.Queue()
 
     def receive() -> None:
         while True:
             msg = work_queue.get()
-            if isinstance(msg, Cancel):
+            if isinstance(msg, m.Cancel):
                 worker.cancelled[msg.request_id] = msg.reason
                 continue
-            if isinstance(msg, CollectiveRpc) and msg.method == "execute":
-                worker.cancelled.clear()  # in message order: a later Cancel is for this batch
+            if isinstance(msg, m.CollectiveRpc) and msg.method == "execute":
+                worker.cancelled.clear()  # in message order: a later m.Cancel is for this batch
             calls.put(msg)
-            if isinstance(msg, Shutdown):
+            if isinstance(msg, m.Shutdown):
                 return
 
     threading.Thread(target=receive, name="vllm_omni-worker-inbox", daemon=True).start()
     while True:
         msg = calls.get()
-        if isinstance(msg, Shutdown):
+        if isinstance(msg, m.Shutdown):
             return
         worker.failed = False
         try:
             value = getattr(worker, msg.method)(*msg.args, **msg.kwargs)
-            result = RpcResult(msg.call_id, rank, value, failed=worker.failed)
+            result = m.RpcResult(msg.call_id, rank, value, failed=worker.failed)
         except Exception:
             logger.error("%s failed:\n%s", msg.method, traceback.format_exc())
-            result = RpcResult(msg.call_id, rank, error=traceback.format_exc(), failed=True)
+            result = m.RpcResult(msg.call_id, rank, error=traceback.format_exc(), failed=True)
         out_queue.put(result)
