@@ -72,3 +72,31 @@ def test_progress_reaches_the_api_server_process(tiny_qwen_image):
         assert seen == [(1, 3), (2, 3), (3, 3)]
     finally:
         engine.shutdown()
+
+
+def test_one_encoder_per_artifact_kind():
+    import io
+
+    import av
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    from vllm_omni.entrypoints.openai.encoders import encode
+
+    rng = np.random.default_rng(0)
+    frames = [rng.random((33, 65, 3), dtype=np.float32) for _ in range(5)]  # odd sides pad
+    data, media_type = encode(Video(frames, fps=16))
+    with av.open(io.BytesIO(data)) as f:
+        stream = f.streams.video[0]
+        assert media_type == "video/mp4" and stream.codec_context.name == "h264"
+        assert (stream.frames, stream.average_rate, stream.width, stream.height) == (5, 16, 66, 34)
+    samples = (rng.random((2, 4410), dtype=np.float32) * 2 - 1) * 0.5
+    for fmt, media in (("wav", "audio/wav"), ("flac", "audio/flac"), ("mp3", "audio/mpeg")):
+        data, media_type = encode(Audio(samples, 44100), fmt)
+        decoded, rate = soundfile.read(io.BytesIO(data), always_2d=True)
+        assert media_type == media and rate == 44100 and decoded.shape[1] == 2
+        if fmt != "mp3":  # lossless up to 16-bit rounding
+            assert np.abs(decoded.T - samples).max() < 1e-4
+    data, media_type = encode(Image.new("RGB", (8, 8), "red"), "webp")
+    assert media_type == "image/webp" and Image.open(io.BytesIO(data)).size == (8, 8)
