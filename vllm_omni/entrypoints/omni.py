@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
 from vllm_omni.engine.input_processor import InputProcessor
+from vllm_omni.engine.request import Audio, Video
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.registry import load_model_spec, resolve_model_dir
 
@@ -21,6 +22,8 @@ class OmniRequestOutput:
     request_id: str
     prompt: str
     images: list[Any] = field(default_factory=list)  # PIL images; float32 HxWxC arrays for output_type="np"
+    videos: list[Video] = field(default_factory=list)  # frames and fps
+    audios: list[Audio] = field(default_factory=list)  # samples and sample rate
     seed: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     finished: bool = True
@@ -150,8 +153,9 @@ class Omni:
                 # is a ValueError, a failure of the server a RuntimeError (engine/errors.py).
                 raise out.error
             outputs.append(OmniRequestOutput(
-                request_id=req.request_id, prompt=req.prompt, images=out.images, seed=req.seed,
-                metrics=out.metrics, extra=out.extra))
+                request_id=req.request_id, prompt=req.prompt, images=out.images,
+                videos=out.videos, audios=out.audios, seed=req.seed, metrics=out.metrics,
+                extra=out.extra))
         return outputs
 
     @property
