@@ -1,24 +1,23 @@
 """Turns a prompt plus sampling params into a fully resolved ``DiffusionRequest``.
 
-Shared by the HTTP server and the offline ``Omni`` so both validate identically.
+Shared by the HTTP server and the offline ``Omni`` so both validate identically: this is the one
+pass that checks a request's options against the served model's schema.
 """
 
 from __future__ import annotations
 
 import random
 import uuid
-from dataclasses import fields
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
-from vllm_omni.inputs.data import MAX_SEED, OmniDiffusionSamplingParams
+from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
+from vllm_omni.models.options import MAX_SEED
 from vllm_omni.utils.image import fit_input
 
-# Optional sampling fields that only some models honour; the adapter decides.
-MODEL_FIELDS = ("negative_prompt", "true_cfg_scale", "guidance_scale", "num_frames")
-# Model-specific options, carried in ``DiffusionRequest.options`` when the adapter allows them.
-OPTION_FIELDS = ("layers", "resolution", "enable_prompt_rewrite", "auto_caption",
-                 "prior_token_ids")
+# Options the request carries in fields of its own (the CFG machinery reads them); the others
+# travel in ``DiffusionRequest.options``.
+REQUEST_FIELDS = ("negative_prompt", "true_cfg_scale", "guidance_scale")
 
 
 class InputProcessor:
@@ -34,46 +33,39 @@ class InputProcessor:
                 request_id: str | None = None, images: list | None = None,
                 mask=None) -> DiffusionRequest:
         """``images``/``mask``: decoded PIL inputs (edit and layered models)."""
-        optional_prompt = self.spec.adapter.prompt_optional and params.auto_caption
-        if prompt is None and optional_prompt:
+        spec, adapter = self.spec, self.spec.adapter
+        values = params.options()
+        adapter.check_options(spec, values)
+        captioned = "auto_caption" in adapter.schema(spec)
+        if prompt is None and captioned and values.get("auto_caption"):
             prompt = ""
         elif not isinstance(prompt, str) or not prompt.strip():
             hint = (" (or omit it and set auto_caption: true to have the model caption the input "
-                    "image)") if self.spec.adapter.prompt_optional else ""
+                    "image)") if captioned else ""
             raise InvalidRequestError(f"prompt must be a non-empty string{hint}", param="prompt")
-        given = {f.name for f in fields(params)
-                 if f.name in MODEL_FIELDS + OPTION_FIELDS and getattr(params, f.name) is not None}
-        if images:
-            given.add("image")
-        if mask is not None:
-            given.add("mask")
+        given = {"mask"} if mask is not None else set()
         if params.width is not None or params.height is not None:
             given.add("size")
-        adapter = self.spec.adapter
         # RGB models get RGB (transparency composited on white); layered models keep RGBA.
         images = [fit_input(im, adapter.task == "image-layers", adapter.input_area)
                   for im in images or []]
-        options = {k: getattr(params, k) for k in OPTION_FIELDS if getattr(params, k) is not None}
-        width, height = self.spec.adapter.default_size(self.spec, list(images or []), options)
-        if "num_frames" in given and "video" not in self.spec.adapter.task:
-            raise InvalidRequestError(
-                f"num_frames is not supported by {self.spec.pipeline_class}: it generates images",
-                param="num_frames", code="unsupported_parameter")
+        options = {k: v for k, v in values.items() if k not in REQUEST_FIELDS}
+        width, height = adapter.default_size(spec, list(images), options)
         req = DiffusionRequest(
             request_id=request_id or f"img-{uuid.uuid4().hex}",
             prompt=prompt,
-            negative_prompt=params.negative_prompt,
+            negative_prompt=values.get("negative_prompt"),
             width=params.width or width,
             height=params.height or height,
-            num_inference_steps=params.num_inference_steps or self.spec.default_steps,
+            num_inference_steps=params.num_inference_steps or spec.default_steps,
             seed=params.seed if params.seed is not None else self._seeds.randint(0, MAX_SEED),
             num_images=params.num_images_per_prompt,
-            true_cfg_scale=params.true_cfg_scale,
-            guidance_scale=params.guidance_scale,
+            true_cfg_scale=values.get("true_cfg_scale"),
+            guidance_scale=values.get("guidance_scale"),
             output_type=params.output_type,
-            images=list(images or []),
+            images=images,
             mask=mask,
             options=options,
         )
-        self.spec.adapter.validate(self.spec, req, given)
+        adapter.validate(spec, req, given)
         return req

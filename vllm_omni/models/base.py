@@ -1,8 +1,9 @@
 """What the engine needs to know about a model family, as data plus small pure functions.
 
-An adapter never wraps or forks the diffusers pipeline: it describes the request fields the
-pipeline honours, how they map onto ``pipeline.__call__`` keyword arguments, and checks that
-need the loaded pipeline (e.g. prompt length) in ``check_loaded``.
+An adapter never wraps or forks the diffusers pipeline: it declares the options the pipeline
+honours (``options``: the HTTP models, validation, batch key and keyword arguments derive from
+them), how requests map onto ``pipeline.__call__`` keyword arguments, and checks that need the
+loaded pipeline (e.g. prompt length) in ``check_loaded``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
+from vllm_omni.models.options import Option
 from vllm_omni.utils.image import source_size
 
 
@@ -68,8 +70,9 @@ class ModelAdapter:
     models: ClassVar[tuple[tuple[str, str], ...]] = ()
     task: ClassVar[str] = "text-to-image"  # or "image-edit", "image-layers"
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
-    # Request fields (beyond prompt, size, steps, seed and n) the pipeline honours.
-    supported_fields: ClassVar[frozenset[str]] = frozenset()
+    # The family's own request options (beyond prompt, size, steps, seed and n); the shared ones
+    # come from ``declared``.
+    options: ClassVar[tuple[Option, ...]] = ()
     max_side: ClassVar[int] = 4096
     features: ClassVar[frozenset[str]] = frozenset()
     # How many input images a request takes (edit models: at least one).
@@ -77,8 +80,6 @@ class ModelAdapter:
     # The largest area (pixels) the pipeline works at on an input image; larger inputs are
     # shrunk to it once decoded (the edit and layered pipelines resize to about 1 MP anyway).
     input_area: ClassVar[int] = 1024 * 1024
-    # Whether the request may omit the prompt (with auto_caption: the pipeline writes one).
-    prompt_optional: ClassVar[bool] = False
     # Whether ``size`` may be set; False: the pipeline decides the output size itself.
     sized: ClassVar[bool] = True
     has_preview: ClassVar[bool] = False
@@ -90,20 +91,50 @@ class ModelAdapter:
     def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
         raise NotImplementedError
 
-    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
-        """Checks that need only the spec. ``given`` names the optional fields the user set."""
-        for name in sorted(given - self.allowed_fields(spec) - {"image", "size"}):
-            raise InvalidRequestError(
-                f"{name} is not supported by {spec.pipeline_class}", param=name,
-                code="unsupported_parameter",
-            )
-        if req.num_inference_steps < spec.min_steps:
-            raise InvalidRequestError(
-                f"num_inference_steps={req.num_inference_steps} is too few for "
-                f"{spec.pipeline_class}'s scheduler (it needs at least {spec.min_steps})",
-                param="num_inference_steps")
+    # -- options -----------------------------------------------------------------------------------
+    @property
+    def declared(self) -> dict[str, Option]:
+        """Every option this adapter may accept, by name (some checkpoints refuse some)."""
+        return {o.name: o for o in self.options}
+
+    def refused_options(self, spec: ModelSpec) -> dict[str, str]:
+        """Declared options this checkpoint cannot honour, with why."""
+        return {}
+
+    def schema(self, spec: ModelSpec) -> dict[str, Option]:
+        """The options a request to this served model may set."""
+        refused = self.refused_options(spec)
+        return {n: o for n, o in self.declared.items() if n not in refused}
+
+    def unsupported(self, spec: ModelSpec, name: str) -> InvalidRequestError:
+        why = self.refused_options(spec).get(name)
+        return InvalidRequestError(f"{name} is not supported by {spec.pipeline_class}"
+                                   + (f": {why}" if why else ""), param=name,
+                                   code="unsupported_parameter")
+
+    def check_options(self, spec: ModelSpec, values: dict[str, Any]) -> None:
+        """The options a request set, against this model's schema: names, types and bounds."""
+        schema = self.schema(spec)
+        for name in sorted(values):
+            if name not in schema:
+                raise self.unsupported(spec, name)
+            schema[name].check(values[name])
+
+    def option_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
+        """The pipeline keyword arguments of the options passed as they are (or their default);
+        the request's own fields carry the common ones (negative prompt, CFG scales)."""
+        kwargs = {}
+        for o in self.schema(spec).values():
+            value = req.options.get(o.name, getattr(req, o.name, None))
+            value = o.default if value is None else value
+            if o.kwarg and value is not None:
+                kwargs[o.name if o.kwarg is True else o.kwarg] = value
+        return kwargs
+
+    def check_images(self, spec: ModelSpec, n: int) -> None:
+        """The one check of how many input images a request brings (the edit route runs it
+        before decoding them)."""
         lo, hi = self.image_inputs
-        n = len(req.images)
         if not lo <= n <= hi:
             if hi == 0:
                 why = "it generates from text alone; use /v1/images/generations"
@@ -115,6 +146,18 @@ class ModelAdapter:
                 why = f"it takes {lo} to {hi} input images"
             raise InvalidRequestError(f"{n} input images given to {spec.pipeline_class}: {why}",
                                       param="image", code="invalid_value")
+
+    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
+        """Checks across fields once the options passed ``check_options``. ``given``: "size"
+        and "mask" when the user set them."""
+        if "mask" in given:
+            raise self.unsupported(spec, "mask")
+        if req.num_inference_steps < spec.min_steps:
+            raise InvalidRequestError(
+                f"num_inference_steps={req.num_inference_steps} is too few for "
+                f"{spec.pipeline_class}'s scheduler (it needs at least {spec.min_steps})",
+                param="num_inference_steps")
+        self.check_images(spec, len(req.images))
         if "size" in given and not self.sized:
             raise InvalidRequestError(
                 f"size is not supported by {spec.pipeline_class}: the model sets the output size "
@@ -130,9 +173,6 @@ class ModelAdapter:
                     f"of {m} between {m} and {self.max_side} (nearest: {hint})",
                     param="size",
                 )
-
-    def allowed_fields(self, spec: ModelSpec) -> frozenset[str]:
-        return self.supported_fields
 
     def default_size(self, spec: ModelSpec, images: list[Any],
                      options: dict[str, Any]) -> tuple[int, int]:

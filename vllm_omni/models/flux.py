@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
+from vllm_omni.engine.request import DiffusionRequest
 from vllm_omni.models.base import ModelSpec, read_json
 from vllm_omni.models.image import ImageAdapter, decode_packed_latents
+from vllm_omni.models.options import GUIDANCE_SCALE
 
 
 class FluxAdapter(ImageAdapter):
@@ -17,7 +18,7 @@ class FluxAdapter(ImageAdapter):
     models = (("FLUX.1-dev", "black-forest-labs/FLUX.1-dev"),)
     pipeline_classes = ("FluxPipeline",)
     features = frozenset({"cache_dit", "tensor_parallel", "lora"})
-    supported_fields = frozenset({"guidance_scale"})
+    options = (GUIDANCE_SCALE,)
     cfg_field = "true_cfg_scale"
     cfg_default = 1.0
     empty_negative = ""
@@ -27,12 +28,6 @@ class FluxAdapter(ImageAdapter):
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
         # FluxPipeline: do_true_cfg = true_cfg_scale > 1 and a negative prompt is given.
         return kwargs.get("true_cfg_scale", 1.0) > 1 and kwargs.get("negative_prompt") is not None
-
-    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
-        kwargs = super().pipeline_kwargs(spec, req)
-        if req.guidance_scale is not None:
-            kwargs["guidance_scale"] = req.guidance_scale
-        return kwargs
 
     def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
         return decode_packed_latents(pipe, latents, reqs[0].height, reqs[0].width)
@@ -58,17 +53,11 @@ class Flux2KleinAdapter(ImageAdapter):
             spec.default_steps = 4
         return spec
 
-    def allowed_fields(self, spec: ModelSpec) -> frozenset[str]:
-        fields = super().allowed_fields(spec)
-        return fields - {"guidance_scale"} if spec.extra["distilled"] else fields
-
-    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
-        if "guidance_scale" in given and spec.extra["distilled"]:
-            raise InvalidRequestError(
-                f"guidance_scale is not supported by this step-distilled {spec.pipeline_class} "
-                "checkpoint (is_distilled: it runs without guidance)", param="guidance_scale",
-                code="unsupported_parameter")
-        super().validate(spec, req, given)
+    def refused_options(self, spec: ModelSpec) -> dict[str, str]:
+        if not spec.extra["distilled"]:
+            return {}
+        return {"guidance_scale": "this checkpoint is step-distilled (is_distilled) and runs "
+                                  "without guidance"}
 
     def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
         kwargs = super().pipeline_kwargs(spec, req)

@@ -14,6 +14,7 @@ from typing import Any
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.models.image import ImageAdapter
+from vllm_omni.models.options import Option
 
 
 class GlmImageAdapter(ImageAdapter):
@@ -30,7 +31,9 @@ class GlmImageAdapter(ImageAdapter):
     # A request may bring the prior's tokens from an earlier response (``prior_token_ids`` in
     # its ``vllm_omni`` extension): the prior is skipped and the DiT renders them, e.g. with
     # another seed, step count or guidance. Their count is fixed by the size.
-    supported_fields = frozenset({"prior_token_ids"})
+    options = (Option("prior_token_ids", list[int], "The prior's image tokens from an earlier "
+                      "response: the prior is skipped and the DiT renders them", ge=0,
+                      tasks=frozenset({"generate"}), kwarg=False),)
 
     def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
         spec = super().load_spec(model_dir, pipeline_class)

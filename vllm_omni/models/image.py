@@ -1,8 +1,8 @@
 """The request mapping shared by the image families: prompt, size, steps, CFG, input images.
 
-A family adapter sets a few class attributes (which request field scales guidance, whether a
-negative prompt is accepted, the pipeline's defaults) and overrides only what its pipeline does
-differently. Nothing here wraps the pipeline: ``pipeline_kwargs`` is exactly the keyword
+A family adapter sets a few class attributes (which request option scales guidance, whether a
+negative prompt is accepted, the pipeline's defaults), declares its own ``options`` and overrides
+only what its pipeline does differently. Nothing here wraps the pipeline: ``pipeline_kwargs`` is exactly the keyword
 arguments of one ``pipeline.__call__``.
 """
 
@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
 from vllm_omni.models.base import ModelAdapter, ModelSpec, read_json
+from vllm_omni.models.options import CFG_OPTIONS, NEGATIVE_PROMPT, Option
 
 
 class ImageAdapter(ModelAdapter):
@@ -59,13 +60,11 @@ class ImageAdapter(ModelAdapter):
         )
 
     # -- validation ------------------------------------------------------------------------------
-    def allowed_fields(self, spec: ModelSpec) -> frozenset[str]:
-        fields = set(self.supported_fields)
-        if self.cfg_field:
-            fields.add(self.cfg_field)
-        if self.negative_prompt:
-            fields.add("negative_prompt")
-        return frozenset(fields)
+    @property
+    def declared(self) -> dict[str, Option]:
+        negative = (NEGATIVE_PROMPT,) if self.negative_prompt else ()
+        cfg = (CFG_OPTIONS[self.cfg_field],) if self.cfg_field else ()
+        return {o.name: o for o in (*negative, *cfg, *self.options)}
 
     def cfg_scale(self, req: DiffusionRequest) -> float | None:
         return getattr(req, self.cfg_field) if self.cfg_field else None
@@ -97,19 +96,15 @@ class ImageAdapter(ModelAdapter):
     def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(prompt=req.prompt,
                                       num_inference_steps=req.num_inference_steps,
-                                      num_images_per_prompt=req.num_images)
+                                      num_images_per_prompt=req.num_images,
+                                      **self.option_kwargs(spec, req))
         if self.sized:
             kwargs.update(height=req.height, width=req.width)
         if req.images:
             kwargs["image"] = req.images[0] if self.image_inputs[1] == 1 else list(req.images)
-        scale = self.cfg_scale(req)
-        if scale is not None:
-            kwargs[self.cfg_field] = scale
-        negative = req.negative_prompt
-        if negative is None and self.empty_negative is not None and self.runs_cfg(scale, False):
-            negative = self.empty_negative  # CFG was asked for; the pipeline needs a negative
-        if negative is not None:
-            kwargs["negative_prompt"] = negative
+        if req.negative_prompt is None and self.empty_negative is not None \
+                and self.runs_cfg(self.cfg_scale(req), False):
+            kwargs["negative_prompt"] = self.empty_negative  # CFG asked for: it needs a negative
         return kwargs
 
     def runs_cfg(self, scale: float | None, has_negative: bool = False) -> bool:
@@ -127,13 +122,14 @@ class ImageAdapter(ModelAdapter):
 
     # -- batching ----------------------------------------------------------------------------------
     def batch_key(self, req: DiffusionRequest):
-        if req.images or req.options:
+        declared = self.declared
+        if req.images or not all(declared[k].batchable for k in req.options):
             return None  # per-request images and options do not stack into one call
         has_negative = req.negative_prompt is not None or (
             self.empty_negative is not None and self.runs_cfg(self.cfg_scale(req), False))
         return (req.width, req.height, req.num_inference_steps, req.num_images,
                 req.true_cfg_scale, req.guidance_scale, has_negative, req.output_type,
-                req.partial_images)
+                req.partial_images, tuple(sorted(req.options.items())))
 
     def batch_pipeline_kwargs(self, spec: ModelSpec,
                               reqs: list[DiffusionRequest]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from typing import Any
 from vllm_omni.engine.request import DiffusionRequest
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.models.image import ImageAdapter, decode_packed_latents
+from vllm_omni.models.options import Option
 from vllm_omni.utils.image import source_size
 
 
@@ -22,16 +23,12 @@ class LongCatImageAdapter(ImageAdapter):
                           "lora"})
     # The pipeline rewrites the prompt with its text encoder first unless told not to (up to 512
     # generated tokens): enable_prompt_rewrite, per request, default on as in diffusers.
-    supported_fields = frozenset({"enable_prompt_rewrite"})
+    options = (Option("enable_prompt_rewrite", bool, "Rewrite the prompt with the text encoder "
+                      "first (an autoregressive pass; the pipeline does unless told not to)",
+                      batchable=True),)
     cfg_field = "guidance_scale"
     cfg_default = 4.5
     has_preview = True
-
-    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
-        kwargs = super().pipeline_kwargs(spec, req)
-        if "enable_prompt_rewrite" in req.options:
-            kwargs["enable_prompt_rewrite"] = req.options["enable_prompt_rewrite"]
-        return kwargs
 
     def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
         return decode_packed_latents(pipe, latents, reqs[0].height, reqs[0].width)
@@ -66,7 +63,7 @@ class LongCatImageEditAdapter(LongCatImageAdapter):
     models = (("LongCat-Image-Edit", "meituan-longcat/LongCat-Image-Edit"),)
     task = "image-edit"
     pipeline_classes = ("LongCatImageEditPipeline",)
-    supported_fields = frozenset()
+    options = ()
     image_inputs = (1, 1)
     sized = False  # the pipeline resizes its input to about 1 megapixel and outputs that size
 

@@ -10,6 +10,7 @@ from typing import Any
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
 from vllm_omni.models.base import ModelSpec, read_json
 from vllm_omni.models.image import ImageAdapter
+from vllm_omni.models.options import GUIDANCE_SCALE, Option
 from vllm_omni.utils.image import source_size
 
 # Qwen's published examples use a single space as the "empty" negative prompt.
@@ -29,6 +30,8 @@ class QwenImageAdapter(ImageAdapter):
     cfg_default_with_negative = 4.0
     empty_negative = EMPTY_NEGATIVE_PROMPT
     has_preview = True
+    # Guidance-distilled checkpoints embed it (refused by the others: refused_options).
+    options = (GUIDANCE_SCALE,)
 
     def vae_scale(self, model_dir: str) -> int:
         vae = read_json(model_dir, "vae", "config.json")
@@ -37,19 +40,13 @@ class QwenImageAdapter(ImageAdapter):
     def heads_and_blocks(self, config: dict[str, Any]) -> tuple[int, int]:
         return int(config.get("num_attention_heads", 24)), int(config.get("num_layers", 60))
 
-    def allowed_fields(self, spec: ModelSpec) -> frozenset[str]:
-        fields = super().allowed_fields(spec)
+    def refused_options(self, spec: ModelSpec) -> dict[str, str]:
         if spec.has_guidance_embeds:
-            return fields | {"guidance_scale"}
-        return fields
+            return {}
+        return {"guidance_scale": "this checkpoint is not guidance-distilled; use true_cfg_scale "
+                                  "(with negative_prompt) instead"}
 
     def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
-        if "guidance_scale" in given and not spec.has_guidance_embeds:
-            raise InvalidRequestError(
-                f"guidance_scale is not supported by {spec.pipeline_class}: this checkpoint is "
-                "not guidance-distilled; use true_cfg_scale (with negative_prompt) instead",
-                param="guidance_scale", code="unsupported_parameter",
-            )
         super().validate(spec, req, given)
         if spec.has_guidance_embeds and req.guidance_scale is None:
             raise InvalidRequestError("guidance_scale is required by this guidance-distilled model",
@@ -62,8 +59,6 @@ class QwenImageAdapter(ImageAdapter):
             # explicitly (the pipeline would warn that its default 4.0 needs a negative prompt).
             kwargs["true_cfg_scale"] = (self.cfg_default_with_negative
                                         if "negative_prompt" in kwargs else 1.0)
-        if req.guidance_scale is not None:
-            kwargs["guidance_scale"] = req.guidance_scale
         return kwargs
 
     def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
@@ -152,6 +147,15 @@ class QwenImageEditPlusAdapter(QwenImageEditAdapter):
                 for w, h in (im.size for im in req.images)]
 
 
+EDIT = frozenset({"edit"})
+LAYERS = Option("layers", int, "RGBA layers to decompose the image into", ge=1, le=16, default=4,
+                tasks=EDIT)
+RESOLUTION = Option("resolution", int, "The size bucket the pipeline works at", choices=(640, 1024),
+                    default=640, tasks=EDIT)
+AUTO_CAPTION = Option("auto_caption", bool, "Caption the input image to make the prompt (an "
+                      "autoregressive pass); the prompt is then omitted", tasks=EDIT, kwarg=False)
+
+
 class QwenImageLayeredAdapter(QwenImageAdapter):
     """Decomposes one image into RGBA layers; each output image is a list of ``layers`` layers."""
 
@@ -161,19 +165,17 @@ class QwenImageLayeredAdapter(QwenImageAdapter):
     pipeline_classes = ("QwenImageLayeredPipeline",)
     features = frozenset({"cache_dit", "sequence_parallel", "cfg_parallel", "tensor_parallel",
                           "cpu_offload", "lora"})
-    supported_fields = frozenset({"layers", "resolution", "auto_caption"})
+    options = (*QwenImageAdapter.options, LAYERS, RESOLUTION, AUTO_CAPTION)
     image_inputs = (1, 1)
     sized = False
-    prompt_optional = True
     has_preview = False
-    default_layers, default_resolution = 4, 640
 
     def default_size(self, spec, images, options):
         if not images:
             return super().default_size(spec, images, options)
         from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as module
 
-        res = options.get("resolution", self.default_resolution)
+        res = options.get("resolution", RESOLUTION.default)
         w, h = source_size(images[0])
         width, height = module.calculate_dimensions(res * res, w / h)
         m = spec.size_multiple
@@ -191,8 +193,6 @@ class QwenImageLayeredAdapter(QwenImageAdapter):
         kwargs["image"] = req.images[0].convert("RGBA")  # the VAE encodes four channels
         # An empty prompt makes the pipeline caption the image (asked for with auto_caption).
         kwargs["prompt"] = req.prompt if req.prompt else ""
-        kwargs["layers"] = req.options.get("layers", self.default_layers)
-        kwargs["resolution"] = req.options.get("resolution", self.default_resolution)
         return kwargs
 
     def flatten_output(self, images: list[Any]) -> list[Any]:
@@ -203,4 +203,4 @@ class QwenImageLayeredAdapter(QwenImageAdapter):
 
     def output_frames(self, req: DiffusionRequest) -> int:
         # The transformer denoises the layers plus the input's frame; the VAE decodes the layers.
-        return req.options.get("layers", self.default_layers) + 1
+        return req.options.get("layers", LAYERS.default) + 1

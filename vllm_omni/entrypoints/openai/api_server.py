@@ -23,23 +23,28 @@ from vllm_omni.entrypoints.openai.connections import BodyDeadline
 from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
-from vllm_omni.entrypoints.openai.protocol import (
-    ImageEditRequest,
-    ImageGenerationRequest,
-    OpenAIError,
-)
+from vllm_omni.entrypoints.openai.protocol import OpenAIError, request_models
 from vllm_omni.entrypoints.openai.serving_images import ClientDisconnected, ServingImages
 from vllm_omni.entrypoints.openai.uploads import InputDecoder
 from vllm_omni.models.base import ModelSpec
+from vllm_omni.models.registry import ADAPTERS
 from vllm_omni.utils.text import log_safe
 
 logger = logging.getLogger("vllm_omni.api")
 
 
-def _validation_error(exc: RequestValidationError) -> OpenAIError:
+# Options some model declares: sent to a model without them, they are refused as unsupported
+# (saying why, where the checkpoint knows) rather than as unknown.
+KNOWN_OPTIONS = frozenset(name for a in ADAPTERS for name in a.declared)
+
+
+def _validation_error(exc: RequestValidationError, spec: ModelSpec) -> OpenAIError:
     err = exc.errors()[0]
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
+    if err.get("type") == "extra_forbidden" and param in KNOWN_OPTIONS:
+        e = spec.adapter.unsupported(spec, param)
+        return OpenAIError(400, e.message, param=param, code=e.code)
     if err.get("type") == "extra_forbidden":
         return OpenAIError(400, f"Unrecognized request argument supplied: {param}",
                            param=param, code="unknown_parameter")
@@ -163,8 +168,9 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
     limits = limits or ServingLimits()
     metrics = metrics or ServerMetrics(served_model_names[0])
     store = ImageStore()
+    generation_model, edit_model = request_models(spec)
     images = ServingImages(engine, spec, served_model_names, seed, store, limits, metrics)
-    decoder = InputDecoder(spec.adapter, spec.pipeline_class)
+    decoder = InputDecoder(spec)
     created = int(time.time())
     warm = asyncio.Event()
 
@@ -194,7 +200,7 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        e = _validation_error(exc)
+        e = _validation_error(exc, spec)
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(StarletteHTTPException)
@@ -243,8 +249,7 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
              "root": model_root, "parent": None, "task": spec.adapter.task}
             for name in served_model_names]}
 
-    @app.post("/v1/images/generations")
-    async def generations(body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
+    async def generations(body, request: Request) -> dict[str, Any]:
         if body.stream:
             events, release = images.stream(body)
             return StreamingResponse(events, media_type="text/event-stream",
@@ -255,8 +260,11 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
         except ClientDisconnected:
             # Nobody reads this; 499 is what proxies log for a client that closed the request.
             return Response(status_code=499)
+    # The body's model is this server's (built above), which a string annotation cannot name.
+    generations.__annotations__["body"] = generation_model
+    app.post("/v1/images/generations")(generations)
 
-    @app.post("/v1/images/edits", openapi_extra=edit_request_body())
+    @app.post("/v1/images/edits", openapi_extra=edit_request_body(edit_model))
     async def edits(request: Request):
         """OpenAI's multipart form (image / image[] files, mask, text fields), or JSON with
         base64 / data-URL images."""
@@ -267,19 +275,15 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
             raise OpenAIError(415, f"Content-Type {kind or 'none'} is not accepted: send "
                               "multipart/form-data (as the OpenAI client does) or "
                               "application/json", code="unsupported_media_type")
-        if not spec.adapter.image_inputs[1]:
-            raise OpenAIError(400, f"{spec.pipeline_class} generates from text alone and does "
-                              "not edit images; use /v1/images/generations", param="image",
-                              code="unsupported_parameter")
         if kind == "multipart/form-data":
             form = await request.form(max_part_size=limits.max_body_bytes)
             try:
-                body, inputs, mask = await decoder.form(form)
+                body, inputs, mask = await decoder.form(form, edit_model)
             finally:
                 await form.close()
         else:
             try:
-                body = ImageEditRequest.model_validate_json(await request.body())
+                body = edit_model.model_validate_json(await request.body())
             except ValidationError as e:
                 raise RequestValidationError(e.errors()) from None
             inputs, mask = await decoder.json_images(body)
@@ -314,10 +318,10 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
     return app
 
 
-def edit_request_body() -> dict[str, Any]:
+def edit_request_body(edit_model) -> dict[str, Any]:
     """The edits route reads its body itself (multipart or JSON); this describes both forms in
     /openapi.json, for clients and for the schema fuzzer."""
-    json_schema = ImageEditRequest.model_json_schema()
+    json_schema = edit_model.model_json_schema()
     files = {"type": "array", "items": {"type": "string", "format": "binary"}}
     form = {**json_schema, "properties": {
         **json_schema["properties"], "image": files,

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from vllm_omni.inputs.data import MAX_GUIDANCE_SCALE, MAX_SEED
+from vllm_omni.models.base import ModelSpec
+from vllm_omni.models.options import MAX_SEED
 
 
 class OpenAIError(Exception):
@@ -39,7 +40,8 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 
 
 class ImageRequestBase(BaseModel):
-    """Fields shared by /v1/images/generations and /v1/images/edits."""
+    """Fields shared by /v1/images/generations and /v1/images/edits, for every model; each
+    served model adds its options (``request_models``)."""
 
     # Unknown fields are errors, and "4" is not an integer: nothing is guessed or dropped.
     # JSON's NaN / Infinity (which Python's parser accepts) are refused in every float field.
@@ -59,17 +61,8 @@ class ImageRequestBase(BaseModel):
     stream: bool | None = None
     partial_images: int | None = Field(None, ge=0, le=3)
     # Diffusion extensions (top level, so the OpenAI SDK's extra_body reaches them).
-    negative_prompt: str | None = None
     num_inference_steps: int | None = Field(None, ge=1)  # bounded by --max-inference-steps
-    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
-    true_cfg_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE_SCALE)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    # Model-specific options (rejected by models that do not have them).
-    enable_prompt_rewrite: bool | None = None  # LongCat-Image: rewrite the prompt first
-    layers: int | None = Field(None, ge=1, le=16)  # Qwen-Image-Layered
-    resolution: int | None = None  # Qwen-Image-Layered's size bucket: 640 or 1024
-    auto_caption: bool | None = None  # Qwen-Image-Layered without a prompt
-    prior_token_ids: list[int] | None = None  # GLM-Image: skip the prior, render these tokens
 
     # OpenAI fields we accept only at their neutral values, and why the others are refused.
     neutral: ClassVar[dict[str, tuple]] = {"quality": (None, "auto"),
@@ -130,3 +123,15 @@ class ImageEditRequest(ImageRequestBase):
     input_fidelity: str | None = None
 
     neutral = {**ImageRequestBase.neutral, "input_fidelity": (None,)}
+
+
+def request_models(spec: ModelSpec) -> tuple[type[ImageGenerationRequest], type[ImageEditRequest]]:
+    """The generation and edit request models of one served model: the fields above plus its
+    options, so /openapi.json shows exactly them and any other option is an unknown field."""
+    schema = spec.adapter.schema(spec).values()
+
+    def build(base: type[ImageRequestBase], task: str) -> Any:
+        fields = {o.name: o.field() for o in schema if task in o.tasks}
+        return create_model(base.__name__, __base__=base, __module__=__name__, **fields)
+
+    return build(ImageGenerationRequest, "generate"), build(ImageEditRequest, "edit")

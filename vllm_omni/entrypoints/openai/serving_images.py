@@ -170,13 +170,11 @@ class ServingImages:
         width, height = parse_size(body.size)
         request_id = f"img-{uuid.uuid4().hex}"
         try:
+            # The body's model (protocol.request_models) has exactly this model's options.
+            options = body.model_dump(include=set(adapter.schema(self.spec)), exclude_none=True)
             params = OmniDiffusionSamplingParams(
                 num_inference_steps=body.num_inference_steps, width=width, height=height,
-                true_cfg_scale=body.true_cfg_scale, guidance_scale=body.guidance_scale,
-                negative_prompt=body.negative_prompt, seed=body.seed, num_images_per_prompt=body.n,
-                layers=body.layers, resolution=body.resolution,
-                enable_prompt_rewrite=body.enable_prompt_rewrite, auto_caption=body.auto_caption,
-                prior_token_ids=body.prior_token_ids)
+                seed=body.seed, num_images_per_prompt=body.n, extra_args=options)
             req = self.inputs.process(body.prompt, params, request_id=request_id, images=images,
                                       mask=mask)
         except InvalidRequestError as e:

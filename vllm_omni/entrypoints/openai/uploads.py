@@ -24,8 +24,9 @@ from typing import Any
 
 from PIL import Image
 
+from vllm_omni.engine.request import InvalidRequestError
 from vllm_omni.entrypoints.openai.protocol import ImageEditRequest, OpenAIError
-from vllm_omni.models.base import ModelAdapter
+from vllm_omni.models.base import ModelSpec
 from vllm_omni.utils.image import fit_input
 
 # Decoded pixels per input image; Pillow's own bomb check stops far larger ones earlier.
@@ -85,10 +86,10 @@ def _decoder_started() -> None:
 
 
 class InputDecoder:
-    """Decodes one request's uploads as ``adapter``'s pipeline takes them."""
+    """Decodes one request's uploads as the served model's pipeline takes them."""
 
-    def __init__(self, adapter: ModelAdapter, pipeline_class: str):
-        self.adapter, self.pipeline_class = adapter, pipeline_class
+    def __init__(self, spec: ModelSpec):
+        self.spec, self.adapter = spec, spec.adapter
         self._pool = None
 
     def start(self) -> None:
@@ -129,12 +130,11 @@ class InputDecoder:
         return value
 
     def check_count(self, n: int) -> None:
-        lo, hi = self.adapter.image_inputs
-        if hi and n > hi:
-            what = f"exactly {lo}" if lo == hi else f"{lo} to {hi}"
-            raise OpenAIError(400, f"{n} input images given to {self.pipeline_class}: it takes "
-                              f"{what} input image{'s' if hi > 1 else ''}", param="image",
-                              code="invalid_value")
+        """Before anything is decoded (a model that does not edit takes none)."""
+        try:
+            self.adapter.check_images(self.spec, n)
+        except InvalidRequestError as e:
+            raise OpenAIError(400, e.message, param=e.param, code=e.code) from None
 
     async def decode(self, sources: list[Any], param: str = "image") -> list[Image.Image]:
         """Uploads (multipart files, or base64 / data-URL text) decoded one after another off
@@ -162,8 +162,10 @@ class InputDecoder:
         mask = (await self.decode([body.mask], "mask"))[0] if body.mask is not None else None
         return images, mask
 
-    async def form(self, form) -> tuple[ImageEditRequest, list[Image.Image], Image.Image | None]:
-        """A Starlette ``FormData`` as (validated fields, input images, mask)."""
+    async def form(self, form, model: type[ImageEditRequest]
+                   ) -> tuple[ImageEditRequest, list[Image.Image], Image.Image | None]:
+        """A Starlette ``FormData`` as (fields validated by the served model's ``model``, input
+        images, mask)."""
         from pydantic import ValidationError
         from starlette.datastructures import UploadFile
 
@@ -188,8 +190,7 @@ class InputDecoder:
                               code="missing_required_parameter")
         try:
             # The files are decoded below; the model still wants its required image field.
-            body = ImageEditRequest.model_validate({**fields, "image": "multipart"},
-                                                   strict=False)
+            body = model.model_validate({**fields, "image": "multipart"}, strict=False)
         except ValidationError as e:
             from fastapi.exceptions import RequestValidationError
 
