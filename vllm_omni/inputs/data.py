@@ -35,15 +35,12 @@ class OmniDiffusionSamplingParams:
     num_frames: int | None = None
     # "pil" (8-bit images) or "np" (float32 HxWxC arrays in [0, 1], before 8-bit rounding).
     output_type: str = "pil"
-    # Model-specific options, kept as fields for compatibility; a model without them rejects them.
-    layers: int | None = None  # Qwen-Image-Layered: RGBA layers to decompose into
-    resolution: int | None = None  # Qwen-Image-Layered: 640 or 1024 bucket
-    # LongCat-Image: rewrite the prompt with the text encoder first (an autoregressive pass).
+    # Model options kept as fields for compatibility (their adapters declare and document them:
+    # Qwen-Image-Layered, LongCat-Image, GLM-Image); a model without one rejects it.
+    layers: int | None = None
+    resolution: int | None = None
     enable_prompt_rewrite: bool | None = None
-    # Qwen-Image-Layered: caption the input image when no prompt is given (autoregressive).
     auto_caption: bool | None = None
-    # GLM-Image: the prior's image tokens from an earlier response; the autoregressive prior is
-    # skipped and the DiT renders these tokens.
     prior_token_ids: list[int] | None = None
     # Any other option of the served model, by name (as vLLM's ``SamplingParams.extra_args``).
     extra_args: dict[str, Any] | None = None
@@ -60,9 +57,9 @@ class OmniDiffusionSamplingParams:
         """The model options set, by name, for the served model's schema to check."""
         given = {f.name: getattr(self, f.name) for f in fields(self)
                  if f.name not in _COMMON and f.name != "extra_args"}
-        for name in set(self.extra_args or ()) & {k for k, v in given.items() if v is not None}:
-            raise InvalidRequestError(f"{name} is given both as a field and in extra_args",
-                                      param=name)
+        given = {k: v for k, v in given.items() if v is not None}
+        for name in set(self.extra_args or ()) & set(given):
+            raise InvalidRequestError(f"{name} is set twice (field and extra_args)", param=name)
         return {k: v for k, v in {**given, **(self.extra_args or {})}.items() if v is not None}
 
     def to_dict(self) -> dict:

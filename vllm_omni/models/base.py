@@ -113,7 +113,6 @@ class ModelAdapter:
                                    code="unsupported_parameter")
 
     def check_options(self, spec: ModelSpec, values: dict[str, Any]) -> None:
-        """The options a request set, against this model's schema: names, types and bounds."""
         schema = self.schema(spec)
         for name in sorted(values):
             if name not in schema:
@@ -121,8 +120,8 @@ class ModelAdapter:
             schema[name].check(values[name])
 
     def option_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
-        """The pipeline keyword arguments of the options passed as they are (or their default);
-        the request's own fields carry the common ones (negative prompt, CFG scales)."""
+        """Keyword arguments of the options passed as they are (the request's own fields carry
+        the negative prompt and CFG scales)."""
         kwargs = {}
         for o in self.schema(spec).values():
             value = req.options.get(o.name, getattr(req, o.name, None))
@@ -132,8 +131,7 @@ class ModelAdapter:
         return kwargs
 
     def check_images(self, spec: ModelSpec, n: int) -> None:
-        """The one check of how many input images a request brings (the edit route runs it
-        before decoding them)."""
+        """The one check of a request's image count (the edit route's, before decoding)."""
         lo, hi = self.image_inputs
         if not lo <= n <= hi:
             if hi == 0:

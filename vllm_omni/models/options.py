@@ -1,5 +1,5 @@
-"""A model's request options, declared once: the HTTP request models, offline validation, the
-batch key and the pipeline keyword arguments are all derived from these declarations."""
+"""A model's request options, each declared once: the HTTP request models, offline validation,
+the batch key and the pipeline keyword arguments all derive from these declarations."""
 
 from __future__ import annotations
 
@@ -15,48 +15,37 @@ MAX_SEED = 2**63 - 1
 # Guidance scales beyond this only overflow the latents (1e308 turns them to NaN and a black
 # image); no released model is useful anywhere near it.
 MAX_GUIDANCE_SCALE = 100.0
-# The routes an option can apply to: /v1/images/generations and /v1/images/edits.
-TASKS = frozenset({"generate", "edit"})
-_NAMES = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string"}
+TASKS = frozenset({"generate", "edit"})  # the routes: /v1/images/generations, /v1/images/edits
+_KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
+          list: "a list of integers"}
 
 
 @dataclass(frozen=True)
 class Option:
     name: str
     type: Any  # bool, int, float, str or list[int]
-    doc: str  # one line, shown in /openapi.json
-    ge: float | None = None  # bounds, of each item for a list
+    doc: str  # one line, for /openapi.json
+    ge: float | None = None  # bounds (of each item, for a list)
     le: float | None = None
     choices: tuple | None = None
     default: Any = None  # what the pipeline gets when the request omits it (None: nothing)
     tasks: frozenset[str] = TASKS
-    # The pipeline keyword it is passed as (True: its own name); False: the adapter maps it.
-    kwarg: str | bool = True
-    # Whether requests setting it may share one pipeline call (with equal values).
-    batchable: bool = False
+    kwarg: str | bool = True  # the pipeline keyword (True: its name; False: the adapter maps it)
+    batchable: bool = False  # requests setting it may share a pipeline call (equal values)
 
     @cached_property
     def annotation(self) -> Any:
-        """The pydantic type: strict, bounded, finite (the HTTP models and ``check`` share it)."""
-        item = get_args(self.type)[0] if get_origin(self.type) is list else self.type
-        if self.choices:
-            item = Literal[self.choices]
-        elif self.ge is not None or self.le is not None:
+        """Its pydantic type, which the HTTP models and ``check`` share."""
+        many = get_origin(self.type) is list
+        item = Literal[self.choices] if self.choices else get_args(self.type)[0] if many \
+            else self.type
+        if self.ge is not None or self.le is not None:
             item = Annotated[item, Field(ge=self.ge, le=self.le)]
-        return list[item] if get_origin(self.type) is list else item
+        return list[item] if many else item
 
     @cached_property
-    def _adapter(self) -> TypeAdapter:
+    def _validator(self) -> TypeAdapter:
         return TypeAdapter(self.annotation, config=ConfigDict(strict=True, allow_inf_nan=False))
-
-    def describe(self) -> str:
-        if self.choices:
-            return "one of " + ", ".join(map(str, self.choices))
-        many = get_origin(self.type) is list
-        what = ("a list of integers" if many else _NAMES[self.type])
-        if self.ge is not None and self.le is not None:
-            return f"{what} between {self.ge:g} and {self.le:g}"
-        return what + (f" >= {self.ge:g}" if self.ge is not None else "")
 
     def field(self) -> tuple[Any, Any]:
         """``(annotation, FieldInfo)`` for ``pydantic.create_model``; absent means default."""
@@ -68,13 +57,20 @@ class Option:
         if value is None:
             return
         try:
-            self._adapter.validate_python(value)
+            self._validator.validate_python(value)
         except ValidationError:
-            raise InvalidRequestError(f"{self.name} must be {self.describe()}, got {value!r}",
+            what = _KINDS[get_origin(self.type) or self.type]
+            if self.choices:
+                what = "one of " + ", ".join(map(str, self.choices))
+            elif self.le is not None:
+                what += f" between {self.ge:g} and {self.le:g}"
+            elif self.ge is not None:
+                what += f" >= {self.ge:g}"
+            raise InvalidRequestError(f"{self.name} must be {what}, got {value!r}",
                                       param=self.name) from None
 
 
-# Shared by every image family; ImageAdapter picks the family's CFG field and negative prompt.
+# Shared by the image families: ImageAdapter takes the negative prompt and the family's CFG scale.
 NEGATIVE_PROMPT = Option("negative_prompt", str, "What the image should not show (the negative "
                          "branch of classifier-free guidance)")
 GUIDANCE_SCALE = Option("guidance_scale", float, "Guidance scale", ge=0, le=MAX_GUIDANCE_SCALE,
