@@ -6,7 +6,8 @@ server and so its workers. Each hook waits for the module it changes to be impor
 processes never import it), then applies itself:
 
 - ``vllm_omni.models.registry`` -> the edit pipelines' working-area cap (``edit_area``, from
-  ``VLLM_OMNI_TEST_EDIT_AREA``), so the API server and the workers agree on input sizes;
+  ``VLLM_OMNI_TEST_EDIT_AREA``), so the API server and the workers agree on input sizes, and
+  the test adapter with one more option (``extra_option``, from ``VLLM_OMNI_TEST_EXTRA_OPTION``);
 - ``vllm_omni.worker.model_runner`` -> fault injection (``faults``).
 """
 
@@ -18,10 +19,11 @@ import sys
 from collections.abc import Callable
 
 
-def _edit_area(module) -> None:
-    from vllm_omni.testing import edit_area
+def _registry(module) -> None:
+    from vllm_omni.testing import edit_area, extra_option
 
     edit_area.apply_from_env()
+    extra_option.apply_from_env(module)
 
 
 def _faults(module) -> None:
@@ -31,7 +33,7 @@ def _faults(module) -> None:
 
 
 HOOKS: dict[str, Callable] = {
-    "vllm_omni.models.registry": _edit_area,
+    "vllm_omni.models.registry": _registry,
     "vllm_omni.worker.model_runner": _faults,
 }
 
