@@ -103,8 +103,7 @@ class ModelAdapter:
 
     def schema(self, spec: ModelSpec) -> dict[str, Option]:
         """The options a request to this served model may set."""
-        refused = self.refused_options(spec)
-        return {n: o for n, o in self.declared.items() if n not in refused}
+        return {n: o for n, o in self.declared.items() if n not in self.refused_options(spec)}
 
     def unsupported(self, spec: ModelSpec, name: str) -> InvalidRequestError:
         why = self.refused_options(spec).get(name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Annotated, Any, Literal, Optional, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -15,7 +15,7 @@ MAX_SEED = 2**63 - 1
 # Guidance scales beyond this only overflow the latents (1e308 turns them to NaN and a black
 # image); no released model is useful anywhere near it.
 MAX_GUIDANCE_SCALE = 100.0
-TASKS = frozenset({"generate", "edit"})  # the routes: /v1/images/generations, /v1/images/edits
+TASKS = frozenset({"generate", "edit"})  # /v1/images/generations, /v1/images/edits
 _KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
           list: "a list of integers"}
 
@@ -24,7 +24,7 @@ _KINDS = {bool: "true or false", int: "an integer", float: "a finite number", st
 class Option:
     name: str
     type: Any  # bool, int, float, str or list[int]
-    doc: str  # one line, for /openapi.json
+    doc: str  # one line, for /openapi.json (say the default there)
     ge: float | None = None  # bounds (of each item, for a list)
     le: float | None = None
     choices: tuple | None = None
@@ -47,11 +47,6 @@ class Option:
     def _validator(self) -> TypeAdapter:
         return TypeAdapter(self.annotation, config=ConfigDict(strict=True, allow_inf_nan=False))
 
-    def field(self) -> tuple[Any, Any]:
-        """``(annotation, FieldInfo)`` for ``pydantic.create_model``; absent means default."""
-        doc = self.doc + ("" if self.default is None else f" (default: {self.default})")
-        return Optional[self.annotation], Field(None, description=doc)
-
     def check(self, value: Any) -> None:
         """Raises ``InvalidRequestError`` naming the option when ``value`` does not fit it."""
         if value is None:
@@ -59,10 +54,9 @@ class Option:
         try:
             self._validator.validate_python(value)
         except ValidationError:
-            what = _KINDS[get_origin(self.type) or self.type]
-            if self.choices:
-                what = "one of " + ", ".join(map(str, self.choices))
-            elif self.le is not None:
+            what = "one of " + ", ".join(map(str, self.choices)) if self.choices \
+                else _KINDS[get_origin(self.type) or self.type]
+            if self.le is not None:
                 what += f" between {self.ge:g} and {self.le:g}"
             elif self.ge is not None:
                 what += f" >= {self.ge:g}"

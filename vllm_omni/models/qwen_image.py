@@ -148,10 +148,10 @@ class QwenImageEditPlusAdapter(QwenImageEditAdapter):
 
 
 EDIT = frozenset({"edit"})
-LAYERS = Option("layers", int, "RGBA layers to decompose the image into", ge=1, le=16, default=4,
-                tasks=EDIT)
-RESOLUTION = Option("resolution", int, "The size bucket the pipeline works at", choices=(640, 1024),
-                    default=640, tasks=EDIT)
+LAYERS = Option("layers", int, "RGBA layers to decompose the image into (default 4)", ge=1, le=16,
+                default=4, tasks=EDIT)
+RESOLUTION = Option("resolution", int, "The size bucket the pipeline works at (default 640)",
+                    choices=(640, 1024), default=640, tasks=EDIT)
 AUTO_CAPTION = Option("auto_caption", bool, "Caption the input image to make the prompt (an "
                       "autoregressive pass); the prompt is then omitted", tasks=EDIT, kwarg=False)
 

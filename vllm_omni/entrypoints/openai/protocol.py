@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -131,7 +131,8 @@ def request_models(spec: ModelSpec) -> tuple[type[ImageGenerationRequest], type[
     schema = spec.adapter.schema(spec).values()
 
     def build(base: type[ImageRequestBase], task: str) -> Any:
-        fields = {o.name: o.field() for o in schema if task in o.tasks}
+        fields = {o.name: (Optional[o.annotation], Field(None, description=o.doc))
+                  for o in schema if task in o.tasks}
         return create_model(base.__name__, __base__=base, __module__=__name__, **fields)
 
     return build(ImageGenerationRequest, "generate"), build(ImageEditRequest, "edit")
