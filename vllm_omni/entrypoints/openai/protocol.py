@@ -40,8 +40,7 @@ def parse_size(size: str | None) -> tuple[int | None, int | None]:
 
 
 class ImageRequestBase(BaseModel):
-    """Fields shared by /v1/images/generations and /v1/images/edits, for every model; each
-    served model adds its options (``request_models``)."""
+    """Fields of /v1/images/generations and /edits; ``request_models`` adds the model's options."""
 
     # Unknown fields are errors, and "4" is not an integer: nothing is guessed or dropped.
     # JSON's NaN / Infinity (which Python's parser accepts) are refused in every float field.
