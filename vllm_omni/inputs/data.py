@@ -55,9 +55,8 @@ class OmniDiffusionSamplingParams:
 
     def options(self) -> dict[str, Any]:
         """The model options set, by name, for the served model's schema to check."""
-        given = {f.name: getattr(self, f.name) for f in fields(self)
-                 if f.name not in _COMMON and f.name != "extra_args"}
-        given = {k: v for k, v in given.items() if v is not None}
+        given = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _COMMON
+                 and f.name != "extra_args" and getattr(self, f.name) is not None}
         for name in set(self.extra_args or ()) & set(given):
             raise InvalidRequestError(f"{name} is set twice (field and extra_args)", param=name)
         return {k: v for k, v in {**given, **(self.extra_args or {})}.items() if v is not None}

@@ -28,9 +28,8 @@ class GlmImageAdapter(ImageAdapter):
     # The prior's token grid is one token per 32 pixels (GlmImageProcessor._get_target_shape).
     latent_multiple = 4
 
-    # A request may bring the prior's tokens from an earlier response (``prior_token_ids`` in
-    # its ``vllm_omni`` extension): the prior is skipped and the DiT renders them, e.g. with
-    # another seed, step count or guidance. Their count is fixed by the size.
+    # Re-rendering a response's prior tokens (its ``vllm_omni`` extension) with another seed,
+    # step count or guidance skips the prior; their count is fixed by the size (``validate``).
     options = (Option("prior_token_ids", list[int], "The prior's image tokens from an earlier "
                       "response: the prior is skipped and the DiT renders them", ge=0,
                       tasks=frozenset({"generate"}), kwarg=False),)

@@ -21,10 +21,8 @@ class LongCatImageAdapter(ImageAdapter):
     pipeline_classes = ("LongCatImagePipeline",)
     features = frozenset({"cache_dit", "sequence_parallel", "cfg_parallel", "tensor_parallel",
                           "lora"})
-    # The pipeline rewrites the prompt with its text encoder first unless told not to (up to 512
-    # generated tokens): enable_prompt_rewrite, per request, default on as in diffusers.
     options = (Option("enable_prompt_rewrite", bool, "Rewrite the prompt with the text encoder "
-                      "first (an autoregressive pass; the pipeline does unless told not to)",
+                      "first (up to 512 generated tokens; default on, as in diffusers)",
                       batchable=True),)
     cfg_field = "guidance_scale"
     cfg_default = 4.5
