@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from vllm_omni.cache.common import CacheStats, preset_settings
+from vllm_omni.cache.common import CacheFeature, CacheStats, preset_settings
 from vllm_omni.distributed.comm import GroupComm
 from vllm_omni.engine.request import InvalidRequestError
 
@@ -198,8 +198,8 @@ class CacheDiT:
         self.transformer = transformer
         self.config = config
         self.cfg_parallel = cfg_parallel
-        cache_dit.enable_cache(target if target is not None else transformer,
-                               cache_config=config.db_cache_config(None, False),
+        self.target = target if target is not None else transformer
+        cache_dit.enable_cache(self.target, cache_config=config.db_cache_config(None, False),
                                calibrator_config=config.calibrator_config())
         manager = transformer._context_manager
         manager.similarity = _BranchSimilarity(manager, reduce)
@@ -220,3 +220,26 @@ class CacheDiT:
         calls = max(ctx.transformer_executed_steps, 0)
         skipped = len(ctx.get_cached_steps()) + len(ctx.get_cfg_cached_steps())
         return CacheStats(computed=calls - skipped, skipped=skipped)
+
+    def remove(self) -> None:
+        import cache_dit
+
+        cache_dit.disable_cache(self.target)
+
+
+class CacheDiTFeature(CacheFeature):
+    name = "cache_dit"
+
+    def apply(self, pipe, groups) -> None:
+        config = CacheDiTConfig.resolve(self.config.cache_config, self.adapter.cache_dit_presets,
+                                        self.spec.pipeline_class)
+        self.groups = groups
+        self.caches = [CacheDiT(model, config, reduce=groups.branch,
+                                cfg_parallel=groups.cfg.world_size > 1,
+                                target=self.adapter.cache_dit_target(model))
+                       for model in self.denoisers(pipe)]
+
+    def remove(self) -> None:
+        for cache in self.caches:
+            cache.remove()
+        self.caches = []

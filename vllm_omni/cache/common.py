@@ -1,9 +1,13 @@
-"""What the step-cache backends share: their per-request counts and the preset lookup."""
+"""What the step-cache backends share: their lifecycle, per-request counts and preset lookup."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import torch
+
+from vllm_omni.features import Feature
 
 T = TypeVar("T")
 
@@ -22,3 +26,26 @@ def preset_settings(presets: dict[str, T], name: str, backend: str, model: str) 
         names = ", ".join(sorted(presets)) or "none"
         raise ValueError(f"unknown {backend} preset {name!r} for {model} (available: {names})")
     return presets[name]
+
+
+class CacheFeature(Feature):
+    """A step cache on each denoiser (``self.caches``: objects with ``begin_request`` and
+    ``stats``), installed after the parallel features so it sees each rank's calls."""
+
+    @classmethod
+    def check(cls, adapter, spec, config) -> None:
+        adapter.check_cache(spec, config.cache_backend, config.cache_config)
+
+    def begin_request(self, num_steps: int, uses_cfg: bool) -> None:
+        self.split_branches = uses_cfg and self.groups.cfg.world_size > 1
+        for cache in self.caches:  # per-branch cache state only when branches are calls
+            cache.begin_request(num_steps, uses_cfg and self.adapter.cfg_calls == "separate")
+
+    def stats(self) -> dict[str, Any]:
+        counts = torch.tensor([sum(c.stats.computed for c in self.caches),
+                               sum(c.stats.skipped for c in self.caches)])
+        if self.split_branches:
+            # Each rank saw one branch's calls; count both. (Without CFG every rank ran them all.)
+            self.groups.cfg.all_reduce(counts)
+        return {"transformer_calls_computed": int(counts[0]),
+                "transformer_calls_skipped": int(counts[1])}

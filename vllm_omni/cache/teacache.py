@@ -23,7 +23,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
-from vllm_omni.cache.common import CacheStats, preset_settings
+from vllm_omni.cache.common import CacheFeature, CacheStats, preset_settings
 from vllm_omni.distributed.comm import GroupComm
 
 HEAD_HOOK, BLOCK_HOOK = "vllm_omni_teacache_head", "vllm_omni_teacache_block"
@@ -223,3 +223,27 @@ def apply_teacache(blocks: Sequence[torch.nn.Module], cache: TeaCache) -> TeaCac
         else:
             registry.register_hook(_BlockHook(cache, is_tail), BLOCK_HOOK)
     return cache
+
+
+class TeaCacheFeature(CacheFeature):
+    name = "tea_cache"
+
+    def apply(self, pipe, groups) -> None:
+        a = self.adapter
+        config = TeaCacheConfig.from_dict(self.config.cache_config).resolve(
+            a.teacache_presets, self.spec.pipeline_class)
+        self.groups, self.models, self.caches = groups, self.denoisers(pipe), []
+        for model in self.models:
+            cache = TeaCache(config, config.coefficients or a.teacache_coefficients,
+                             a.teacache_modulated_input, io=a.teacache_io, reduce=groups.branch)
+            self.caches.append(apply_teacache(a.teacache_blocks(model), cache))
+            # diffusers caches which submodules carry hooks; ours were just added below it.
+            HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+
+    def remove(self) -> None:
+        for model in self.models:
+            registry = HookRegistry.check_if_exists_or_initialize(model)
+            for name in (HEAD_HOOK, BLOCK_HOOK):
+                registry.remove_hook(name)  # and from every block below
+            registry.invalidate_child_registries_cache()
+        self.models, self.caches = [], []

@@ -1,8 +1,5 @@
-"""What a model family supports in parallel, the startup check of a layout, and applying it.
-
-Order (DESIGN.md §4): tensor-parallel sharding, then sequence-parallel attention, then CFG
-parallel, then VAE patch parallel.
-"""
+"""A model family's plan (its denoisers and what it supports in parallel) and the startup check
+of a layout. The features that apply it are listed in order in ``vllm_omni.features``."""
 
 from __future__ import annotations
 
@@ -19,6 +16,9 @@ class ParallelPlan:
 
     model: str  # for messages
     num_heads: int
+    # The pipeline attributes every denoiser feature applies to (Wan2.2 A14B: "transformer",
+    # "transformer_2"); those a loaded pipeline lacks are skipped.
+    denoisers: tuple[str, ...] = ("transformer",)
     sequence_parallel: bool = False
     tensor_parallel: bool = False
     cfg_branches: int = 0  # denoiser calls per step with CFG on; 0: CFG parallel unsupported
@@ -75,28 +75,3 @@ def check_layout(plan: ParallelPlan, p: DiffusionParallelConfig) -> None:
             f"tensor_parallel_size = {split} does not divide; the product must divide "
             f"{plan.num_heads}: one of {', '.join(map(str, ok))}{hint}. Ring attention "
             "(--ring) has no such limit.")
-
-
-def apply_parallel(pipe: Any, plan: ParallelPlan, groups) -> dict[str, Any]:
-    """Installs every parallel feature the groups ask for on the loaded pipeline."""
-    from vllm_omni.distributed.cfg_parallel import apply_cfg_parallel
-    from vllm_omni.distributed.sequence_parallel import SequenceParallel
-    from vllm_omni.distributed.tensor_parallel import apply_tensor_parallel
-    from vllm_omni.distributed.vae_patch_parallel import apply_vae_patch_parallel
-
-    transformer = pipe.transformer
-    applied: dict[str, Any] = {}
-    if groups.tp.world_size > 1:
-        tp_plan = plan.tp_plan(transformer) if plan.tp_plan else type(transformer)._tp_plan
-        applied["tp"] = apply_tensor_parallel(transformer, tp_plan, groups.tp)
-    if groups.sp.world_size > 1:
-        sp = SequenceParallel(groups.ulysses, groups.ring, groups.sp)
-        cp_plan = plan.cp_plan(transformer) if plan.cp_plan else type(transformer)._cp_plan
-        sp.apply(transformer, cp_plan, plan.sp_processor)
-        applied["sp"] = sp
-    if groups.cfg.world_size > 1:
-        applied["cfg"] = apply_cfg_parallel(transformer, groups.cfg, plan.cfg_output_like,
-                                            batched=plan.cfg_batched)
-    if groups.vae.world_size > 1:
-        applied["vae"] = apply_vae_patch_parallel(pipe.vae, groups.vae)
-    return applied

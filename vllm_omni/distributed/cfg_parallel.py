@@ -17,6 +17,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from vllm_omni.distributed.comm import GroupComm
+from vllm_omni.features import ParallelFeature
 
 HOOK_NAME = "vllm_omni_cfg_parallel"
 
@@ -107,10 +108,23 @@ def proj_out_like(transformer: torch.nn.Module, kwargs: dict) -> torch.Tensor:
     return x.new_empty(*x.shape[:2], transformer.proj_out.out_features)
 
 
-def apply_cfg_parallel(model: torch.nn.Module, comm: GroupComm,
-                       output_like: Callable[[torch.nn.Module, dict], torch.Tensor] | None,
-                       batched: bool = False):
-    """``batched``: the pipeline doubles the batch for CFG instead of calling twice."""
-    hook = BatchedCFGParallelHook(comm) if batched else CFGParallelHook(comm, output_like)
-    HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
-    return hook
+class CFGParallel(ParallelFeature):
+    name = "cfg_parallel"
+
+    def apply(self, pipe, groups) -> None:
+        self.groups, self.hooks = groups, []
+        for model in self.denoisers(pipe):
+            # The pipeline doubles the batch for CFG (``cfg_batched``) or calls once per branch.
+            hook = BatchedCFGParallelHook(groups.cfg) if self.plan.cfg_batched else \
+                CFGParallelHook(groups.cfg, self.plan.cfg_output_like)
+            HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
+            self.hooks.append((model, hook))
+
+    def begin_request(self, num_steps: int, uses_cfg: bool) -> None:
+        for _, hook in self.hooks:
+            hook.begin_request(uses_cfg)
+
+    def remove(self) -> None:
+        for model, _ in self.hooks:
+            HookRegistry.check_if_exists_or_initialize(model).remove_hook(HOOK_NAME, recurse=False)
+        self.hooks = []

@@ -19,6 +19,7 @@ import torch
 
 from vllm_omni.distributed.attention import balanced_sizes, offsets, sequence_parallel_attention
 from vllm_omni.distributed.comm import GroupComm
+from vllm_omni.features import ParallelFeature
 
 
 class SequenceParallel:
@@ -27,7 +28,9 @@ class SequenceParallel:
         self.world_size = ulysses.world_size * ring.world_size
         self.rank = ring.rank * ulysses.world_size + ulysses.rank
         assert sp.world_size == self.world_size and sp.rank == self.rank, (sp, ulysses, ring)
-        self._handles: list[Any] = []
+        self._handles: list[Any] = []  # torch hook handles
+        self._described: list[Any] = []  # (diffusers HookRegistry, hook name)
+        self._processors: list[Any] = []  # (attention module, its own processor)
         self.reset()
 
     def reset(self) -> None:
@@ -121,19 +124,41 @@ class SequenceParallel:
                 if inputs:
                     self._handles.append(module.register_forward_pre_hook(
                         _split_inputs_hook(self, module, inputs), with_kwargs=True))
-                    _describe_split(self, module, inputs, pattern)
+                    self._described.append(_describe_split(self, module, inputs, pattern))
                 if outputs:
                     self._handles.append(module.register_forward_hook(
                         _split_outputs_hook(self, name, outputs)))
         if make_processor is not None:
             for m in model.modules():
                 if hasattr(m, "set_processor") and hasattr(m, "processor"):
+                    self._processors.append((m, m.processor))
                     m.set_processor(make_processor(self))
 
     def remove(self) -> None:
+        """Puts the model back as it was: hooks off, its own attention processors back."""
         for h in self._handles:
             h.remove()
-        self._handles.clear()
+        for registry, name in self._described:
+            registry.remove_hook(name, recurse=False)
+        for m, processor in self._processors:
+            m.set_processor(processor)
+        self._handles, self._described, self._processors = [], [], []
+
+
+class SequenceParallelFeature(ParallelFeature):
+    name = "sequence_parallel"
+
+    def apply(self, pipe, groups) -> None:
+        self.groups, self.applied = groups, []
+        for model in self.denoisers(pipe):
+            sp = SequenceParallel(groups.ulysses, groups.ring, groups.sp)
+            sp.apply(model, self.plan.cp_plan(model) if self.plan.cp_plan else type(model)._cp_plan,
+                     self.plan.sp_processor)
+            self.applied.append(sp)
+
+    def remove(self) -> None:
+        for sp in self.applied:
+            sp.remove()
 
 
 def _split_inputs_hook(sp: SequenceParallel, module: torch.nn.Module, inputs: dict[str, Any]):
@@ -155,7 +180,7 @@ def _split_inputs_hook(sp: SequenceParallel, module: torch.nn.Module, inputs: di
 
 
 def _describe_split(sp: SequenceParallel, module: torch.nn.Module, inputs: dict[str, Any],
-                    pattern: str) -> None:
+                    pattern: str) -> tuple[Any, str]:
     """Registers the split in diffusers' form, for libraries that replay it.
 
     cache-dit compares a block stack's output with its input. When the stack's first block
@@ -181,8 +206,9 @@ def _describe_split(sp: SequenceParallel, module: torch.nn.Module, inputs: dict[
                 return x
             return sp.shard(x, cp_input.split_dim)
 
-    HookRegistry.check_if_exists_or_initialize(module).register_hook(
-        SplitDescription(), f"vllm_omni_sp_split:{pattern}")
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(SplitDescription(), f"vllm_omni_sp_split:{pattern}")
+    return registry, f"vllm_omni_sp_split:{pattern}"
 
 
 def _split_outputs_hook(sp: SequenceParallel, module_name: str, outputs: dict[int, Any]):

@@ -1,87 +1,157 @@
-"""Tensor parallelism by sharding a loaded model's Linear layers in place.
+"""Tensor parallelism by replacing a loaded model's Linear layers with parallel ones.
 
 The plan is diffusers' ``_tp_plan`` format (module pattern -> "colwise" | "rowwise" | a packed
-style): a colwise layer keeps its slice of output features, a rowwise layer its slice of input
-features plus an all-reduce of its output, with the bias added on TP rank 0 only. A packed layer
-(FLUX's fused QKV+MLP projections) is several such layers side by side: each block is sliced on
-its own, so every rank keeps matching slices of every block. Attention processors that reshape
-by head_dim then see ``heads / tp`` heads and need no change.
+style): a column-parallel layer keeps its slice of output features, a row-parallel layer its slice
+of input features and all-reduces its output before adding the bias. A packed layer (FLUX's fused
+QKV+MLP projections) is several such layers side by side: each block is sliced on its own, so
+every rank keeps matching slices of every block. Attention processors that reshape by head_dim
+then see ``heads / tp`` heads and need no change.
 """
 
 from __future__ import annotations
 
 import fnmatch
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from vllm_omni.distributed.comm import GroupComm
+from vllm_omni.features import ParallelFeature
 
 
-def _shard(t: torch.Tensor, dim: int, comm: GroupComm, blocks: list[int] | None = None
-           ) -> torch.Tensor:
-    if blocks:
-        return torch.cat([_shard(part, dim, comm) for part in t.split(blocks, dim)], dim)
-    n = t.shape[dim]
-    if n % comm.world_size:
-        raise ValueError(f"cannot split {n} features over {comm.world_size} tensor-parallel ranks")
-    size = n // comm.world_size
-    return t.narrow(dim, comm.rank * size, size).clone()
+class ParallelLinear(torch.nn.Linear):
+    """This rank's shard of a full Linear along ``split_dim`` of its weight (0: output features,
+    1: input features); ``blocks`` are the packed blocks' sizes along it."""
+
+    split_dim: ClassVar[int]
+
+    def __init__(self, full: torch.nn.Linear, comm: GroupComm, blocks: list[int] | None = None):
+        torch.nn.Module.__init__(self)
+        self.comm, self.blocks = comm, blocks
+        with torch.no_grad():
+            self.weight = torch.nn.Parameter(self.shard_weight(full.weight, self.split_dim),
+                                             requires_grad=False)
+            bias = None if full.bias is None else self.shard_weight(full.bias, 0) \
+                if self.split_dim == 0 else full.bias.clone()
+            self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.out_features, self.in_features = self.weight.shape
+
+    def shard_weight(self, full: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's part of a tensor laid out like the full layer along ``dim`` (its weight,
+        bias, a LoRA factor or FP8 scales): each packed block split on its own."""
+        parts = full.split(self.blocks, dim) if self.blocks else [full]
+        n, rank = self.comm.world_size, self.comm.rank
+        for p in parts:
+            if p.shape[dim] % n:
+                raise ValueError(f"cannot split {p.shape[dim]} features over {n} "
+                                 "tensor-parallel ranks")
+        return torch.cat([p.narrow(dim, rank * (p.shape[dim] // n), p.shape[dim] // n)
+                          for p in parts], dim).clone()
+
+    def gather_weight(self, shard: torch.Tensor, dim: int) -> torch.Tensor:
+        """The full tensor from every rank's ``shard_weight`` (exact: the shards are slices)."""
+        n = self.comm.world_size
+        ranks = self.comm.all_gather(shard.contiguous(), dim).chunk(n, dim)
+        if not self.blocks:
+            return torch.cat(ranks, dim)
+        per_rank = [r.split([b // n for b in self.blocks], dim) for r in ranks]
+        return torch.cat([r[i] for i in range(len(self.blocks)) for r in per_rank], dim)
 
 
-def _style(style, module: torch.nn.Module, name: str) -> tuple[str, list[int] | None]:
-    """("colwise" | "rowwise", absolute block sizes or None) for a plan entry."""
+class ColumnParallelLinear(ParallelLinear):
+    split_dim = 0  # its output stays split: the next row-parallel layer consumes it as is
+
+
+class RowParallelLinear(ParallelLinear):
+    split_dim = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.comm.all_reduce(F.linear(x, self.weight))
+        return out if self.bias is None else out + self.bias  # the bias once, not once per rank
+
+
+def _layer(style, module: torch.nn.Module, name: str) -> tuple[type[ParallelLinear], Any]:
+    """The parallel class for a plan entry, and its packed blocks' absolute sizes (or None)."""
     if isinstance(style, str):
-        return style, None
+        kinds = {"colwise": ColumnParallelLinear, "rowwise": RowParallelLinear}
+        if style not in kinds:
+            raise ValueError(f"unknown tensor-parallel style {style!r} for {name}")
+        return kinds[style], None
     from diffusers.hooks.tensor_parallel import (
         PackedColwiseParallel,
         _blocks_to_block_sizes,
         _packed_blocks,
     )
 
-    kind = "colwise" if isinstance(style, PackedColwiseParallel) else "rowwise"
-    total = module.out_features if kind == "colwise" else module.in_features
-    return kind, _blocks_to_block_sizes(total, _packed_blocks(style, module, name))
+    col = isinstance(style, PackedColwiseParallel)
+    total = module.out_features if col else module.in_features
+    sizes = _blocks_to_block_sizes(total, _packed_blocks(style, module, name))
+    return (ColumnParallelLinear if col else RowParallelLinear), sizes
 
 
-def apply_tensor_parallel(model: torch.nn.Module, plan: dict[str, str], comm: GroupComm) -> int:
-    """Shards every Linear the plan names; returns how many were sharded."""
+def apply_tensor_parallel(model: torch.nn.Module, plan: dict[str, Any], comm: GroupComm
+                          ) -> list[tuple[torch.nn.Module, str, torch.nn.Linear]]:
+    """Replaces every Linear the plan names by its parallel shard; returns (parent, attribute,
+    original Linear) for each. The originals give up their storage (tensor parallelism exists to
+    hold 1/tp of the weights) until ``restore`` gathers it back."""
+    replaced = []
     if comm.world_size == 1:
-        return 0
-    count = 0
-    sharded: set[int] = set()
-    for name, module in list(model.named_modules()):
+        return replaced
+    modules = dict(model.named_modules())
+    for name, module in list(modules.items()):
         style = next((s for p, s in plan.items()
                       if name.count(".") == p.count(".") and fnmatch.fnmatchcase(name, p)), None)
         if style is None:
             continue
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(f"tensor-parallel plan names {name}, a {type(module).__name__}, not a Linear")
-        style, blocks = _style(style, module, name)
-        with torch.no_grad():
-            if style == "colwise":
-                module.weight = torch.nn.Parameter(_shard(module.weight, 0, comm, blocks),
-                                                   requires_grad=False)
-                if module.bias is not None:
-                    module.bias = torch.nn.Parameter(_shard(module.bias, 0, comm, blocks),
-                                                     requires_grad=False)
-                module.out_features //= comm.world_size
-            elif style == "rowwise":
-                module.weight = torch.nn.Parameter(_shard(module.weight, 1, comm, blocks),
-                                                   requires_grad=False)
-                if module.bias is not None and comm.rank != 0:
-                    module.bias = None
-                module.in_features //= comm.world_size
-                module.register_forward_hook(lambda m, a, out: comm.all_reduce(out))
-            else:
-                raise ValueError(f"unknown tensor-parallel style {style!r} for {name}")
-        sharded.add(id(module))
-        count += 1
-    # Attention modules whose projections were split now hold heads / tp heads. Processors that
-    # reshape by head count (LongCat's) need to be told; those reshaping by head_dim are unaffected.
-    for module in model.modules():
-        to_q = getattr(module, "to_q", None)
-        if id(to_q) in sharded and isinstance(getattr(module, "heads", None), int):
-            module.heads //= comm.world_size
+        cls, blocks = _layer(style, module, name)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name], attr, cls(module, comm, blocks))
+        for p in module.parameters():
+            p.data = p.data.new_empty(0)
+        replaced.append((modules[parent_name], attr, module))
+    return replaced
+
+
+def restore(replaced: list[tuple[torch.nn.Module, str, torch.nn.Linear]]) -> None:
+    """Puts the original Linears back with their full weights (all TP ranks together)."""
+    for parent, attr, original in reversed(replaced):
+        layer = getattr(parent, attr)
+        original.weight.data = layer.gather_weight(layer.weight.data, layer.split_dim)
+        if original.bias is not None:
+            original.bias.data = (layer.gather_weight(layer.bias.data, 0)
+                                  if layer.split_dim == 0 else layer.bias.data.clone())
+        setattr(parent, attr, original)
+
+
+class TensorParallel(ParallelFeature):
+    name = "tensor_parallel"
+
+    def apply(self, pipe, groups) -> None:
+        self.groups, tp = groups, groups.tp
+        self.replaced: list[tuple[torch.nn.Module, str, torch.nn.Linear]] = []
+        self.heads: list[torch.nn.Module] = []
+        for model in self.denoisers(pipe):
+            plan = self.plan.tp_plan(model) if self.plan.tp_plan else type(model)._tp_plan
+            self.replaced += apply_tensor_parallel(model, plan, tp)
+            # Attention modules whose projections were split now hold heads / tp heads.
+            # Processors that reshape by head count (LongCat's) must be told; those reshaping by
+            # head_dim are unaffected.
+            for module in model.modules():
+                if isinstance(getattr(module, "to_q", None), ColumnParallelLinear) \
+                        and isinstance(getattr(module, "heads", None), int):
+                    self.heads.append(module)
+                    module.heads //= tp.world_size
+                    if isinstance(getattr(module, "inner_dim", None), int):
+                        module.inner_dim //= tp.world_size
+
+    def remove(self) -> None:
+        n = self.groups.tp.world_size
+        for module in self.heads:
+            module.heads *= n
             if isinstance(getattr(module, "inner_dim", None), int):
-                module.inner_dim //= comm.world_size
-    return count
+                module.inner_dim *= n
+        restore(self.replaced)
+        self.replaced, self.heads = [], []

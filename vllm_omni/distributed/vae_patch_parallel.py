@@ -14,13 +14,16 @@ its band with the whole image's mean and variance.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
 from vllm_omni.distributed.attention import balanced_sizes, offsets
 from vllm_omni.distributed.comm import GroupComm
+from vllm_omni.features import ParallelFeature
+
+NORM_HOOK = "vllm_omni_vae_band_group_norm"
 
 
 def receptive_halo(modules: list[torch.nn.Module]) -> int:
@@ -46,12 +49,20 @@ class VaePatchParallel:
         self.halo = receptive_halo(local_modules)
         self._band: tuple[int, int, int] | None = None  # (rows kept from the band, skip, in_rows)
         self._sizes: list[int] = []
-        first_local.register_forward_pre_hook(self._split)
-        decoder.register_forward_hook(self._gather)
-        for m in local_modules:
-            for sub in m.modules():
-                if isinstance(sub, torch.nn.GroupNorm):
-                    sub.forward = functools.partial(self._group_norm, sub)
+        self._handles = [first_local.register_forward_pre_hook(self._split),
+                         decoder.register_forward_hook(self._gather)]
+        self._norms = [sub for m in local_modules for sub in m.modules()
+                       if isinstance(sub, torch.nn.GroupNorm)]
+        for norm in self._norms:
+            HookRegistry.check_if_exists_or_initialize(norm).register_hook(
+                _BandGroupNorm(self), NORM_HOOK)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        for norm in self._norms:
+            HookRegistry.check_if_exists_or_initialize(norm).remove_hook(NORM_HOOK)
+        self._handles, self._norms = [], []
 
     def _group_norm(self, norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
         if self._band is None:  # not inside a band decode (e.g. an encoder call)
@@ -94,6 +105,17 @@ class VaePatchParallel:
         return self.comm.all_gather(band, dim=-2, sizes=[n * up for n in self._sizes])
 
 
+class _BandGroupNorm(ModelHook):
+    """A GroupNorm of a band normalised with the whole image's statistics."""
+
+    def __init__(self, pp: VaePatchParallel):
+        super().__init__()
+        self.pp = pp
+
+    def new_forward(self, module, x):
+        return self.pp._group_norm(module, x)
+
+
 def apply_vae_patch_parallel(vae: torch.nn.Module, comm: GroupComm) -> VaePatchParallel | None:
     """For decoders laid out as conv_in, mid_block, up_blocks, a norm, conv_out: Wan/Qwen-Image
     (``norm_out``) and diffusers' ``AutoencoderKL`` (``conv_norm_out``)."""
@@ -103,3 +125,14 @@ def apply_vae_patch_parallel(vae: torch.nn.Module, comm: GroupComm) -> VaePatchP
     norm = dec.norm_out if hasattr(dec, "norm_out") else dec.conv_norm_out
     local = [*dec.up_blocks, norm, dec.conv_out]
     return VaePatchParallel(comm, dec, dec.up_blocks[0], local)
+
+
+class VaePatchParallelFeature(ParallelFeature):
+    name = "vae_patch_parallel"
+
+    def apply(self, pipe, groups) -> None:
+        self.groups, self.pp = groups, apply_vae_patch_parallel(pipe.vae, groups.vae)
+
+    def remove(self) -> None:
+        if self.pp is not None:
+            self.pp.remove()

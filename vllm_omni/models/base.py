@@ -249,24 +249,10 @@ class ModelAdapter:
             plan.cfg_output_like = proj_out_like
         return plan
 
-    def requested_features(self, config) -> list[str]:
-        """The support-matrix features an engine config turns on."""
-        p = config.parallel
-        asked = {
-            "tea_cache": config.cache_backend == "tea_cache",
-            "cache_dit": config.cache_backend == "cache_dit",
-            "sequence_parallel": p.ulysses_degree > 1 or p.ring_degree > 1,
-            "cfg_parallel": p.cfg_parallel_size > 1,
-            "tensor_parallel": p.tensor_parallel_size > 1,
-            "vae_patch_parallel": p.vae_patch_parallel_size > 1,
-            "cpu_offload": config.enable_cpu_offload,
-            "lora": config.lora_path is not None,
-            "fp8": config.quantization == "fp8",
-        }
-        return [name for name, on in asked.items() if on]
-
     def check_features(self, spec: ModelSpec, config) -> None:
-        missing = [f for f in self.requested_features(config) if f not in self.features]
+        from vllm_omni.features import requested
+
+        missing = [f for f in requested(config) if f not in self.features]
         if missing:
             names = ", ".join(FEATURES[f] for f in missing)
             have = ", ".join(FEATURES[f] for f in RELEASED if f in self.features) or "none"
@@ -335,10 +321,14 @@ class ModelAdapter:
                              "or --cache-backend none")
 
     def check_engine(self, spec: ModelSpec, config) -> None:
-        """Everything about an engine config that depends on the model; run before starting."""
+        """The one gate for an engine config (CLI, offline API, every worker): the declared
+        matrix, then each requested feature's own check."""
+        from vllm_omni.features import ordered, requested
+
         self.check_features(spec, config)
-        self.check_parallel(spec, config.parallel)
-        self.check_cache(spec, config.cache_backend, config.cache_config)
+        for feature in ordered():
+            if feature.name in requested(config):
+                feature.check(self, spec, config)
 
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
         """Whether a request with these pipeline kwargs runs classifier-free guidance."""

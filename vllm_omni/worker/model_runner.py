@@ -14,14 +14,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_omni.cache.apply import apply_cache
 from vllm_omni.diffusion.data import OmniEngineConfig
-from vllm_omni.distributed.apply import apply_parallel
 from vllm_omni.distributed.groups import ParallelGroups
 from vllm_omni.engine import errors
 from vllm_omni.engine.errors import InvalidRequestError, RequestTooLargeError
 from vllm_omni.engine.messages import CANCEL_REASONS
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialFn, ProgressFn
+from vllm_omni.features import Feature, build_features
 from vllm_omni.models.registry import load_model_spec
 from vllm_omni.worker import memory
 
@@ -58,8 +57,7 @@ class ModelRunner:
         self.spec = load_model_spec(config.model)
         self.adapter = self.spec.adapter
         self.pipe = None
-        self.parallel: dict = {}
-        self.cache = None
+        self.features: list[Feature] = []  # applied in load, in their order
         # Request id -> why it was cancelled, filled as the engine's messages arrive (or None).
         self.cancelled = cancelled
         self.timing = StepTiming()
@@ -77,12 +75,9 @@ class ModelRunner:
         self._takes_step_callback = "callback_on_step_end" in inspect.signature(
             self.pipe.__call__).parameters
         self.adapter.on_load(self.pipe)
-        if self.groups.layout.world_size > 1:
-            plan = self.adapter.parallel_plan(self.spec, loaded=True)
-            self.parallel = apply_parallel(self.pipe, plan, self.groups)
-        # After the parallel hooks, as DESIGN.md orders features.
-        self.cache = apply_cache(self.pipe, self.config.cache_backend, self.config.cache_config,
-                                 self.adapter, self.spec, self.groups)
+        self.features = build_features(self.adapter, self.spec, self.config)
+        for feature in self.features:
+            feature.apply(self.pipe, self.groups)
         self._install_timing()
         self._install_cancel_points()
         try:
@@ -113,14 +108,6 @@ class ModelRunner:
             return out
 
         self.pipe.vae.decode = timed_decode
-
-    def _cache_metrics(self) -> dict[str, int]:
-        stats = torch.tensor([self.cache.stats.computed, self.cache.stats.skipped])
-        cfg = self.parallel.get("cfg")
-        if cfg is not None and cfg.active:
-            # Each rank saw one branch's calls; count both. (Without CFG every rank ran them all.)
-            self.groups.cfg.all_reduce(stats)
-        return {"transformer_calls_computed": int(stats[0]), "transformer_calls_skipped": int(stats[1])}
 
     @torch.inference_mode()
     def execute(self, batch: list[DiffusionRequest], progress: ProgressFn | None = None,
@@ -315,12 +302,9 @@ class ModelRunner:
             else:
                 follow_steps = _scheduler_steps(self.pipe, on_step)
             uses_cfg = self.adapter.uses_cfg(kwargs)
-            if "cfg" in self.parallel:
-                self.parallel["cfg"].begin_request(uses_cfg)
             self.groups.reset_counters()
-            if self.cache is not None:  # per-branch cache state only when branches are calls
-                self.cache.begin_request(reqs[0].num_inference_steps,
-                                         uses_cfg and self.adapter.cfg_calls == "separate")
+            for feature in self.features:
+                feature.begin_request(reqs[0].num_inference_steps, uses_cfg)
             # Per-request generators, in image order: each image's noise is what it would be alone.
             generators = [g for r in reqs for g in make_generators(r.seed, r.num_images)]
             self.adapter.output_extra(self.pipe)  # drops what a failed earlier call left behind
@@ -347,11 +331,8 @@ class ModelRunner:
             with contextlib.suppress(Exception):  # logged by _plan_memory already
                 metrics["estimated_memory_bytes"] = self.estimate_memory(reqs).total
         extra = self.adapter.output_extra(self.pipe) if images is not None else {}
-        if images is not None:
-            if self.cache is not None:
-                metrics.update(self._cache_metrics())
-            if self.parallel:
-                metrics["comm_bytes_rank0"] = self.groups.bytes_sent()
+        for feature in self.features if images is not None else ():
+            metrics.update(feature.stats())
         outputs, offset = {}, 0
         for req, cancelled in zip(reqs, timing.cancelled):
             mine = (self.adapter.flatten_output(list(images[offset:offset + req.num_images]))

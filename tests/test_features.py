@@ -1,0 +1,110 @@
+"""Every feature comes off exactly: after apply and remove the pipeline's weights are bitwise those
+it loaded with, and its transformer and VAE compute bitwise the same outputs."""
+
+import pytest
+import torch
+
+from test_parallel import _transformer_inputs
+from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
+from vllm_omni.testing.dist import run_ranks
+
+
+def _outputs(pipe) -> dict[str, torch.Tensor]:
+    z = torch.randn(1, pipe.vae.config.z_dim, 1, 40, 6, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        return {"transformer": pipe.transformer(**_transformer_inputs(pipe.transformer))[0],
+                "vae": pipe.vae.decode(z).sample}
+
+
+def _state(pipe) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v.clone() for name in ("transformer", "vae")
+            for k, v in getattr(pipe, name).state_dict().items()}
+
+
+def _apply_and_remove(model_dir: str, groups, **config) -> list[str]:
+    """Applies the features ``config`` asks for, runs the model, removes them, and checks the
+    model is what it was; returns the names of the features it applied."""
+    from diffusers import DiffusionPipeline
+
+    from vllm_omni.features import build_features
+    from vllm_omni.models.registry import load_model_spec
+
+    pipe = DiffusionPipeline.from_pretrained(model_dir)
+    spec = load_model_spec(model_dir)
+    config = OmniEngineConfig(model=model_dir, model_name=model_dir, device="cpu", **config)
+    before, want = _state(pipe), _outputs(pipe)
+    features = build_features(spec.adapter, spec, config)
+    for f in features:
+        f.apply(pipe, groups)
+        f.begin_request(2, uses_cfg=False)
+    _outputs(pipe)  # the features run
+    for f in reversed(features):
+        f.remove()
+    after, got = _state(pipe), _outputs(pipe)
+    assert before.keys() == after.keys()
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    return [f.name for f in features]
+
+
+@pytest.mark.parametrize("backend", ["tea_cache", "cache_dit"])
+def test_cache_removes_exactly(tiny_qwen_image, backend):
+    from vllm_omni.distributed.groups import ParallelGroups
+
+    cache_config = {"rel_l1_thresh": 0.3} if backend == "tea_cache" else {}
+    assert _apply_and_remove(tiny_qwen_image, ParallelGroups.single(), cache_backend=backend,
+                             cache_config=cache_config) == [backend]
+
+
+def _rank(rank, world, model_dir, parallel):
+    from vllm_omni.distributed.groups import torch_groups
+
+    parallel = DiffusionParallelConfig(**parallel)
+    return _apply_and_remove(model_dir, torch_groups(parallel.layout), parallel=parallel)
+
+
+@pytest.mark.parametrize("parallel, name", [
+    (dict(tensor_parallel_size=2), "tensor_parallel"),
+    (dict(ulysses_degree=2), "sequence_parallel"),
+    (dict(cfg_parallel_size=2), "cfg_parallel"),
+    (dict(vae_patch_parallel_size=2), "vae_patch_parallel"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_parallel_removes_exactly(tiny_qwen_image, parallel, name):
+    assert run_ranks(_rank, 2, tiny_qwen_image, parallel) == [[name]] * 2
+
+
+def test_tensor_parallel_shards_packed_layers_block_by_block(tiny_models):
+    """FLUX's single-stream ``proj_out`` reads cat([attention, MLP]) (diffusers' packed style):
+    each rank keeps its slice of each block, ``shard_weight`` cuts any tensor laid out like the
+    weight (a LoRA delta, FP8 scales) the same way, and ``restore`` brings back every weight."""
+    assert run_ranks(_flux_rank, 2, tiny_models["flux.1-dev"]) == [True] * 2
+
+
+def _flux_rank(rank, world, model_dir):
+    from diffusers import FluxTransformer2DModel
+
+    from vllm_omni.distributed.groups import torch_groups
+    from vllm_omni.distributed.layout import RankLayout
+    from vllm_omni.distributed.tensor_parallel import RowParallelLinear, apply_tensor_parallel, restore
+
+    model = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    block = model.single_transformer_blocks[0]
+    attn = block.attn.inner_dim
+    full, x = block.proj_out.weight.clone(), torch.randn(3, block.proj_out.in_features)
+    with torch.inference_mode():
+        want = block.proj_out(x)
+    replaced = apply_tensor_parallel(model, type(model)._tp_plan, torch_groups(RankLayout(tp=2)).tp)
+    layer = block.proj_out
+    assert isinstance(layer, RowParallelLinear)
+    mine = torch.cat([part.chunk(2, 1)[rank] for part in full.split([attn, full.shape[1] - attn], 1)], 1)
+    assert torch.equal(layer.weight, mine) and torch.equal(layer.shard_weight(full, 1), mine)
+    halves = x.split([attn, x.shape[1] - attn], 1)
+    with torch.inference_mode():  # the layer reads its slice of each input block, then reduces
+        got = layer(torch.cat([h.chunk(2, 1)[rank] for h in halves], 1))
+    assert (got - want).abs().max() < 1e-5
+    restore(replaced)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    return isinstance(block.proj_out, torch.nn.Linear) and not isinstance(block.proj_out, RowParallelLinear)
