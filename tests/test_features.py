@@ -87,7 +87,11 @@ def _flux_rank(rank, world, model_dir):
 
     from vllm_omni.distributed.groups import torch_groups
     from vllm_omni.distributed.layout import RankLayout
-    from vllm_omni.distributed.tensor_parallel import RowParallelLinear, apply_tensor_parallel, restore
+    from vllm_omni.distributed.tensor_parallel import (
+        RowParallelLinear,
+        apply_tensor_parallel,
+        restore,
+    )
 
     model = FluxTransformer2DModel.from_pretrained(model_dir, subfolder="transformer")
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -99,12 +103,12 @@ def _flux_rank(rank, world, model_dir):
     replaced = apply_tensor_parallel(model, type(model)._tp_plan, torch_groups(RankLayout(tp=2)).tp)
     layer = block.proj_out
     assert isinstance(layer, RowParallelLinear)
-    mine = torch.cat([part.chunk(2, 1)[rank] for part in full.split([attn, full.shape[1] - attn], 1)], 1)
+    blocks = [attn, full.shape[1] - attn]
+    mine = torch.cat([part.chunk(2, 1)[rank] for part in full.split(blocks, 1)], 1)
     assert torch.equal(layer.weight, mine) and torch.equal(layer.shard_weight(full, 1), mine)
-    halves = x.split([attn, x.shape[1] - attn], 1)
     with torch.inference_mode():  # the layer reads its slice of each input block, then reduces
-        got = layer(torch.cat([h.chunk(2, 1)[rank] for h in halves], 1))
+        got = layer(torch.cat([h.chunk(2, 1)[rank] for h in x.split(blocks, 1)], 1))
     assert (got - want).abs().max() < 1e-5
     restore(replaced)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    return isinstance(block.proj_out, torch.nn.Linear) and not isinstance(block.proj_out, RowParallelLinear)
+    return type(block.proj_out) is torch.nn.Linear

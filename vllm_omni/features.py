@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -22,7 +23,7 @@ class Feature:
     adapter: Any
     spec: Any
     config: Any  # OmniEngineConfig
-    plan: Any  # the adapter's loaded ParallelPlan
+    plan: Any  # the adapter's ParallelPlan
     groups: Any = field(default=None, init=False)  # ParallelGroups, set by apply
 
     @classmethod
@@ -75,26 +76,36 @@ def requested(config) -> list[str]:
     return [name for name, on in asked.items() if on]
 
 
-def ordered() -> list[type[Feature]]:
-    """Every feature in the order it is applied (DESIGN.md §4): quantization (FP8) first, as it
-    replaces weights the others shard or wrap; tensor parallel, then LoRA (its deltas are sharded
-    like the layer) and offload; then sequence, CFG and VAE patch parallel, which split the work of
-    each call; the step cache last, so it sees the calls as the pipeline makes them. FP8, LoRA and
-    offload take their places here when they land. Imported late: they need diffusers."""
-    from vllm_omni.cache.cache_dit import CacheDiTFeature
-    from vllm_omni.cache.teacache import TeaCacheFeature
-    from vllm_omni.distributed.cfg_parallel import CFGParallel
-    from vllm_omni.distributed.sequence_parallel import SequenceParallelFeature
-    from vllm_omni.distributed.tensor_parallel import TensorParallel
-    from vllm_omni.distributed.vae_patch_parallel import VaePatchParallelFeature
+# Every feature in the order it is applied (DESIGN.md §4), with the class of each built one.
+ORDER = {
+    "fp8": None,  # first: it replaces the weights that the features after it shard or wrap
+    "tensor_parallel": "vllm_omni.distributed.tensor_parallel:TensorParallel",
+    "lora": None,  # after TP: its deltas shard like their layer (ParallelLinear.shard_weight)
+    "cpu_offload": None,
+    "sequence_parallel": "vllm_omni.distributed.sequence_parallel:SequenceParallelFeature",
+    "cfg_parallel": "vllm_omni.distributed.cfg_parallel:CFGParallel",
+    "vae_patch_parallel": "vllm_omni.distributed.vae_patch_parallel:VaePatchParallelFeature",
+    # Last: a cache sees the calls each rank makes, and agrees its decisions over them.
+    "tea_cache": "vllm_omni.cache.teacache:TeaCacheFeature",
+    "cache_dit": "vllm_omni.cache.cache_dit:CacheDiTFeature",
+}
 
-    return [TensorParallel, SequenceParallelFeature, CFGParallel, VaePatchParallelFeature,
-            TeaCacheFeature, CacheDiTFeature]
+
+def resolve(path: str) -> Any:
+    """What a "module:attribute" path names: plans and this list name code as data, imported
+    only where it runs (most of it needs diffusers)."""
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def feature_classes(config) -> list[type[Feature]]:
+    """The built features ``config`` asks for, in order."""
+    wanted = requested(config)
+    return [resolve(path) for name, path in ORDER.items() if path and name in wanted]
 
 
 def build_features(adapter, spec, config) -> list[Feature]:
-    """The features ``config`` asks for, in application order, checked by the one gate."""
+    """The features ``config`` asks for, in application order, past the one gate."""
     adapter.check_engine(spec, config)
-    plan = adapter.parallel_plan(spec, loaded=True)
-    wanted = requested(config)
-    return [cls(adapter, spec, config, plan) for cls in ordered() if cls.name in wanted]
+    plan = adapter.parallel_plan(spec)
+    return [cls(adapter, spec, config, plan) for cls in feature_classes(config)]

@@ -25,7 +25,7 @@ process keeps per branch.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -156,9 +156,6 @@ class CacheDiTConfig:
 
         return cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=self.taylorseer_order)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
 
 class _BranchSimilarity:
     """cache-dit's residual-diff test with its sums all-reduced over one CFG branch's ranks.
@@ -238,8 +235,3 @@ class CacheDiTFeature(CacheFeature):
                                 cfg_parallel=groups.cfg.world_size > 1,
                                 target=self.adapter.cache_dit_target(model))
                        for model in self.denoisers(pipe)]
-
-    def remove(self) -> None:
-        for cache in self.caches:
-            cache.remove()
-        self.caches = []

@@ -29,8 +29,8 @@ def preset_settings(presets: dict[str, T], name: str, backend: str, model: str) 
 
 
 class CacheFeature(Feature):
-    """A step cache on each denoiser (``self.caches``: objects with ``begin_request`` and
-    ``stats``), installed after the parallel features so it sees each rank's calls."""
+    """A step cache on each denoiser (``self.caches``: objects with ``begin_request``, ``stats``
+    and ``remove``), installed after the parallel features so it sees each rank's calls."""
 
     @classmethod
     def check(cls, adapter, spec, config) -> None:
@@ -49,3 +49,8 @@ class CacheFeature(Feature):
             self.groups.cfg.all_reduce(counts)
         return {"transformer_calls_computed": int(counts[0]),
                 "transformer_calls_skipped": int(counts[1])}
+
+    def remove(self) -> None:
+        for cache in self.caches:
+            cache.remove()
+        self.caches = []

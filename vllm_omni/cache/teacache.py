@@ -95,6 +95,7 @@ class TeaCache:
     reduce: GroupComm | None = None  # the ranks of one CFG branch
     num_steps: int = 0
     stats: CacheStats = field(default_factory=CacheStats)
+    blocks: list[torch.nn.Module] = field(default_factory=list)  # hooked by apply_teacache
 
     def __post_init__(self):
         self.state = StateManager(_State)
@@ -106,6 +107,12 @@ class TeaCache:
         self.state.set_context(CacheContext("default"))
         self.num_steps = num_steps
         self.stats = CacheStats()
+
+    def remove(self) -> None:
+        for i, block in enumerate(self.blocks):
+            HookRegistry.check_if_exists_or_initialize(block).remove_hook(
+                HEAD_HOOK if i == 0 else BLOCK_HOOK, recurse=False)
+        self.blocks = []
 
     def rescale(self, x: float) -> float:
         y = 0.0
@@ -215,6 +222,7 @@ def _apply_residual(cache: TeaCache, s: _State, kwargs):
 
 def apply_teacache(blocks: Sequence[torch.nn.Module], cache: TeaCache) -> TeaCache:
     """Hooks ``cache`` onto a transformer's block list (called with keyword arguments)."""
+    cache.blocks = list(blocks)
     for i, block in enumerate(blocks):
         registry = HookRegistry.check_if_exists_or_initialize(block)
         is_tail = i == len(blocks) - 1
@@ -232,18 +240,11 @@ class TeaCacheFeature(CacheFeature):
         a = self.adapter
         config = TeaCacheConfig.from_dict(self.config.cache_config).resolve(
             a.teacache_presets, self.spec.pipeline_class)
-        self.groups, self.models, self.caches = groups, self.denoisers(pipe), []
-        for model in self.models:
+        self.groups, self.caches = groups, []
+        for model in self.denoisers(pipe):
             cache = TeaCache(config, config.coefficients or a.teacache_coefficients,
                              a.teacache_modulated_input, io=a.teacache_io, reduce=groups.branch)
             self.caches.append(apply_teacache(a.teacache_blocks(model), cache))
             # diffusers caches which submodules carry hooks; ours were just added below it.
             HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 
-    def remove(self) -> None:
-        for model in self.models:
-            registry = HookRegistry.check_if_exists_or_initialize(model)
-            for name in (HEAD_HOOK, BLOCK_HOOK):
-                registry.remove_hook(name)  # and from every block below
-            registry.invalidate_child_registries_cache()
-        self.models, self.caches = [], []

@@ -3,8 +3,7 @@ of a layout. The features that apply it are listed in order in ``vllm_omni.featu
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vllm_omni.diffusion.data import DiffusionParallelConfig
@@ -19,19 +18,14 @@ class ParallelPlan:
     # The pipeline attributes every denoiser feature applies to (Wan2.2 A14B: "transformer",
     # "transformer_2"); those a loaded pipeline lacks are skipped.
     denoisers: tuple[str, ...] = ("transformer",)
-    sequence_parallel: bool = False
-    tensor_parallel: bool = False
-    cfg_branches: int = 0  # denoiser calls per step with CFG on; 0: CFG parallel unsupported
-    cfg_reason: str = ""  # why CFG parallel is unavailable, when it is
-    vae_patch_parallel: bool = False
-    # Loaded-pipeline hooks, filled by the adapter (imports diffusers, so worker-side only).
-    sp_processor: Callable[..., Any] | None = None
-    cfg_output_like: Callable[..., Any] | None = None
+    # Which features the model has is its declared matrix (ModelAdapter.features); this is how.
+    cfg_branches: int = 2  # denoiser calls per step with CFG on; 0: none to split
+    cfg_reason: str = ""  # why there are none, when there are none
+    # Code the plan names as "module:attribute" (features.resolve: imported where it runs).
+    sp_processor: str | None = None  # SequenceParallel -> the model's SP attention processor
     cfg_batched: bool = False  # CFG runs as one doubled batch (split the batch, not the calls)
-    # transformer -> its tensor-parallel plan, for models without diffusers' ``_tp_plan``.
-    tp_plan: Callable[[Any], dict[str, Any]] | None = None
-    cp_plan: Callable[[Any], dict[str, Any]] | None = None  # likewise for ``_cp_plan``
-    extra: dict[str, Any] = field(default_factory=dict)
+    tp_plan: str | None = None  # denoiser -> its TP plan, where diffusers has no ``_tp_plan``
+    cp_plan: str | None = None  # likewise for ``_cp_plan``
 
 
 def _divisors(n: int) -> list[int]:
@@ -39,16 +33,8 @@ def _divisors(n: int) -> list[int]:
 
 
 def check_layout(plan: ParallelPlan, p: DiffusionParallelConfig) -> None:
-    """Raises ValueError naming a layout that works, for layouts this model cannot run."""
-    if (p.ulysses_degree > 1 or p.ring_degree > 1) and not plan.sequence_parallel:
-        raise ValueError(f"{plan.model} does not support sequence parallelism (--usp/--ring); "
-                         "use --ulysses-degree 1 --ring-degree 1")
-    if p.tensor_parallel_size > 1 and not plan.tensor_parallel:
-        raise ValueError(f"{plan.model} does not support tensor parallelism; "
-                         "use --tensor-parallel-size 1")
-    if p.vae_patch_parallel_size > 1 and not plan.vae_patch_parallel:
-        raise ValueError(f"{plan.model} does not support VAE patch parallelism; "
-                         "use --vae-patch-parallel-size 1")
+    """Raises ValueError naming a layout that works, for layouts of declared features that this
+    model still cannot run (undeclared ones the matrix refused already)."""
     if p.cfg_parallel_size > 1:
         if not plan.cfg_branches:
             raise ValueError(f"--cfg-parallel-size {p.cfg_parallel_size}: {plan.cfg_reason}; "

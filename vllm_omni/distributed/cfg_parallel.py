@@ -116,7 +116,7 @@ class CFGParallel(ParallelFeature):
         for model in self.denoisers(pipe):
             # The pipeline doubles the batch for CFG (``cfg_batched``) or calls once per branch.
             hook = BatchedCFGParallelHook(groups.cfg) if self.plan.cfg_batched else \
-                CFGParallelHook(groups.cfg, self.plan.cfg_output_like)
+                CFGParallelHook(groups.cfg, proj_out_like)
             HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
             self.hooks.append((model, hook))
 

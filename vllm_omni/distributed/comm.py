@@ -99,14 +99,6 @@ class GroupComm:
         ops = [dist.P2POp(dist.isend, x, nxt, self.group), dist.P2POp(dist.irecv, buf, prev, self.group)]
         return RingTransfer(dist.batch_isend_irecv(ops), buf, x)
 
-    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
-        if self.world_size == 1:
-            return x
-        if self.rank == src:
-            self._count((self.world_size - 1) * _nbytes(x))
-        dist.broadcast(x, src=self.ranks[src], group=self.group)
-        return x
-
 
 class RingTransfer:
     def __init__(self, works, buf: torch.Tensor, sent: torch.Tensor):

@@ -36,9 +36,6 @@ class ParallelGroups:
     def bytes_sent(self) -> dict[str, int]:
         return {k: c.bytes_sent for k, c in self.comms().items()}
 
-    def calls(self) -> dict[str, int]:
-        return {k: c.calls for k, c in self.comms().items()}
-
     def reset_counters(self) -> None:
         for c in self.comms().values():
             c.reset_counters()

@@ -19,7 +19,7 @@ import torch
 
 from vllm_omni.distributed.attention import balanced_sizes, offsets, sequence_parallel_attention
 from vllm_omni.distributed.comm import GroupComm
-from vllm_omni.features import ParallelFeature
+from vllm_omni.features import ParallelFeature, resolve
 
 
 class SequenceParallel:
@@ -152,8 +152,8 @@ class SequenceParallelFeature(ParallelFeature):
         self.groups, self.applied = groups, []
         for model in self.denoisers(pipe):
             sp = SequenceParallel(groups.ulysses, groups.ring, groups.sp)
-            sp.apply(model, self.plan.cp_plan(model) if self.plan.cp_plan else type(model)._cp_plan,
-                     self.plan.sp_processor)
+            plan = resolve(self.plan.cp_plan)(model) if self.plan.cp_plan else type(model)._cp_plan
+            sp.apply(model, plan, self.plan.sp_processor and resolve(self.plan.sp_processor))
             self.applied.append(sp)
 
     def remove(self) -> None:

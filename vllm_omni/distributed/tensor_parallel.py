@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_omni.distributed.comm import GroupComm
-from vllm_omni.features import ParallelFeature
+from vllm_omni.features import ParallelFeature, resolve
 
 
 class ParallelLinear(torch.nn.Linear):
@@ -134,7 +134,7 @@ class TensorParallel(ParallelFeature):
         self.replaced: list[tuple[torch.nn.Module, str, torch.nn.Linear]] = []
         self.heads: list[torch.nn.Module] = []
         for model in self.denoisers(pipe):
-            plan = self.plan.tp_plan(model) if self.plan.tp_plan else type(model)._tp_plan
+            plan = resolve(self.plan.tp_plan)(model) if self.plan.tp_plan else type(model)._tp_plan
             self.replaced += apply_tensor_parallel(model, plan, tp)
             # Attention modules whose projections were split now hold heads / tp heads.
             # Processors that reshape by head count (LongCat's) must be told; those reshaping by

@@ -65,9 +65,6 @@ class VaePatchParallel:
         self._handles, self._norms = [], []
 
     def _group_norm(self, norm: torch.nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
-        if self._band is None:  # not inside a band decode (e.g. an encoder call)
-            return torch.nn.functional.group_norm(x, norm.num_groups, norm.weight, norm.bias,
-                                                  norm.eps)
         keep, skip, in_rows = self._band
         up = x.shape[-2] // in_rows
         own = x[..., skip * up:(skip + keep) * up, :]
@@ -113,6 +110,8 @@ class _BandGroupNorm(ModelHook):
         self.pp = pp
 
     def new_forward(self, module, x):
+        if self.pp._band is None:  # not inside a band decode (e.g. an encoder call)
+            return self.fn_ref.original_forward(x)
         return self.pp._group_norm(module, x)
 
 

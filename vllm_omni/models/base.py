@@ -229,25 +229,18 @@ class ModelAdapter:
         raise NotImplementedError
 
     # -- parallelism -------------------------------------------------------------------------------
-    def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
-        """A ``ParallelPlan`` of what this model can run in parallel, from ``features``;
-        ``loaded`` adds the hooks that need diffusers (worker side)."""
+    # The parallel plan's code, as "module:attribute" (see ParallelPlan).
+    sp_processor: ClassVar[str | None] = None
+    tp_plan: ClassVar[str | None] = None
+    cp_plan: ClassVar[str | None] = None
+
+    def parallel_plan(self, spec: ModelSpec):
+        """How this model's declared features apply to it (``ParallelPlan``, pure data)."""
         from vllm_omni.distributed.apply import ParallelPlan
 
-        f = self.features
-        plan = ParallelPlan(
-            model=spec.pipeline_class, num_heads=spec.num_heads,
-            sequence_parallel="sequence_parallel" in f, tensor_parallel="tensor_parallel" in f,
-            vae_patch_parallel="vae_patch_parallel" in f,
-            cfg_branches=2 if "cfg_parallel" in f else 0,
-            cfg_reason=f"{spec.pipeline_class} has no CFG-parallel support",
-        )
-        plan.cfg_batched = self.cfg_calls == "batched"
-        if loaded:
-            from vllm_omni.distributed.cfg_parallel import proj_out_like
-
-            plan.cfg_output_like = proj_out_like
-        return plan
+        return ParallelPlan(model=spec.pipeline_class, num_heads=spec.num_heads,
+                            cfg_batched=self.cfg_calls == "batched", sp_processor=self.sp_processor,
+                            tp_plan=self.tp_plan, cp_plan=self.cp_plan)
 
     def check_features(self, spec: ModelSpec, config) -> None:
         from vllm_omni.features import requested
@@ -323,12 +316,11 @@ class ModelAdapter:
     def check_engine(self, spec: ModelSpec, config) -> None:
         """The one gate for an engine config (CLI, offline API, every worker): the declared
         matrix, then each requested feature's own check."""
-        from vllm_omni.features import ordered, requested
+        from vllm_omni.features import feature_classes
 
         self.check_features(spec, config)
-        for feature in ordered():
-            if feature.name in requested(config):
-                feature.check(self, spec, config)
+        for feature in feature_classes(config):
+            feature.check(self, spec, config)
 
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
         """Whether a request with these pipeline kwargs runs classifier-free guidance."""

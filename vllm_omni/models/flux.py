@@ -65,8 +65,8 @@ class Flux2KleinAdapter(ImageAdapter):
             kwargs["guidance_scale"] = 1.0  # no CFG, said explicitly (any other value warns)
         return kwargs
 
-    def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
-        plan = super().parallel_plan(spec, loaded)
+    def parallel_plan(self, spec: ModelSpec):
+        plan = super().parallel_plan(spec)
         if spec.extra["distilled"]:
             plan.cfg_branches = 0
             plan.cfg_reason = (f"this {spec.pipeline_class} checkpoint is step-distilled "

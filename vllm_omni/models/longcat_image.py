@@ -31,15 +31,9 @@ class LongCatImageAdapter(ImageAdapter):
     def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
         return decode_packed_latents(pipe, latents, reqs[0].height, reqs[0].width)
 
-    def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
-        plan = super().parallel_plan(spec, loaded)
-        plan.tp_plan = longcat_tp_plan
-        if loaded:
-            from vllm_omni.models.longcat_image_attention import LongCatImageSPAttnProcessor
-
-            plan.sp_processor = LongCatImageSPAttnProcessor
-            plan.cp_plan = longcat_cp_plan
-        return plan
+    sp_processor = "vllm_omni.models.longcat_image_attention:LongCatImageSPAttnProcessor"
+    tp_plan = "vllm_omni.models.longcat_image:longcat_tp_plan"
+    cp_plan = "vllm_omni.models.longcat_image:longcat_cp_plan"
 
 
 def longcat_tp_plan(transformer: Any) -> dict[str, Any]:

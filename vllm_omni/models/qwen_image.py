@@ -74,18 +74,16 @@ class QwenImageAdapter(ImageAdapter):
         return pipe.image_processor.postprocess(image, output_type="pil")
 
     # -- parallelism -------------------------------------------------------------------------------
-    def parallel_plan(self, spec: ModelSpec, loaded: bool = False):
+    sp_processor = "vllm_omni.models.qwen_image_attention:QwenImageSPAttnProcessor"
+
+    def parallel_plan(self, spec: ModelSpec):
         # The pipeline calls the transformer once for the prompt and once for the negative prompt
         # (true CFG); guidance-distilled checkpoints embed the scale and make one call.
-        plan = super().parallel_plan(spec, loaded)
+        plan = super().parallel_plan(spec)
         if spec.has_guidance_embeds:
             plan.cfg_branches = 0
             plan.cfg_reason = (f"{spec.pipeline_class} with a guidance-distilled transformer runs "
                                "without classifier-free guidance")
-        if loaded:
-            from vllm_omni.models.qwen_image_attention import QwenImageSPAttnProcessor
-
-            plan.sp_processor = QwenImageSPAttnProcessor
         return plan
 
     # From ComfyUI-TeaCache's Qwen-Image support, as shipped by vLLM-Omni

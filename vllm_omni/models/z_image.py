@@ -41,15 +41,9 @@ class ZImageAdapter(ImageAdapter):
                              f"over --tensor-parallel-size {tp}; use "
                              + (" or ".join(map(str, ok)) if ok else "1"))
 
-    def parallel_plan(self, spec, loaded: bool = False):
-        plan = super().parallel_plan(spec, loaded)
-        plan.tp_plan = z_image_tp_plan
-        if loaded:
-            from vllm_omni.models.z_image_attention import ZImageSPAttnProcessor, z_image_cp_plan
-
-            plan.sp_processor = ZImageSPAttnProcessor
-            plan.cp_plan = z_image_cp_plan
-        return plan
+    sp_processor = "vllm_omni.models.z_image_attention:ZImageSPAttnProcessor"
+    tp_plan = "vllm_omni.models.z_image:z_image_tp_plan"
+    cp_plan = "vllm_omni.models.z_image_attention:z_image_cp_plan"
 
     def pipeline_kwargs(self, spec, req: DiffusionRequest) -> dict[str, Any]:
         kwargs = super().pipeline_kwargs(spec, req)
