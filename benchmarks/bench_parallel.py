@@ -40,7 +40,7 @@ def main() -> None:
 
     from vllm_omni import Omni
     from vllm_omni.diffusion.data import DiffusionParallelConfig
-    from vllm_omni.distributed.layout import parse_layout_name
+    from vllm_omni.testing.dist import parse_layout_name
 
     pipe = DiffusionPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)

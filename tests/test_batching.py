@@ -64,7 +64,7 @@ def test_batching_under_a_parallel_layout(tiny_qwen_image, omni, name):
     single process gives it alone."""
     from vllm_omni import Omni, OmniDiffusionSamplingParams
     from vllm_omni.diffusion.data import DiffusionParallelConfig
-    from vllm_omni.distributed.layout import parse_layout_name
+    from vllm_omni.testing.dist import parse_layout_name
 
     prompts = ["a red fox", "an old lighthouse on a rocky coast at dusk", "a blue cat"]
     params = [OmniDiffusionSamplingParams(num_inference_steps=4, width=80, height=48, seed=i,

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from vllm_omni.diffusion.data import DiffusionParallelConfig
-from vllm_omni.distributed.layout import parse_layout_name
-from vllm_omni.testing.dist import run_ranks
+from vllm_omni.testing.dist import parse_layout_name, run_ranks
 
 STEPS = 12
 CALLS = 2 * STEPS  # cond + uncond

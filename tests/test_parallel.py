@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from vllm_omni.diffusion.data import DiffusionParallelConfig
-from vllm_omni.distributed.layout import RankLayout, parse_layout_name
-from vllm_omni.testing.dist import run_ranks
+from vllm_omni.distributed.layout import RankLayout
+from vllm_omni.testing.dist import parse_layout_name, run_ranks
 
 TOL = 1e-4
 
@@ -71,13 +71,13 @@ def _vae_rank(rank, world, model_dir, halo):
     from diffusers import AutoencoderKLQwenImage
 
     from vllm_omni.distributed.groups import torch_groups
-    from vllm_omni.distributed.vae_patch_parallel import apply_vae_patch_parallel
+    from vllm_omni.distributed.vae_patch_parallel import VaePatchParallel
 
     vae = AutoencoderKLQwenImage.from_pretrained(model_dir, subfolder="vae").eval()
     z = torch.randn(1, vae.config.z_dim, 1, 40, 6, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         expected = vae.decode(z).sample
-        pp = apply_vae_patch_parallel(vae, torch_groups(RankLayout(vae=world)).vae)
+        pp = VaePatchParallel(vae, torch_groups(RankLayout(vae=world)).vae)
         computed_halo = pp.halo
         if halo is not None:
             pp.halo = halo

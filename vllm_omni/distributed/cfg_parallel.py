@@ -9,7 +9,6 @@ after the uncond call (views of it, e.g. Qwen-Image-Edit's slice, see the fill t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,10 +22,9 @@ HOOK_NAME = "vllm_omni_cfg_parallel"
 
 
 class CFGParallelHook(ModelHook):
-    def __init__(self, comm: GroupComm, output_like: Callable[[torch.nn.Module, dict], torch.Tensor]):
+    def __init__(self, comm: GroupComm):
         super().__init__()
         self.comm = comm
-        self.output_like = output_like
         self.active = False
         self._call = 0
         self._mine: torch.Tensor | None = None
@@ -51,7 +49,7 @@ class CFGParallelHook(ModelHook):
             sample = out.sample if return_dict else out[0]
             self._mine = sample
         else:
-            sample = self.output_like(module, kwargs)
+            sample = proj_out_like(module, kwargs)
         self._placeholders.append(sample)
         if branch == branches - 1:
             everyone = self.comm.all_gather(self._mine.unsqueeze(0), 0)
@@ -116,7 +114,7 @@ class CFGParallel(ParallelFeature):
         for model in self.denoisers(pipe):
             # The pipeline doubles the batch for CFG (``cfg_batched``) or calls once per branch.
             hook = BatchedCFGParallelHook(groups.cfg) if self.plan.cfg_batched else \
-                CFGParallelHook(groups.cfg, proj_out_like)
+                CFGParallelHook(groups.cfg)
             HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
             self.hooks.append((model, hook))
 

@@ -86,21 +86,3 @@ class RankLayout:
         out["vae"] = [list(range(self.vae))] + [[r] for r in range(self.vae, self.world_size)]
         out["world"] = [list(range(self.world_size))]  # per-step agreement (cancellation)
         return out
-
-
-_NAME_KEYS = {"U": "ulysses_degree", "R": "ring_degree", "CFG": "cfg_parallel_size",
-              "TP": "tensor_parallel_size", "VAE-PP": "vae_patch_parallel_size"}
-
-
-def parse_layout_name(name: str) -> dict[str, int]:
-    """"U2xCFG2" -> DiffusionParallelConfig keyword arguments; "1" is the single-rank layout."""
-    if name == "1":
-        return {}
-    out: dict[str, int] = {}
-    for part in name.split("x"):
-        key = next((k for k in sorted(_NAME_KEYS, key=len, reverse=True)
-                    if part.startswith(k) and part[len(k):].isdigit()), None)
-        if key is None:
-            raise ValueError(f"bad layout {name!r}: parts are U<n>, R<n>, CFG<n>, TP<n>, VAE-PP<n>")
-        out[_NAME_KEYS[key]] = int(part[len(key):])
-    return out

@@ -40,7 +40,7 @@ class ParallelLinear(torch.nn.Linear):
     def shard_weight(self, full: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's part of a tensor laid out like the full layer along ``dim`` (its weight,
         bias, a LoRA factor or FP8 scales): each packed block split on its own."""
-        parts = full.split(self.blocks, dim) if self.blocks else [full]
+        parts = full.split(self.blocks or [full.shape[dim]], dim)
         n, rank = self.comm.world_size, self.comm.rank
         for p in parts:
             if p.shape[dim] % n:
@@ -51,12 +51,10 @@ class ParallelLinear(torch.nn.Linear):
 
     def gather_weight(self, shard: torch.Tensor, dim: int) -> torch.Tensor:
         """The full tensor from every rank's ``shard_weight`` (exact: the shards are slices)."""
-        n = self.comm.world_size
-        ranks = self.comm.all_gather(shard.contiguous(), dim).chunk(n, dim)
-        if not self.blocks:
-            return torch.cat(ranks, dim)
-        per_rank = [r.split([b // n for b in self.blocks], dim) for r in ranks]
-        return torch.cat([r[i] for i in range(len(self.blocks)) for r in per_rank], dim)
+        n, blocks = self.comm.world_size, self.blocks or [shard.shape[dim] * self.comm.world_size]
+        ranks = [r.split([b // n for b in blocks], dim)
+                 for r in self.comm.all_gather(shard.contiguous(), dim).chunk(n, dim)]
+        return torch.cat([r[i] for i in range(len(blocks)) for r in ranks], dim)
 
 
 class ColumnParallelLinear(ParallelLinear):

@@ -43,15 +43,19 @@ def receptive_halo(modules: list[torch.nn.Module]) -> int:
 
 
 class VaePatchParallel:
-    def __init__(self, comm: GroupComm, decoder: torch.nn.Module, first_local: torch.nn.Module,
-                 local_modules: list[torch.nn.Module]):
+    """For decoders laid out as conv_in, mid_block, up_blocks, a norm, conv_out: Wan/Qwen-Image
+    (``norm_out``) and diffusers' ``AutoencoderKL`` (``conv_norm_out``)."""
+
+    def __init__(self, vae: torch.nn.Module, comm: GroupComm):
+        dec = vae.decoder
+        local = [*dec.up_blocks, getattr(dec, "norm_out", None) or dec.conv_norm_out, dec.conv_out]
         self.comm = comm
-        self.halo = receptive_halo(local_modules)
+        self.halo = receptive_halo(local)
         self._band: tuple[int, int, int] | None = None  # (rows kept from the band, skip, in_rows)
         self._sizes: list[int] = []
-        self._handles = [first_local.register_forward_pre_hook(self._split),
-                         decoder.register_forward_hook(self._gather)]
-        self._norms = [sub for m in local_modules for sub in m.modules()
+        self._handles = [dec.up_blocks[0].register_forward_pre_hook(self._split),
+                         dec.register_forward_hook(self._gather)]
+        self._norms = [sub for m in local for sub in m.modules()
                        if isinstance(sub, torch.nn.GroupNorm)]
         for norm in self._norms:
             HookRegistry.check_if_exists_or_initialize(norm).register_hook(
@@ -115,23 +119,11 @@ class _BandGroupNorm(ModelHook):
         return self.pp._group_norm(module, x)
 
 
-def apply_vae_patch_parallel(vae: torch.nn.Module, comm: GroupComm) -> VaePatchParallel | None:
-    """For decoders laid out as conv_in, mid_block, up_blocks, a norm, conv_out: Wan/Qwen-Image
-    (``norm_out``) and diffusers' ``AutoencoderKL`` (``conv_norm_out``)."""
-    if comm.world_size == 1:
-        return None
-    dec = vae.decoder
-    norm = dec.norm_out if hasattr(dec, "norm_out") else dec.conv_norm_out
-    local = [*dec.up_blocks, norm, dec.conv_out]
-    return VaePatchParallel(comm, dec, dec.up_blocks[0], local)
-
-
 class VaePatchParallelFeature(ParallelFeature):
     name = "vae_patch_parallel"
 
     def apply(self, pipe, groups) -> None:
-        self.groups, self.pp = groups, apply_vae_patch_parallel(pipe.vae, groups.vae)
+        self.groups, self.pp = groups, VaePatchParallel(pipe.vae, groups.vae)
 
     def remove(self) -> None:
-        if self.pp is not None:
-            self.pp.remove()
+        self.pp.remove()
