@@ -79,11 +79,11 @@ def requested(config) -> list[str]:
 # Every feature in the order it is applied (DESIGN.md §4), with the class of each built one.
 ORDER = {
     "fp8": None,  # first: it replaces the weights that the features after it shard or wrap
-    "tensor_parallel": "vllm_omni.distributed.tensor_parallel:TensorParallel",
+    "tensor_parallel": "vllm_omni.distributed.tensor_parallel:TensorParallelFeature",
     "lora": None,  # after TP: its deltas shard like their layer (ParallelLinear.shard_weight)
     "cpu_offload": None,
     "sequence_parallel": "vllm_omni.distributed.sequence_parallel:SequenceParallelFeature",
-    "cfg_parallel": "vllm_omni.distributed.cfg_parallel:CFGParallel",
+    "cfg_parallel": "vllm_omni.distributed.cfg_parallel:CFGParallelFeature",
     "vae_patch_parallel": "vllm_omni.distributed.vae_patch_parallel:VaePatchParallelFeature",
     # Last: a cache sees the calls each rank makes, and agrees its decisions over them.
     "tea_cache": "vllm_omni.cache.teacache:TeaCacheFeature",

@@ -106,7 +106,7 @@ def proj_out_like(transformer: torch.nn.Module, kwargs: dict) -> torch.Tensor:
     return x.new_empty(*x.shape[:2], transformer.proj_out.out_features)
 
 
-class CFGParallel(ParallelFeature):
+class CFGParallelFeature(ParallelFeature):
     name = "cfg_parallel"
 
     def apply(self, pipe, groups) -> None:

@@ -124,7 +124,7 @@ def restore(replaced: list[tuple[torch.nn.Module, str, torch.nn.Linear]]) -> Non
         setattr(parent, attr, original)
 
 
-class TensorParallel(ParallelFeature):
+class TensorParallelFeature(ParallelFeature):
     name = "tensor_parallel"
 
     def apply(self, pipe, groups) -> None:

@@ -263,10 +263,6 @@ class ModelAdapter:
     teacache_coefficients: ClassVar[list[float] | None] = None
     # Named rel_l1_thresh values: cache_config {"preset": name}. Off unless asked for.
     teacache_presets: ClassVar[dict[str, float]] = {}
-
-    @property
-    def cache_dit_supported(self) -> bool:
-        return "cache_dit" in self.features
     # Named cache_dit settings: cache_config {"preset": name, ...other keys override}.
     cache_dit_presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
@@ -298,7 +294,7 @@ class ModelAdapter:
             TeaCacheConfig.from_dict(cache_config).resolve(self.teacache_presets,
                                                            spec.pipeline_class)
         if backend == "cache_dit":
-            if not self.cache_dit_supported:
+            if "cache_dit" not in self.features:
                 raise ValueError(f"{spec.pipeline_class} has no Cache-DiT support; "
                                  "use --cache-backend none")
             from vllm_omni.cache.cache_dit import CacheDiTConfig
