@@ -112,3 +112,36 @@ def _flux_rank(rank, world, model_dir):
     restore(replaced)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     return type(block.proj_out) is torch.nn.Linear
+
+
+def test_features_apply_to_every_denoiser_the_plan_names(tiny_qwen_image):
+    """A two-stage pipeline (Wan2.2 A14B: ``transformer`` and ``transformer_2``) gets each
+    feature on both denoisers, and loses it from both."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from diffusers import QwenImageTransformer2DModel
+    from diffusers.hooks import HookRegistry
+
+    from vllm_omni.cache.teacache import HEAD_HOOK
+    from vllm_omni.distributed.groups import ParallelGroups
+    from vllm_omni.features import build_features
+    from vllm_omni.models.registry import load_model_spec
+
+    models = [QwenImageTransformer2DModel.from_pretrained(tiny_qwen_image, subfolder="transformer")
+              for _ in range(2)]
+    pipe = SimpleNamespace(transformer=models[0], transformer_2=models[1])
+    spec = load_model_spec(tiny_qwen_image)
+    config = OmniEngineConfig(model=tiny_qwen_image, model_name=tiny_qwen_image, device="cpu",
+                              cache_backend="tea_cache")
+    [feature] = build_features(spec.adapter, spec, config)
+    feature.plan = dataclasses.replace(feature.plan, denoisers=("transformer", "transformer_2"))
+    feature.apply(pipe, ParallelGroups.single())
+
+    def hooked(model):
+        return HEAD_HOOK in HookRegistry.check_if_exists_or_initialize(
+            model.transformer_blocks[0]).hooks
+
+    assert [hooked(m) for m in models] == [True, True] and len(feature.caches) == 2
+    feature.remove()
+    assert [hooked(m) for m in models] == [False, False]
