@@ -32,10 +32,12 @@ class ParallelLinear(torch.nn.Linear):
         with torch.no_grad():
             self.weight = torch.nn.Parameter(self.shard_weight(full.weight, self.split_dim),
                                              requires_grad=False)
-            bias = None if full.bias is None else self.shard_weight(full.bias, 0) \
-                if self.split_dim == 0 else full.bias.clone()
-            self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+            self.bias = None if full.bias is None else torch.nn.Parameter(
+                self.shard_bias(full.bias), requires_grad=False)
         self.out_features, self.in_features = self.weight.shape
+
+    def shard_bias(self, full: torch.Tensor) -> torch.Tensor:
+        return self.shard_weight(full, 0)
 
     def shard_weight(self, full: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's part of a tensor laid out like the full layer along ``dim`` (its weight,
@@ -63,6 +65,9 @@ class ColumnParallelLinear(ParallelLinear):
 
 class RowParallelLinear(ParallelLinear):
     split_dim = 1
+
+    def shard_bias(self, full: torch.Tensor) -> torch.Tensor:
+        return full.clone()  # whole: added once, after the all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.comm.all_reduce(F.linear(x, self.weight))
@@ -119,8 +124,8 @@ def restore(replaced: list[tuple[torch.nn.Module, str, torch.nn.Linear]]) -> Non
         layer = getattr(parent, attr)
         original.weight.data = layer.gather_weight(layer.weight.data, layer.split_dim)
         if original.bias is not None:
-            original.bias.data = (layer.gather_weight(layer.bias.data, 0)
-                                  if layer.split_dim == 0 else layer.bias.data.clone())
+            original.bias.data = (layer.gather_weight(layer.bias.data, 0) if layer.split_dim == 0
+                                  else layer.bias.data.clone())
         setattr(parent, attr, original)
 
 
