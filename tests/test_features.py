@@ -33,7 +33,7 @@ def _apply_and_remove(model_dir: str, groups, **config) -> list[str]:
     spec = load_model_spec(model_dir)
     config = OmniEngineConfig(model=model_dir, model_name=model_dir, device="cpu", **config)
     before, want = _state(pipe), _outputs(pipe)
-    features = build_features(spec.adapter, spec, config)
+    features = build_features(spec.adapter, config)
     for f in features:
         f.apply(pipe, groups)
         f.begin_request(2, uses_cfg=False)
@@ -134,7 +134,7 @@ def test_features_apply_to_every_denoiser_the_plan_names(tiny_qwen_image):
     spec = load_model_spec(tiny_qwen_image)
     config = OmniEngineConfig(model=tiny_qwen_image, model_name=tiny_qwen_image, device="cpu",
                               cache_backend="tea_cache")
-    [feature] = build_features(spec.adapter, spec, config)
+    [feature] = build_features(spec.adapter, config)
     feature.plan = dataclasses.replace(feature.plan, denoisers=("transformer", "transformer_2"))
     feature.apply(pipe, ParallelGroups.single())
 

@@ -175,4 +175,4 @@ def test_undeclared_features_are_refused_at_startup(family, feature_models):
             continue
         config = _config(feature_models[family], **kwargs)
         with pytest.raises(ValueError, match=FEATURES[feature]):
-            spec.adapter.check_engine(spec, config)
+            spec.adapter.check_engine(config)

@@ -43,7 +43,7 @@ def test_the_option_is_validated_offline_and_reaches_the_pipeline_kwargs(spec):
     inputs = InputProcessor(spec)
     req = inputs.process("a fox", _params(extra_args={"max_sequence_length": 64}))
     assert req.options == {"max_sequence_length": 64}
-    assert spec.adapter.pipeline_kwargs(spec, req)["max_sequence_length"] == 64
+    assert spec.adapter.pipeline_kwargs(req)["max_sequence_length"] == 64
     for bad, match in [("64", "max_sequence_length must be an integer"),
                        (5000, "max_sequence_length must be an integer between 1 and 1024"),
                        (True, "max_sequence_length must be an integer")]:

@@ -21,13 +21,12 @@ class Feature:
 
     name: ClassVar[str]  # its support-matrix column (models.base.FEATURES)
     adapter: Any
-    spec: Any
     config: Any  # OmniEngineConfig
     plan: Any  # the adapter's ParallelPlan
     groups: Any = field(default=None, init=False)  # ParallelGroups, set by apply
 
     @classmethod
-    def check(cls, adapter, spec, config) -> None:
+    def check(cls, adapter, config) -> None:
         """Raises ValueError for settings this model cannot run (beyond the declared matrix)."""
 
     def denoisers(self, pipe) -> list[torch.nn.Module]:
@@ -52,8 +51,8 @@ class ParallelFeature(Feature):
     """A feature that splits each call's work over a process group."""
 
     @classmethod
-    def check(cls, adapter, spec, config) -> None:
-        adapter.check_parallel(spec, config.parallel)  # the layout as a whole (heads: usp x tp)
+    def check(cls, adapter, config) -> None:
+        adapter.check_parallel(config.parallel)  # the layout as a whole (heads: usp x tp)
 
     def stats(self) -> dict[str, Any]:
         return {"comm_bytes_rank0": self.groups.bytes_sent()}
@@ -104,8 +103,8 @@ def feature_classes(config) -> list[type[Feature]]:
     return [resolve(path) for name, path in ORDER.items() if path and name in wanted]
 
 
-def build_features(adapter, spec, config) -> list[Feature]:
+def build_features(adapter, config) -> list[Feature]:
     """The features ``config`` asks for, in application order, past the one gate."""
-    adapter.check_engine(spec, config)
-    plan = adapter.parallel_plan(spec)
-    return [cls(adapter, spec, config, plan) for cls in feature_classes(config)]
+    adapter.check_engine(config)
+    plan = adapter.parallel_plan()
+    return [cls(adapter, config, plan) for cls in feature_classes(config)]

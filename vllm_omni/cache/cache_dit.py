@@ -229,7 +229,7 @@ class CacheDiTFeature(CacheFeature):
 
     def apply(self, pipe, groups) -> None:
         config = CacheDiTConfig.resolve(self.config.cache_config, self.adapter.cache_dit_presets,
-                                        self.spec.pipeline_class)
+                                        self.adapter.spec.pipeline_class)
         self.groups = groups
         self.caches = [CacheDiT(model, config, reduce=groups.branch,
                                 cfg_parallel=groups.cfg.world_size > 1,

@@ -33,8 +33,8 @@ class CacheFeature(Feature):
     and ``remove``), installed after the parallel features so it sees each rank's calls."""
 
     @classmethod
-    def check(cls, adapter, spec, config) -> None:
-        adapter.check_cache(spec, config.cache_backend, config.cache_config)
+    def check(cls, adapter, config) -> None:
+        adapter.check_cache(config.cache_backend, config.cache_config)
 
     def begin_request(self, num_steps: int, uses_cfg: bool) -> None:
         self.split_branches = uses_cfg and self.groups.cfg.world_size > 1

@@ -239,7 +239,7 @@ class TeaCacheFeature(CacheFeature):
     def apply(self, pipe, groups) -> None:
         a = self.adapter
         config = TeaCacheConfig.from_dict(self.config.cache_config).resolve(
-            a.teacache_presets, self.spec.pipeline_class)
+            a.teacache_presets, self.adapter.spec.pipeline_class)
         self.groups, self.caches = groups, []
         for model in self.denoisers(pipe):
             cache = TeaCache(config, config.coefficients or a.teacache_coefficients,

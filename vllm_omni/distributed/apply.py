@@ -4,7 +4,6 @@ of a layout. The features that apply it are listed in order in ``vllm_omni.featu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from vllm_omni.diffusion.data import DiffusionParallelConfig
 

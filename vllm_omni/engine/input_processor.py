@@ -35,8 +35,8 @@ class InputProcessor:
         """``images``/``mask``: decoded PIL inputs (edit and layered models)."""
         spec, adapter = self.spec, self.spec.adapter
         values = params.options()
-        adapter.check_options(spec, values)
-        captioned = "auto_caption" in adapter.schema(spec)
+        adapter.check_options(values)
+        captioned = "auto_caption" in adapter.schema()
         if prompt is None and captioned and values.get("auto_caption"):
             prompt = ""
         elif not isinstance(prompt, str) or not prompt.strip():
@@ -50,7 +50,7 @@ class InputProcessor:
         images = [fit_input(im, adapter.task == "image-layers", adapter.input_area)
                   for im in images or []]
         options = {k: v for k, v in values.items() if k not in REQUEST_FIELDS}
-        width, height = adapter.default_size(spec, list(images), options)
+        width, height = adapter.default_size(list(images), options)
         req = DiffusionRequest(
             request_id=request_id or f"img-{uuid.uuid4().hex}",
             prompt=prompt,
@@ -59,7 +59,7 @@ class InputProcessor:
             height=params.height or height,
             num_inference_steps=params.num_inference_steps or spec.default_steps,
             seed=params.seed if params.seed is not None else self._seeds.randint(0, MAX_SEED),
-            num_images=params.num_images_per_prompt,
+            num_images_per_prompt=params.num_images_per_prompt,
             true_cfg_scale=values.get("true_cfg_scale"),
             guidance_scale=values.get("guidance_scale"),
             output_type=params.output_type,
@@ -67,5 +67,5 @@ class InputProcessor:
             mask=mask,
             options=options,
         )
-        adapter.validate(spec, req, given)
+        adapter.validate(req, given)
         return req

@@ -18,16 +18,18 @@ PartialFn = Callable[[str, int, Any], None]
 
 @dataclass
 class DiffusionRequest:
-    """One prompt with fully resolved parameters (seed, size and steps are always concrete)."""
+    """One prompt with fully resolved parameters (seed and steps are always concrete). Shape
+    parameters are what the model declares: a size for images (and video), None for audio;
+    frames, fps or audio length travel as options of the models that have them."""
 
     request_id: str
     prompt: str
     negative_prompt: str | None
-    width: int
-    height: int
+    width: int | None
+    height: int | None
     num_inference_steps: int
     seed: int
-    num_images: int = 1
+    num_images_per_prompt: int = 1
     true_cfg_scale: float | None = None
     guidance_scale: float | None = None
     output_type: str = "pil"

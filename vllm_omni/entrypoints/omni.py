@@ -81,7 +81,7 @@ class Omni:
             max_num_seqs=max_num_seqs, max_request_memory=max_request_memory,
         )
         self.spec = load_model_spec(model_dir)
-        self.spec.adapter.check_engine(self.spec, self.config)
+        self.spec.adapter.check_engine(self.config)
         self._inputs = InputProcessor(self.spec, seed)
         self._engine = EngineCore(self.config)
         self._counter = 0

@@ -34,8 +34,8 @@ class ModelSpec:
     adapter: "ModelAdapter"
     model_dir: str
     pipeline_class: str
-    default_width: int
-    default_height: int
+    default_width: int | None  # None: the model has no pixel size (audio)
+    default_height: int | None
     default_steps: int
     size_multiple: int
     has_guidance_embeds: bool = False
@@ -65,6 +65,10 @@ RELEASED = ("tea_cache", "cache_dit", "sequence_parallel", "cfg_parallel", "tens
 
 
 class ModelAdapter:
+    """A model family's knowledge. ``registry.load_model_spec`` binds an instance to one model:
+    ``spec`` holds that model's facts, and ``spec.adapter`` is the adapter."""
+
+    spec: ModelSpec
     name: ClassVar[str]
     # (display name, hub id) of the released checkpoints this adapter serves (README table).
     models: ClassVar[tuple[tuple[str, str], ...]] = ()
@@ -91,45 +95,52 @@ class ModelAdapter:
     def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
         raise NotImplementedError
 
+    def load(self, dtype: Any) -> Any:
+        """The loaded pipeline: diffusers' own loader here; a model without a diffusers pipeline
+        (BAGEL) supplies its own."""
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(self.spec.model_dir, dtype=dtype)
+
     # -- options -----------------------------------------------------------------------------------
     @property
     def declared(self) -> dict[str, Option]:
         """Every option this adapter may accept, by name (some checkpoints refuse some)."""
         return {o.name: o for o in self.options}
 
-    def refused_options(self, spec: ModelSpec) -> dict[str, str]:
+    def refused_options(self) -> dict[str, str]:
         """Declared options this checkpoint cannot honour, with why."""
         return {}
 
-    def schema(self, spec: ModelSpec) -> dict[str, Option]:
+    def schema(self) -> dict[str, Option]:
         """The options a request to this served model may set."""
-        return {n: o for n, o in self.declared.items() if n not in self.refused_options(spec)}
+        return {n: o for n, o in self.declared.items() if n not in self.refused_options()}
 
-    def unsupported(self, spec: ModelSpec, name: str) -> InvalidRequestError:
-        why = self.refused_options(spec).get(name)
-        return InvalidRequestError(f"{name} is not supported by {spec.pipeline_class}"
+    def unsupported(self, name: str) -> InvalidRequestError:
+        why = self.refused_options().get(name)
+        return InvalidRequestError(f"{name} is not supported by {self.spec.pipeline_class}"
                                    + (f": {why}" if why else ""), param=name,
                                    code="unsupported_parameter")
 
-    def check_options(self, spec: ModelSpec, values: dict[str, Any]) -> None:
-        schema = self.schema(spec)
+    def check_options(self, values: dict[str, Any]) -> None:
+        schema = self.schema()
         for name in sorted(values):
             if name not in schema:
-                raise self.unsupported(spec, name)
+                raise self.unsupported(name)
             schema[name].check(values[name])
 
-    def option_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
+    def option_kwargs(self, req: DiffusionRequest) -> dict[str, Any]:
         """Keyword arguments of the options passed as they are (the request's own fields carry
         the negative prompt and CFG scales)."""
         kwargs = {}
-        for o in self.schema(spec).values():
+        for o in self.schema().values():
             value = req.options.get(o.name, getattr(req, o.name, None))
             value = o.default if value is None else value
             if o.kwarg and value is not None:
                 kwargs[o.name if o.kwarg is True else o.kwarg] = value
         return kwargs
 
-    def check_images(self, spec: ModelSpec, n: int) -> None:
+    def check_images(self, n: int) -> None:
         """The one check of a request's image count (the edit route's, before decoding)."""
         lo, hi = self.image_inputs
         if not lo <= n <= hi:
@@ -141,43 +152,43 @@ class ModelAdapter:
                 why = f"it takes exactly {lo} input image{'s' if lo > 1 else ''}"
             else:
                 why = f"it takes {lo} to {hi} input images"
-            raise InvalidRequestError(f"{n} input images given to {spec.pipeline_class}: {why}",
-                                      param="image", code="invalid_value")
+            raise InvalidRequestError(
+                f"{n} input images given to {self.spec.pipeline_class}: {why}", param="image")
 
-    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
+    def validate(self, req: DiffusionRequest, given: set[str]) -> None:
         """Checks across fields once the options passed ``check_options``. ``given``: "size"
         and "mask" when the user set them."""
         if "mask" in given:
-            raise self.unsupported(spec, "mask")
-        if req.num_inference_steps < spec.min_steps:
+            raise self.unsupported("mask")
+        if req.num_inference_steps < self.spec.min_steps:
             raise InvalidRequestError(
                 f"num_inference_steps={req.num_inference_steps} is too few for "
-                f"{spec.pipeline_class}'s scheduler (it needs at least {spec.min_steps})",
+                f"{self.spec.pipeline_class}'s scheduler (it needs at least {self.spec.min_steps})",
                 param="num_inference_steps")
-        self.check_images(spec, len(req.images))
+        self.check_images(len(req.images))
         if "size" in given and not self.sized:
             raise InvalidRequestError(
-                f"size is not supported by {spec.pipeline_class}: the model sets the output size "
-                "from its input image; use size=auto", param="size",
+                f"size is not supported by {self.spec.pipeline_class}: the model sets the output "
+                "size from its input image; use size=auto", param="size",
                 code="unsupported_parameter")
-        m = spec.size_multiple
+        m = self.spec.size_multiple
         for name, v in (("width", req.width), ("height", req.height)):
             if v % m or not m <= v <= self.max_side:
                 lo, hi = max(m, v // m * m), max(m, (v + m - 1) // m * m)
                 hint = f"{lo}" if lo == hi else f"{lo} or {hi}"
                 raise InvalidRequestError(
-                    f"{name}={v} is not supported by {spec.pipeline_class}: it must be a multiple "
-                    f"of {m} between {m} and {self.max_side} (nearest: {hint})",
+                    f"{name}={v} is not supported by {self.spec.pipeline_class}: it must be a "
+                    f"multiple of {m} between {m} and {self.max_side} (nearest: {hint})",
                     param="size",
                 )
 
-    def default_size(self, spec: ModelSpec, images: list[Any],
+    def default_size(self, images: list[Any],
                      options: dict[str, Any]) -> tuple[int, int]:
         """(width, height) when the request names no size: the model's default, or for models
         that edit an image, the first input's size rounded to what the model accepts."""
         if not images:
-            return spec.default_width, spec.default_height
-        m = spec.size_multiple
+            return self.spec.default_width, self.spec.default_height
+        m = self.spec.size_multiple
         w, h = source_size(images[0])
         return (min(self.max_side, max(m, round(w / m) * m)),
                 min(self.max_side, max(m, round(h / m) * m)))
@@ -195,7 +206,7 @@ class ModelAdapter:
         """Images the VAE decodes (and latent frames the transformer sees) per output image."""
         return 1
 
-    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
+    def pipeline_kwargs(self, req: DiffusionRequest) -> dict[str, Any]:
         raise NotImplementedError
 
     def on_load(self, pipe: Any) -> None:
@@ -224,7 +235,7 @@ class ModelAdapter:
         """Requests with equal keys can run as one pipeline call (None: never batched)."""
         return None
 
-    def batch_pipeline_kwargs(self, spec: ModelSpec, reqs: list[DiffusionRequest]) -> dict[str, Any]:
+    def batch_pipeline_kwargs(self, reqs: list[DiffusionRequest]) -> dict[str, Any]:
         """One pipeline call for requests of equal ``batch_key``, images in request order."""
         raise NotImplementedError
 
@@ -234,15 +245,15 @@ class ModelAdapter:
     tp_plan: ClassVar[str | None] = None
     cp_plan: ClassVar[str | None] = None
 
-    def parallel_plan(self, spec: ModelSpec):
+    def parallel_plan(self):
         """How this model's declared features apply to it (``ParallelPlan``, pure data)."""
         from vllm_omni.distributed.apply import ParallelPlan
 
-        return ParallelPlan(model=spec.pipeline_class, num_heads=spec.num_heads,
+        return ParallelPlan(model=self.spec.pipeline_class, num_heads=self.spec.num_heads,
                             cfg_batched=self.cfg_calls == "batched", sp_processor=self.sp_processor,
                             tp_plan=self.tp_plan, cp_plan=self.cp_plan)
 
-    def check_features(self, spec: ModelSpec, config) -> None:
+    def check_features(self, config) -> None:
         from vllm_omni.features import requested
 
         missing = [f for f in requested(config) if f not in self.features]
@@ -250,13 +261,13 @@ class ModelAdapter:
             names = ", ".join(FEATURES[f] for f in missing)
             have = ", ".join(FEATURES[f] for f in RELEASED if f in self.features) or "none"
             model = self.models[0][0] if self.models else self.name
-            raise ValueError(f"{spec.pipeline_class} ({model}) does not support {names}. "
+            raise ValueError(f"{self.spec.pipeline_class} ({model}) does not support {names}. "
                              f"Supported with this model: {have}")
 
-    def check_parallel(self, spec: ModelSpec, parallel) -> None:
+    def check_parallel(self, parallel) -> None:
         from vllm_omni.distributed.apply import check_layout
 
-        check_layout(self.parallel_plan(spec), parallel)
+        check_layout(self.parallel_plan(), parallel)
 
     # -- caching ---------------------------------------------------------------------------------
     # TeaCache's rescaling polynomial (highest power first); None: the model refuses TeaCache.
@@ -281,42 +292,42 @@ class ModelAdapter:
 
         return BlockIO()
 
-    def check_cache(self, spec: ModelSpec, backend: str, cache_config: dict[str, Any]) -> None:
+    def check_cache(self, backend: str, cache_config: dict[str, Any]) -> None:
         if backend == "none":
             return
         if backend == "tea_cache" and self.teacache_coefficients is None \
                 and "coefficients" not in cache_config:
-            raise ValueError(f"{spec.pipeline_class} has no TeaCache support (no rescaling "
+            raise ValueError(f"{self.spec.pipeline_class} has no TeaCache support (no rescaling "
                              "coefficients for it); use --cache-backend none")
         if backend == "tea_cache":
             from vllm_omni.cache.teacache import TeaCacheConfig
 
             TeaCacheConfig.from_dict(cache_config).resolve(self.teacache_presets,
-                                                           spec.pipeline_class)
+                                                           self.spec.pipeline_class)
         if backend == "cache_dit":
             if "cache_dit" not in self.features:
-                raise ValueError(f"{spec.pipeline_class} has no Cache-DiT support; "
+                raise ValueError(f"{self.spec.pipeline_class} has no Cache-DiT support; "
                                  "use --cache-backend none")
             from vllm_omni.cache.cache_dit import CacheDiTConfig
 
             CacheDiTConfig.resolve(cache_config, self.cache_dit_presets,
-                                   spec.pipeline_class).check_model(spec.pipeline_class,
-                                                                    spec.num_blocks)
-        scheduler = read_json(spec.model_dir, "scheduler", "scheduler_config.json")
+                                   self.spec.pipeline_class).check_model(self.spec.pipeline_class,
+                                                                    self.spec.num_blocks)
+        scheduler = read_json(self.spec.model_dir, "scheduler", "scheduler_config.json")
         name = scheduler.get("_class_name", "")
         if scheduler.get("stochastic_sampling") or "Ancestral" in name or "SDE" in name:
             raise ValueError(f"{backend} reuses transformer outputs across steps, which a "
                              f"stochastic scheduler ({name}) breaks; use a deterministic scheduler "
                              "or --cache-backend none")
 
-    def check_engine(self, spec: ModelSpec, config) -> None:
+    def check_engine(self, config) -> None:
         """The one gate for an engine config (CLI, offline API, every worker): the declared
         matrix, then each requested feature's own check."""
         from vllm_omni.features import feature_classes
 
-        self.check_features(spec, config)
+        self.check_features(config)
         for feature in feature_classes(config):
-            feature.check(self, spec, config)
+            feature.check(self, config)
 
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
         """Whether a request with these pipeline kwargs runs classifier-free guidance."""

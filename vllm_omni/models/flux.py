@@ -53,22 +53,22 @@ class Flux2KleinAdapter(ImageAdapter):
             spec.default_steps = 4
         return spec
 
-    def refused_options(self, spec: ModelSpec) -> dict[str, str]:
-        if not spec.extra["distilled"]:
+    def refused_options(self) -> dict[str, str]:
+        if not self.spec.extra["distilled"]:
             return {}
         return {"guidance_scale": "this checkpoint is step-distilled (is_distilled) and runs "
                                   "without guidance"}
 
-    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
-        kwargs = super().pipeline_kwargs(spec, req)
-        if spec.extra["distilled"]:
+    def pipeline_kwargs(self, req: DiffusionRequest) -> dict[str, Any]:
+        kwargs = super().pipeline_kwargs(req)
+        if self.spec.extra["distilled"]:
             kwargs["guidance_scale"] = 1.0  # no CFG, said explicitly (any other value warns)
         return kwargs
 
-    def parallel_plan(self, spec: ModelSpec):
-        plan = super().parallel_plan(spec)
-        if spec.extra["distilled"]:
+    def parallel_plan(self):
+        plan = super().parallel_plan()
+        if self.spec.extra["distilled"]:
             plan.cfg_branches = 0
-            plan.cfg_reason = (f"this {spec.pipeline_class} checkpoint is step-distilled "
+            plan.cfg_reason = (f"this {self.spec.pipeline_class} checkpoint is step-distilled "
                                "(is_distilled) and runs without classifier-free guidance")
         return plan

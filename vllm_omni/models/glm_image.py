@@ -45,8 +45,8 @@ class GlmImageAdapter(ImageAdapter):
         # One token per 32 pixels, upsampled 2x per side for the DiT (GlmImagePipeline).
         return (height // 32) * (width // 32) * 4
 
-    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
-        super().validate(spec, req, given)
+    def validate(self, req: DiffusionRequest, given: set[str]) -> None:
+        super().validate(req, given)
         ids = req.options.get("prior_token_ids")
         if ids is None:
             return
@@ -55,12 +55,13 @@ class GlmImageAdapter(ImageAdapter):
             raise InvalidRequestError(
                 f"prior_token_ids has {len(ids)} tokens; a {req.width}x{req.height} image takes "
                 f"{want}", param="prior_token_ids")
-        if max(ids) >= spec.extra["codebook"]:
-            raise InvalidRequestError(f"prior_token_ids must be below {spec.extra['codebook']}",
-                                      param="prior_token_ids")
+        if max(ids) >= self.spec.extra["codebook"]:
+            raise InvalidRequestError(
+                f"prior_token_ids must be below {self.spec.extra['codebook']}",
+                param="prior_token_ids")
 
-    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
-        kwargs = super().pipeline_kwargs(spec, req)
+    def pipeline_kwargs(self, req: DiffusionRequest) -> dict[str, Any]:
+        kwargs = super().pipeline_kwargs(req)
         ids = req.options.get("prior_token_ids")
         if ids is not None:
             import torch

@@ -69,8 +69,8 @@ class ImageAdapter(ModelAdapter):
     def cfg_scale(self, req: DiffusionRequest) -> float | None:
         return getattr(req, self.cfg_field) if self.cfg_field else None
 
-    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
-        super().validate(spec, req, given)
+    def validate(self, req: DiffusionRequest, given: set[str]) -> None:
+        super().validate(req, given)
         if req.negative_prompt is not None and not self.runs_cfg(self.cfg_scale(req), True):
             raise InvalidRequestError(
                 f"negative_prompt has no effect unless {self.cfg_field} > {self.cfg_above:g}",
@@ -93,11 +93,11 @@ class ImageAdapter(ModelAdapter):
                 )
 
     # -- the pipeline call -----------------------------------------------------------------------
-    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
+    def pipeline_kwargs(self, req: DiffusionRequest) -> dict[str, Any]:
         kwargs: dict[str, Any] = dict(prompt=req.prompt,
                                       num_inference_steps=req.num_inference_steps,
-                                      num_images_per_prompt=req.num_images,
-                                      **self.option_kwargs(spec, req))
+                                      num_images_per_prompt=req.num_images_per_prompt,
+                                      **self.option_kwargs(req))
         if self.sized:
             kwargs.update(height=req.height, width=req.width)
         if req.images:
@@ -127,13 +127,12 @@ class ImageAdapter(ModelAdapter):
             return None  # per-request images and options do not stack into one call
         has_negative = req.negative_prompt is not None or (
             self.empty_negative is not None and self.runs_cfg(self.cfg_scale(req), False))
-        return (req.width, req.height, req.num_inference_steps, req.num_images,
+        return (req.width, req.height, req.num_inference_steps, req.num_images_per_prompt,
                 req.true_cfg_scale, req.guidance_scale, has_negative, req.output_type,
                 req.partial_images, tuple(sorted(req.options.items())))
 
-    def batch_pipeline_kwargs(self, spec: ModelSpec,
-                              reqs: list[DiffusionRequest]) -> dict[str, Any]:
-        each = [self.pipeline_kwargs(spec, r) for r in reqs]
+    def batch_pipeline_kwargs(self, reqs: list[DiffusionRequest]) -> dict[str, Any]:
+        each = [self.pipeline_kwargs(r) for r in reqs]
         kwargs = dict(each[0])
         kwargs["prompt"] = [k["prompt"] for k in each]
         if "negative_prompt" in kwargs:

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_omni.engine.request import DiffusionRequest
-from vllm_omni.models.base import ModelSpec
 from vllm_omni.models.image import ImageAdapter, decode_packed_latents
 from vllm_omni.models.options import Option
 from vllm_omni.utils.image import source_size
@@ -59,14 +58,14 @@ class LongCatImageEditAdapter(LongCatImageAdapter):
     image_inputs = (1, 1)
     sized = False  # the pipeline resizes its input to about 1 megapixel and outputs that size
 
-    def default_size(self, spec, images, options):
+    def default_size(self, images, options):
         if not images:
-            return super().default_size(spec, images, options)
+            return super().default_size(images, options)
         from diffusers.pipelines.longcat_image import pipeline_longcat_image_edit as module
 
         w, h = source_size(images[0])
         width, height = module.calculate_dimensions(1024 * 1024, w / h)
-        m = spec.size_multiple
+        m = self.spec.size_multiple
         return width // m * m, height // m * m
 
     def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
-from vllm_omni.models.base import ModelSpec, read_json
+from vllm_omni.models.base import read_json
 from vllm_omni.models.image import ImageAdapter
 from vllm_omni.models.options import GUIDANCE_SCALE, Option
 from vllm_omni.utils.image import source_size
@@ -40,20 +40,20 @@ class QwenImageAdapter(ImageAdapter):
     def heads_and_blocks(self, config: dict[str, Any]) -> tuple[int, int]:
         return int(config.get("num_attention_heads", 24)), int(config.get("num_layers", 60))
 
-    def refused_options(self, spec: ModelSpec) -> dict[str, str]:
-        if spec.has_guidance_embeds:
+    def refused_options(self) -> dict[str, str]:
+        if self.spec.has_guidance_embeds:
             return {}
         return {"guidance_scale": "this checkpoint is not guidance-distilled; use true_cfg_scale "
                                   "(with negative_prompt) instead"}
 
-    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
-        super().validate(spec, req, given)
-        if spec.has_guidance_embeds and req.guidance_scale is None:
+    def validate(self, req: DiffusionRequest, given: set[str]) -> None:
+        super().validate(req, given)
+        if self.spec.has_guidance_embeds and req.guidance_scale is None:
             raise InvalidRequestError("guidance_scale is required by this guidance-distilled model",
                                       param="guidance_scale")
 
-    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
-        kwargs = super().pipeline_kwargs(spec, req)
+    def pipeline_kwargs(self, req: DiffusionRequest) -> dict[str, Any]:
+        kwargs = super().pipeline_kwargs(req)
         if "true_cfg_scale" not in kwargs:
             # A negative prompt alone gets diffusers' default scale; without one, no CFG, said
             # explicitly (the pipeline would warn that its default 4.0 needs a negative prompt).
@@ -76,14 +76,14 @@ class QwenImageAdapter(ImageAdapter):
     # -- parallelism -------------------------------------------------------------------------------
     sp_processor = "vllm_omni.models.qwen_image_attention:QwenImageSPAttnProcessor"
 
-    def parallel_plan(self, spec: ModelSpec):
+    def parallel_plan(self):
         # The pipeline calls the transformer once for the prompt and once for the negative prompt
         # (true CFG); guidance-distilled checkpoints embed the scale and make one call.
-        plan = super().parallel_plan(spec)
-        if spec.has_guidance_embeds:
+        plan = super().parallel_plan()
+        if self.spec.has_guidance_embeds:
             plan.cfg_branches = 0
-            plan.cfg_reason = (f"{spec.pipeline_class} with a guidance-distilled transformer runs "
-                               "without classifier-free guidance")
+            plan.cfg_reason = (f"{self.spec.pipeline_class} with a guidance-distilled transformer "
+                               "runs without classifier-free guidance")
         return plan
 
     # From ComfyUI-TeaCache's Qwen-Image support, as shipped by vLLM-Omni
@@ -168,26 +168,26 @@ class QwenImageLayeredAdapter(QwenImageAdapter):
     sized = False
     has_preview = False
 
-    def default_size(self, spec, images, options):
+    def default_size(self, images, options):
         if not images:
-            return super().default_size(spec, images, options)
+            return super().default_size(images, options)
         from diffusers.pipelines.qwenimage import pipeline_qwenimage_layered as module
 
         res = options.get("resolution", RESOLUTION.default)
         w, h = source_size(images[0])
         width, height = module.calculate_dimensions(res * res, w / h)
-        m = spec.size_multiple
+        m = self.spec.size_multiple
         return width // m * m, height // m * m
 
-    def validate(self, spec: ModelSpec, req: DiffusionRequest, given: set[str]) -> None:
-        super().validate(spec, req, given)
+    def validate(self, req: DiffusionRequest, given: set[str]) -> None:
+        super().validate(req, given)
         if req.options.get("auto_caption") and req.prompt:
             raise InvalidRequestError("auto_caption captions the input image to make the prompt; "
                                       "give either a prompt or auto_caption: true",
                                       param="auto_caption")
 
-    def pipeline_kwargs(self, spec: ModelSpec, req: DiffusionRequest) -> dict[str, Any]:
-        kwargs = super().pipeline_kwargs(spec, req)
+    def pipeline_kwargs(self, req: DiffusionRequest) -> dict[str, Any]:
+        kwargs = super().pipeline_kwargs(req)
         kwargs["image"] = req.images[0].convert("RGBA")  # the VAE encodes four channels
         # An empty prompt makes the pipeline caption the image (asked for with auto_caption).
         kwargs["prompt"] = req.prompt if req.prompt else ""

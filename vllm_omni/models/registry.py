@@ -38,14 +38,16 @@ def load_model_spec(model_dir: str) -> ModelSpec:
         raise ValueError(f"model directory {model_dir!r} does not exist")
     index = read_json(model_dir, "model_index.json")
     cls = index.get("_class_name")
-    adapter = _BY_CLASS.get(cls)
-    if adapter is None:
+    family = _BY_CLASS.get(cls)
+    if family is None:
         raise ValueError(
             f"{cls!r} pipelines are not supported; supported pipelines: "
             + ", ".join(supported_pipeline_classes())
         )
+    adapter = type(family)()  # bound to this model: its methods read ``self.spec``
     spec = adapter.load_spec(model_dir, cls)
     spec.min_steps = scheduler_min_steps(model_dir)
+    adapter.spec = spec
     return spec
 
 

@@ -32,21 +32,21 @@ class ZImageAdapter(ImageAdapter):
         spec.extra["ffn_dim"] = int(dim / 3 * 8)  # ZImageTransformerBlock's FeedForward width
         return spec
 
-    def check_parallel(self, spec, parallel) -> None:
-        super().check_parallel(spec, parallel)
-        tp, ffn = parallel.tensor_parallel_size, spec.extra["ffn_dim"]
+    def check_parallel(self, parallel) -> None:
+        super().check_parallel(parallel)
+        tp, ffn = parallel.tensor_parallel_size, self.spec.extra["ffn_dim"]
         if ffn % tp:
-            ok = [d for d in range(2, 9) if spec.num_heads % d == 0 and ffn % d == 0]
-            raise ValueError(f"{spec.pipeline_class}'s feed-forward width {ffn} does not split "
-                             f"over --tensor-parallel-size {tp}; use "
+            ok = [d for d in range(2, 9) if self.spec.num_heads % d == 0 and ffn % d == 0]
+            raise ValueError(f"{self.spec.pipeline_class}'s feed-forward width {ffn} does not "
+                             f"split over --tensor-parallel-size {tp}; use "
                              + (" or ".join(map(str, ok)) if ok else "1"))
 
     sp_processor = "vllm_omni.models.z_image_attention:ZImageSPAttnProcessor"
     tp_plan = "vllm_omni.models.z_image:z_image_tp_plan"
     cp_plan = "vllm_omni.models.z_image_attention:z_image_cp_plan"
 
-    def pipeline_kwargs(self, spec, req: DiffusionRequest) -> dict[str, Any]:
-        kwargs = super().pipeline_kwargs(spec, req)
+    def pipeline_kwargs(self, req: DiffusionRequest) -> dict[str, Any]:
+        kwargs = super().pipeline_kwargs(req)
         kwargs.setdefault("guidance_scale", self.cfg_default)
         return kwargs
 

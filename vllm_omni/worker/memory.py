@@ -197,7 +197,7 @@ def estimate(dims: ModelDims, adapter: Any, reqs: Sequence[Any],
     first = reqs[0]
     pixels = first.width * first.height
     frames = adapter.output_frames(first)
-    images = sum(r.num_images for r in reqs) * frames
+    images = sum(r.num_images_per_prompt for r in reqs) * frames
     act = dims.act_bytes
     vae = dims.vae
 
@@ -217,13 +217,13 @@ def estimate(dims: ModelDims, adapter: Any, reqs: Sequence[Any],
     for r, sizes in zip(reqs, inputs):
         in_tokens = sum((w // side) * (h // side) for w, h in sizes)
         doubled = 2 if dims.cfg_batched and uses_cfg is not None and uses_cfg(r) else 1
-        batch += r.num_images * doubled * (out_tokens + in_tokens + TEXT_TOKENS)
+        batch += r.num_images_per_prompt * doubled * (out_tokens + in_tokens + TEXT_TOKENS)
     denoise = batch * dims.hidden * act * DIT_UNITS + DIT_SLACK
 
     parts = {"encode": int(encode), "denoise": int(denoise), "decode": int(decode),
              "post": int(post)}
     return MemoryEstimate(total=max(parts.values()), parts=parts,
-                          images=sum(r.num_images for r in reqs))
+                          images=sum(r.num_images_per_prompt for r in reqs))
 
 
 # -- the budget -----------------------------------------------------------------------------------

@@ -65,17 +65,15 @@ class ModelRunner:
         self.memory_dims: memory.ModelDims | None = None  # set by load()
 
     def load(self) -> None:
-        from diffusers import DiffusionPipeline
-
         dtype = resolve_dtype(self.config.dtype, self.device)
         t0 = time.perf_counter()
-        self.pipe = DiffusionPipeline.from_pretrained(self.config.model, dtype=dtype)
+        self.pipe = self.adapter.load(dtype)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self._takes_step_callback = "callback_on_step_end" in inspect.signature(
             self.pipe.__call__).parameters
         self.adapter.on_load(self.pipe)
-        self.features = build_features(self.adapter, self.spec, self.config)
+        self.features = build_features(self.adapter, self.config)
         for feature in self.features:
             feature.apply(self.pipe, self.groups)
         self._install_timing()
@@ -139,7 +137,7 @@ class ModelRunner:
     def estimate_memory(self, reqs: list[DiffusionRequest]) -> memory.MemoryEstimate:
         """Peak memory beyond the loaded model of running ``reqs`` as one call (estimated)."""
         def uses_cfg(req):
-            return self.adapter.uses_cfg(self.adapter.pipeline_kwargs(self.spec, req))
+            return self.adapter.uses_cfg(self.adapter.pipeline_kwargs(req))
 
         return memory.estimate(self.memory_dims, self.adapter, reqs, uses_cfg)
 
@@ -182,12 +180,12 @@ class ModelRunner:
     def _memory_error(self, req: DiffusionRequest, limit: int, where: str) -> RequestTooLargeError:
         est = self.estimate_memory([req])
         fits = lambda r: self.estimate_memory([r]).total <= limit  # noqa: E731
-        n_fit = next((n for n in range(req.num_images - 1, 0, -1)
-                      if fits(dataclasses.replace(req, num_images=n))), 0)
+        n_fit = next((n for n in range(req.num_images_per_prompt - 1, 0, -1)
+                      if fits(dataclasses.replace(req, num_images_per_prompt=n))), 0)
         phase = {"decode": "the VAE decode", "encode": "the VAE encode of the input images",
                  "denoise": "the transformer", "post": "the output images"}.get(est.largest)
-        what = f"{req.width}x{req.height}" + (f" with n={req.num_images}"
-                                              if req.num_images > 1 else "")
+        what = f"{req.width}x{req.height}" + (f" with n={req.num_images_per_prompt}"
+                                              if req.num_images_per_prompt > 1 else "")
         message = (f"{what} needs an estimated {memory.format_bytes(est.total)} of memory beyond "
                    f"the loaded model (most of it in {phase}), more than the "
                    f"{memory.format_bytes(limit)} {where}; ")
@@ -196,11 +194,13 @@ class ModelRunner:
                         "or a smaller size")
             return RequestTooLargeError(message, param="n")
         smaller = self._largest_fitting_size(req, fits) if self.adapter.sized else None
-        alone = (self._largest_fitting_size(dataclasses.replace(req, num_images=1), fits)
-                 if self.adapter.sized and req.num_images > 1 and smaller is None else None)
+        alone = (self._largest_fitting_size(dataclasses.replace(req, num_images_per_prompt=1), fits)
+                 if self.adapter.sized and req.num_images_per_prompt > 1 and smaller is None
+                 else None)
         if smaller:
             message += f"use a smaller size (about {smaller[0]}x{smaller[1]} fits"
-            message += f" with n={req.num_images})" if req.num_images > 1 else ")"
+            n = req.num_images_per_prompt
+            message += f" with n={n})" if n > 1 else ")"
         elif alone:
             message += f"use n=1 and a smaller size (about {alone[0]}x{alone[1]} fits)"
         elif not self.adapter.sized:
@@ -274,7 +274,7 @@ class ModelRunner:
                     offset = 0
                     for req in reqs:
                         partial(req.request_id, previews.index(step), images[offset])
-                        offset += req.num_images
+                        offset += req.num_images_per_prompt
             timing.cancelled = self._cancelled(ids)
             if all(timing.cancelled):  # a batch runs on while any of its requests is wanted
                 raise RequestCancelled
@@ -292,9 +292,9 @@ class ModelRunner:
         ids = ", ".join(r.request_id for r in reqs)
         try:
             if len(reqs) == 1:
-                kwargs = self.adapter.pipeline_kwargs(self.spec, reqs[0])
+                kwargs = self.adapter.pipeline_kwargs(reqs[0])
             else:
-                kwargs = self.adapter.batch_pipeline_kwargs(self.spec, reqs)
+                kwargs = self.adapter.batch_pipeline_kwargs(reqs)
             on_step = self._step_callback(reqs, progress, partial)
             follow_steps = contextlib.nullcontext()
             if self._takes_step_callback:
@@ -306,7 +306,7 @@ class ModelRunner:
             for feature in self.features:
                 feature.begin_request(reqs[0].num_inference_steps, uses_cfg)
             # Per-request generators, in image order: each image's noise is what it would be alone.
-            generators = [g for r in reqs for g in make_generators(r.seed, r.num_images)]
+            generators = [g for r in reqs for g in make_generators(r.seed, r.num_images_per_prompt)]
             self.adapter.output_extra(self.pipe)  # drops what a failed earlier call left behind
             with follow_steps:
                 images = self.adapter.artifacts(self.pipe(
@@ -335,9 +335,10 @@ class ModelRunner:
             metrics.update(feature.stats())
         outputs, offset = {}, 0
         for req, cancelled in zip(reqs, timing.cancelled):
-            mine = (self.adapter.flatten_output(list(images[offset:offset + req.num_images]))
+            n = req.num_images_per_prompt
+            mine = (self.adapter.flatten_output(list(images[offset:offset + n]))
                     if images is not None else [])
-            offset += req.num_images
+            offset += n
             if cancelled or images is None:
                 reason = CANCEL_REASONS[max(cancelled, 1) - 1]
                 error = errors.cancelled(reason, f"after {timing.steps} of "

@@ -187,7 +187,7 @@ def config_from_args(args: argparse.Namespace, serve_parser):
         distributed_executor_backend=args.distributed_executor_backend or "mp",
     )
     spec = load_model_spec(config.model)
-    spec.adapter.check_engine(spec, config)
+    spec.adapter.check_engine(config)
     return config, spec
 
 

@@ -43,7 +43,7 @@ def _validation_error(exc: RequestValidationError, spec: ModelSpec) -> OpenAIErr
     loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     param = ".".join(loc) or None
     if err.get("type") == "extra_forbidden" and param in KNOWN_OPTIONS:
-        e = spec.adapter.unsupported(spec, param)
+        e = spec.adapter.unsupported(param)
         return OpenAIError(400, e.message, param=param, code=e.code)
     if err.get("type") == "extra_forbidden":
         return OpenAIError(400, f"Unrecognized request argument supplied: {param}",

@@ -127,7 +127,7 @@ class ImageEditRequest(ImageRequestBase):
 def request_models(spec: ModelSpec) -> tuple[type[ImageGenerationRequest], type[ImageEditRequest]]:
     """The generation and edit request models of one served model: the fields above plus its
     options, so /openapi.json shows exactly them and any other option is an unknown field."""
-    schema = spec.adapter.schema(spec).values()
+    schema = spec.adapter.schema().values()
 
     def build(base: type[ImageRequestBase], task: str) -> Any:
         fields = {o.name: (Optional[o.annotation], Field(None, description=o.doc))

@@ -171,7 +171,7 @@ class ServingImages:
         request_id = f"img-{uuid.uuid4().hex}"
         try:
             # The body's model (protocol.request_models) has exactly this model's options.
-            options = body.model_dump(include=set(adapter.schema(self.spec)), exclude_none=True)
+            options = body.model_dump(include=set(adapter.schema()), exclude_none=True)
             params = OmniDiffusionSamplingParams(
                 num_inference_steps=body.num_inference_steps, width=width, height=height,
                 seed=body.seed, num_images_per_prompt=body.n, extra_args=options)
@@ -184,8 +184,8 @@ class ServingImages:
         self.check_limits(body.n, body.num_inference_steps, req.width, req.height)
         req.partial_images = body.partial_images or 0
         logger.info("request %s: %dx%d, %d steps, n=%d, seed=%d, inputs=%d, stream=%s, user=%s",
-                    request_id, req.width, req.height, req.num_inference_steps, req.num_images,
-                    req.seed, len(req.images), bool(body.stream),
+                    request_id, req.width, req.height, req.num_inference_steps,
+                    req.num_images_per_prompt, req.seed, len(req.images), bool(body.stream),
                     None if body.user is None else log_safe(body.user))
         return req
 

@@ -132,7 +132,7 @@ class InputDecoder:
     def check_count(self, n: int) -> None:
         """Before anything is decoded (a model that does not edit takes none)."""
         try:
-            self.adapter.check_images(self.spec, n)
+            self.adapter.check_images(n)
         except InvalidRequestError as e:
             raise OpenAIError(400, e.message, param=e.param, code=e.code) from None
 
