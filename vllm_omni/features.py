@@ -31,8 +31,7 @@ class Feature:
 
     def denoisers(self, pipe) -> list[torch.nn.Module]:
         """The plan's denoisers this pipeline has (Wan2.2 A14B: two; a one-stage model: one)."""
-        found = [getattr(pipe, n, None) for n in self.plan.denoisers]
-        return [m for m in found if isinstance(m, torch.nn.Module)]
+        return self.plan.denoiser_modules(pipe)
 
     def apply(self, pipe, groups) -> None:
         raise NotImplementedError

@@ -26,6 +26,13 @@ class ParallelPlan:
     tp_plan: str | None = None  # denoiser -> its TP plan, where diffusers has no ``_tp_plan``
     cp_plan: str | None = None  # likewise for ``_cp_plan``
 
+    def denoiser_modules(self, pipe) -> list:
+        """The denoisers ``pipe`` has, of those the plan names."""
+        import torch
+
+        found = [getattr(pipe, name, None) for name in self.denoisers]
+        return [m for m in found if isinstance(m, torch.nn.Module)]
+
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]

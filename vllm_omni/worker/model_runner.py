@@ -76,6 +76,7 @@ class ModelRunner:
         self.features = build_features(self.adapter, self.config)
         for feature in self.features:
             feature.apply(self.pipe, self.groups)
+        self.denoisers = self.adapter.parallel_plan().denoiser_modules(self.pipe)
         self._install_timing()
         self._install_cancel_points()
         try:
@@ -87,25 +88,23 @@ class ModelRunner:
                     dtype, self.device, time.perf_counter() - t0)
 
     def _install_timing(self) -> None:
-        """Times the denoising loop (from the first transformer call) and the VAE decode."""
+        """Times the denoising loop (from a denoiser's first call) and the VAE decoder, whose
+        output must be finite."""
         def first_call(module, args):
             if self.timing.denoise_start is None:
                 self.timing.denoise_start = time.perf_counter()
 
-        self.pipe.transformer.register_forward_pre_hook(first_call)
-        decode = self.pipe.vae.decode
+        def decode_start(module, args):
+            self.timing.decode_start = time.perf_counter()
 
-        @functools.wraps(decode)
-        def timed_decode(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                out = decode(*args, **kwargs)
-            finally:
-                self.timing.vae_s += time.perf_counter() - t0
-            check_finite(out[0] if isinstance(out, tuple) else out.sample, "the decoded image")
-            return out
+        def decode_end(module, args, out):
+            self.timing.vae_s += time.perf_counter() - self.timing.decode_start
+            check_finite(out, "the decoded image")
 
-        self.pipe.vae.decode = timed_decode
+        for denoiser in self.denoisers:
+            denoiser.register_forward_pre_hook(first_call)
+        self.pipe.vae.decoder.register_forward_pre_hook(decode_start)
+        self.pipe.vae.decoder.register_forward_hook(decode_end)
 
     @torch.inference_mode()
     def execute(self, batch: list[DiffusionRequest], progress: ProgressFn | None = None,
@@ -254,7 +253,7 @@ class ModelRunner:
                 self.timing.cancelled = [self._cancel_code(rid) for rid in ids]
                 raise RequestCancelled
 
-        for module in cancel_points(self.pipe):
+        for module in cancel_points(self.denoisers, self.pipe.vae):
             module.register_forward_pre_hook(check)
 
     def _step_callback(self, reqs: list[DiffusionRequest],
@@ -407,19 +406,17 @@ class RequestCancelled(Exception):
     """Raised at a step end on every rank when the engine cancelled the request."""
 
 
-def cancel_points(pipe) -> list[torch.nn.Module]:
+def cancel_points(denoisers: list[torch.nn.Module], vae) -> list[torch.nn.Module]:
     """Where a lone rank checks for cancellation: each block of the denoisers' block stacks
-    (the ModuleLists directly under a transformer), and each layer with weights of the VAE
-    decoder (its convolutions and norms: at full resolution a single residual block of a large
-    image takes seconds on a CPU; each tile of a tiled decode runs them again)."""
+    (the ModuleLists directly under a denoiser), and each layer with weights of the VAE decoder
+    (its convolutions and norms: at full resolution a single residual block of a large image
+    takes seconds on a CPU; each tile of a tiled decode runs them again)."""
     points = []
-    for name in ("transformer", "transformer_2"):
-        model = getattr(pipe, name, None)
-        if isinstance(model, torch.nn.Module):
-            for child in model.children():
-                if isinstance(child, torch.nn.ModuleList):
-                    points.extend(child)
-    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
+    for model in denoisers:
+        for child in model.children():
+            if isinstance(child, torch.nn.ModuleList):
+                points.extend(child)
+    decoder = getattr(vae, "decoder", None)
     if isinstance(decoder, torch.nn.Module):
         points.extend(m for m in decoder.modules()
                       if next(m.parameters(recurse=False), None) is not None)
@@ -434,6 +431,7 @@ class StepTiming:
     cancelled: list[int] = field(default_factory=list)  # per request: its cancel code, 0 if none
     denoise_start: float | None = None  # the first transformer call
     denoise_end: float | None = None  # the last step end
+    decode_start: float = 0.0  # the VAE decoder's current call
     vae_s: float = 0.0
 
     @property
