@@ -242,9 +242,11 @@ class TeaCacheFeature(CacheFeature):
             a.teacache_presets, self.adapter.spec.pipeline_class)
         self.groups, self.caches = groups, []
         for model in self.denoisers(pipe):
+            blocks = a.teacache_blocks(model)
             cache = TeaCache(config, config.coefficients or a.teacache_coefficients,
-                             a.teacache_modulated_input, io=a.teacache_io, reduce=groups.branch)
-            self.caches.append(apply_teacache(a.teacache_blocks(model), cache))
+                             a.teacache_modulated_input, io=a.teacache_io(blocks[0]),
+                             reduce=groups.branch)
+            self.caches.append(apply_teacache(blocks, cache))
             # diffusers caches which submodules carry hooks; ours were just added below it.
             HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
 

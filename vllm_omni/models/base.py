@@ -285,12 +285,26 @@ class ModelAdapter:
         """The block stack TeaCache skips as a whole."""
         return transformer.transformer_blocks
 
-    @property
-    def teacache_io(self):
-        """Where the stack's streams enter and leave each block (``cache.teacache.BlockIO``)."""
+    # The streams a block of the stack takes, by argument name (TeaCache caches their residuals),
+    # and where they leave it for blocks diffusers' block registry does not describe.
+    teacache_inputs: ClassVar[tuple[str, ...]] = ("hidden_states", "encoder_hidden_states")
+    teacache_outputs: ClassVar[tuple[int, ...] | None] = (1, 0)
+
+    def teacache_io(self, block: Any):
+        """Where ``block``'s streams enter and leave it (``cache.teacache.BlockIO``): the output
+        positions from diffusers' ``TransformerBlockRegistry`` where it knows the block class."""
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+
         from vllm_omni.cache.teacache import BlockIO
 
-        return BlockIO()
+        try:
+            meta = TransformerBlockRegistry.get(type(block))
+        except ValueError:
+            return BlockIO(self.teacache_inputs, self.teacache_outputs)
+        if meta.return_encoder_hidden_states_index is None:  # one stream, returned alone
+            return BlockIO(self.teacache_inputs[:1], None)
+        return BlockIO(self.teacache_inputs, (meta.return_hidden_states_index,
+                                              meta.return_encoder_hidden_states_index))
 
     def check_cache(self, backend: str, cache_config: dict[str, Any]) -> None:
         if backend == "none":

@@ -58,11 +58,7 @@ class ZImageAdapter(ImageAdapter):
     def teacache_blocks(self, transformer: Any) -> Any:
         return transformer.layers  # the main stack over the joined image+caption sequence
 
-    @property
-    def teacache_io(self):
-        from vllm_omni.cache.teacache import BlockIO
-
-        return BlockIO(inputs=("x",), outputs=None)
+    teacache_inputs = ("x",)  # its blocks' one stream (returned alone: diffusers' registry)
 
     def teacache_modulated_input(self, block: Any, kwargs: dict[str, Any]) -> Any:
         # ZImageTransformerBlock's attention input: norm1(x) * (1 + scale_msa).
