@@ -20,8 +20,9 @@ GEN = "/v1/images/generations"
 def spec(tiny_qwen_image):
     from vllm_omni.models.registry import load_model_spec
 
-    spec = load_model_spec(tiny_qwen_image)
-    return dataclasses.replace(spec, adapter=extra_option.QwenImageWithOption())
+    adapter = extra_option.QwenImageWithOption()  # bound to the tiny model, as the registry does
+    adapter.spec = dataclasses.replace(load_model_spec(tiny_qwen_image), adapter=adapter)
+    return adapter.spec
 
 
 @pytest.fixture(scope="module")
