@@ -22,7 +22,9 @@ class ParallelPlan:
     cfg_reason: str = ""  # why there are none, when there are none
     # Code the plan names as "module:attribute" (features.resolve: imported where it runs).
     sp_processor: str | None = None  # SequenceParallel -> the model's SP attention processor
-    cfg_batched: bool = False  # CFG runs as one doubled batch (split the batch, not the calls)
+    # How CFG reaches the denoiser: "separate" calls per branch (split the calls) or one
+    # "batched" call on a doubled batch (split the batch); the adapter's ``cfg_calls``.
+    cfg_calls: str = "separate"
     tp_plan: str | None = None  # denoiser -> its TP plan, where diffusers has no ``_tp_plan``
     cp_plan: str | None = None  # likewise for ``_cp_plan``
 

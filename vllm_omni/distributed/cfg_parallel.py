@@ -112,8 +112,8 @@ class CFGParallelFeature(ParallelFeature):
     def apply(self, pipe, groups) -> None:
         self.groups, self.hooks = groups, []
         for model in self.denoisers(pipe):
-            # The pipeline doubles the batch for CFG (``cfg_batched``) or calls once per branch.
-            hook = BatchedCFGParallelHook(groups.cfg) if self.plan.cfg_batched else \
+            # The pipeline doubles the batch for CFG or calls once per branch (``cfg_calls``).
+            hook = BatchedCFGParallelHook(groups.cfg) if self.plan.cfg_calls == "batched" else \
                 CFGParallelHook(groups.cfg)
             HookRegistry.check_if_exists_or_initialize(model).register_hook(hook, HOOK_NAME)
             self.hooks.append((model, hook))

@@ -250,7 +250,7 @@ class ModelAdapter:
         from vllm_omni.distributed.apply import ParallelPlan
 
         return ParallelPlan(model=self.spec.pipeline_class, num_heads=self.spec.num_heads,
-                            cfg_batched=self.cfg_calls == "batched", sp_processor=self.sp_processor,
+                            cfg_calls=self.cfg_calls, sp_processor=self.sp_processor,
                             tp_plan=self.tp_plan, cp_plan=self.cp_plan)
 
     def check_features(self, config) -> None:

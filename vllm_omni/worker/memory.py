@@ -156,7 +156,7 @@ class ModelDims:
     hidden: int
     token_side: int  # output pixels per side of one transformer token
     element_size: int  # bytes per element of the loaded weights' dtype
-    cfg_batched: bool  # CFG runs as one call on a doubled batch
+    cfg_calls: str  # "batched": CFG runs as one call on a doubled batch
 
     @property
     def act_bytes(self) -> float:
@@ -173,7 +173,7 @@ class ModelDims:
         # Every served DiT takes one token per 2x2 latent patch (patch 2, or FLUX-style packing).
         token_side = vae_scale(model_dir) * 2 if vae_scale else spec.size_multiple
         return cls(vae=vae, hidden=hidden, token_side=token_side, element_size=element_size,
-                   cfg_batched=adapter.cfg_calls == "batched")
+                   cfg_calls=adapter.cfg_calls)
 
 
 @dataclass
@@ -216,7 +216,7 @@ def estimate(dims: ModelDims, adapter: Any, reqs: Sequence[Any],
     batch = 0
     for r, sizes in zip(reqs, inputs):
         in_tokens = sum((w // side) * (h // side) for w, h in sizes)
-        doubled = 2 if dims.cfg_batched and uses_cfg is not None and uses_cfg(r) else 1
+        doubled = 2 if dims.cfg_calls == "batched" and uses_cfg is not None and uses_cfg(r) else 1
         batch += r.num_images_per_prompt * doubled * (out_tokens + in_tokens + TEXT_TOKENS)
     denoise = batch * dims.hidden * act * DIT_UNITS + DIT_SLACK
 
