@@ -98,5 +98,7 @@ def test_one_encoder_per_artifact_kind():
         assert media_type == media and rate == 44100 and decoded.shape[1] == 2
         if fmt != "mp3":  # lossless up to 16-bit rounding
             assert np.abs(decoded.T - samples).max() < 1e-4
+    with pytest.raises(ValueError, match="images only"):  # not silently dropped
+        encode(Video(frames, fps=16), compression=50)
     data, media_type = encode(Image.new("RGB", (8, 8), "red"), "webp")
     assert media_type == "image/webp" and Image.open(io.BytesIO(data)).size == (8, 8)

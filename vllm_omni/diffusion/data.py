@@ -102,12 +102,9 @@ class OmniEngineConfig:
                 self.max_request_memory = parse_memory_size(self.max_request_memory)
             except ValueError as e:
                 raise ValueError(f"max_request_memory: {e}") from None
-        from vllm_omni.executor.base import BACKENDS
+        from vllm_omni.executor.base import check_backend
 
-        if self.distributed_executor_backend not in BACKENDS:
-            raise ValueError(f"distributed_executor_backend {self.distributed_executor_backend!r} "
-                             "is not available in this release of vllm_omni; use "
-                             f"{' or '.join(BACKENDS)} (worker processes on this host)")
+        check_backend(self.distributed_executor_backend)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         self.check_supported()

@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine.core import run_engine_core
@@ -27,6 +27,12 @@ logger = logging.getLogger(__name__)
 
 class EngineStartupError(RuntimeError):
     pass
+
+
+class _Listeners(NamedTuple):
+    loop: asyncio.AbstractEventLoop
+    on_partial: Callable[[int, Any], None] | None
+    on_progress: Callable[[int, int], None] | None
 
 
 class AsyncOmniEngine:
@@ -45,9 +51,8 @@ class AsyncOmniEngine:
         self.state = "starting"
         self.worker_pids: list[int] = []
         self._pending: dict[str, asyncio.Future] = {}
-        # Request id -> (its loop, on_partial, on_progress): the live listeners of each request.
-        self._listeners: dict[str, tuple[asyncio.AbstractEventLoop, Callable | None,
-                                         Callable | None]] = {}
+        # Request id -> its live listeners (run on its event loop).
+        self._listeners: dict[str, _Listeners] = {}
         self._abort_reasons: dict[str, str] = {}  # set_abort_reason(), before the wait is cancelled
         self._lock = threading.Lock()
         self._closed = False
@@ -97,7 +102,7 @@ class AsyncOmniEngine:
         with self._lock:
             self._pending[request.request_id] = fut
             if on_partial is not None or on_progress is not None:
-                self._listeners[request.request_id] = (loop, on_partial, on_progress)
+                self._listeners[request.request_id] = _Listeners(loop, on_partial, on_progress)
         self._in.put(m.AddRequest(request))
         try:
             return await fut
@@ -143,19 +148,20 @@ class AsyncOmniEngine:
                         logger.exception("output observer failed")
                 self._resolve(msg)
             elif isinstance(msg, m.PartialImage):
-                self._notify(msg.request_id, 1, msg.index, msg.image)
+                self._notify(msg.request_id, "on_partial", msg.index, msg.image)
             elif isinstance(msg, m.Progress):
                 for rid in msg.request_ids:
-                    self._notify(rid, 2, msg.step, msg.total)
+                    self._notify(rid, "on_progress", msg.step, msg.total)
             elif isinstance(msg, m.EngineStatus):
                 self.state, self.worker_pids = msg.state, msg.worker_pids or self.worker_pids
                 logger.info("engine state: %s", self.state)
 
-    def _notify(self, request_id: str, which: int, *args) -> None:
+    def _notify(self, request_id: str, which: str, *args) -> None:
         with self._lock:
             listeners = self._listeners.get(request_id)
-        if listeners is not None and listeners[which] is not None:
-            listeners[0].call_soon_threadsafe(listeners[which], *args)
+        callback = getattr(listeners, which, None)
+        if callback is not None:
+            listeners.loop.call_soon_threadsafe(callback, *args)
 
     def _core_died(self) -> None:
         if self._closed:

@@ -15,6 +15,14 @@ from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialF
 BACKENDS = ("mp",)
 
 
+def check_backend(backend: str) -> None:
+    """Refuses a backend this release does not have (the config's check, and the class lookup's)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"distributed_executor_backend {backend!r} is not available in this "
+                         f"release of vllm_omni; use {' or '.join(BACKENDS)} (worker processes "
+                         "on this host)")
+
+
 class WorkerStartupError(RuntimeError):
     pass
 
@@ -32,12 +40,10 @@ class Executor(ABC):
 
     @staticmethod
     def get_class(backend: str) -> type["Executor"]:
-        if backend == "mp":
-            from vllm_omni.executor.multiproc import MultiprocExecutor
+        check_backend(backend)
+        from vllm_omni.executor.multiproc import MultiprocExecutor
 
-            return MultiprocExecutor
-        raise ValueError(f"distributed_executor_backend {backend!r} is not available in this "
-                         f"release of vllm_omni; use one of: {', '.join(BACKENDS)}")
+        return MultiprocExecutor
 
     @abstractmethod
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,

@@ -177,14 +177,14 @@ class ModelRunner:
         return calls, errors
 
     def _memory_error(self, req: DiffusionRequest, limit: int, where: str) -> RequestTooLargeError:
-        est = self.estimate_memory([req])
+        est, count = self.estimate_memory([req]), req.num_images_per_prompt
         fits = lambda r: self.estimate_memory([r]).total <= limit  # noqa: E731
-        n_fit = next((n for n in range(req.num_images_per_prompt - 1, 0, -1)
+        n_fit = next((n for n in range(count - 1, 0, -1)
                       if fits(dataclasses.replace(req, num_images_per_prompt=n))), 0)
         phase = {"decode": "the VAE decode", "encode": "the VAE encode of the input images",
                  "denoise": "the transformer", "post": "the output images"}.get(est.largest)
-        what = f"{req.width}x{req.height}" + (f" with n={req.num_images_per_prompt}"
-                                              if req.num_images_per_prompt > 1 else "")
+        with_n = f" with n={count}" if count > 1 else ""
+        what = f"{req.width}x{req.height}{with_n}"
         message = (f"{what} needs an estimated {memory.format_bytes(est.total)} of memory beyond "
                    f"the loaded model (most of it in {phase}), more than the "
                    f"{memory.format_bytes(limit)} {where}; ")
@@ -194,12 +194,9 @@ class ModelRunner:
             return RequestTooLargeError(message, param="n")
         smaller = self._largest_fitting_size(req, fits) if self.adapter.sized else None
         alone = (self._largest_fitting_size(dataclasses.replace(req, num_images_per_prompt=1), fits)
-                 if self.adapter.sized and req.num_images_per_prompt > 1 and smaller is None
-                 else None)
+                 if self.adapter.sized and count > 1 and smaller is None else None)
         if smaller:
-            message += f"use a smaller size (about {smaller[0]}x{smaller[1]} fits"
-            n = req.num_images_per_prompt
-            message += f" with n={n})" if n > 1 else ")"
+            message += f"use a smaller size (about {smaller[0]}x{smaller[1]} fits{with_n})"
         elif alone:
             message += f"use n=1 and a smaller size (about {alone[0]}x{alone[1]} fits)"
         elif not self.adapter.sized:

@@ -53,11 +53,15 @@ def encode_audio(audio: Audio, fmt: str = "wav") -> tuple[bytes, str]:
     return buf.getvalue(), media_type
 
 
-def encode(artifact, fmt: str | None = None, **options) -> tuple[bytes, str]:
-    """Any artifact, by its kind (``fmt``: the image or audio format; video is mp4)."""
+def encode(artifact, fmt: str | None = None, compression: int | None = None
+           ) -> tuple[bytes, str]:
+    """Any artifact, by its kind (``fmt``: the image or audio format; video is mp4).
+    ``compression`` (jpeg/webp quality) applies to images only."""
+    if compression is not None and isinstance(artifact, (Video, Audio)):
+        raise ValueError("compression applies to jpeg and webp images only")
     if isinstance(artifact, Video):
-        return encode_video(artifact, **options)
+        return encode_video(artifact)
     if isinstance(artifact, Audio):
         return encode_audio(artifact, fmt or "wav")
     fmt = fmt or "png"
-    return encode_image(artifact, fmt, options.get("compression")), IMAGE_TYPES[fmt]
+    return encode_image(artifact, fmt, compression), IMAGE_TYPES[fmt]

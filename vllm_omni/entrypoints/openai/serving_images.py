@@ -22,13 +22,13 @@ from vllm_omni.engine.errors import (
     RequestTimedOutError,
 )
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
+from vllm_omni.entrypoints.openai.encoders import encode_image
 from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
 from vllm_omni.entrypoints.openai.protocol import OpenAIError, ImageRequestBase, parse_size
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
-from vllm_omni.utils.image import encode_image
 from vllm_omni.utils.text import log_safe
 
 logger = logging.getLogger("vllm_omni.api")
