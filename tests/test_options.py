@@ -58,6 +58,20 @@ def test_the_option_is_validated_offline_and_reaches_the_pipeline_kwargs(spec):
     assert key(req) is not None and key(req) == key(other) != key(third)
 
 
+def test_server_limits_cap_the_schema(spec):
+    # A --max-* flag lowers an option's bound; the one validation pass names the flag.
+    inputs = InputProcessor(spec, caps={"max_sequence_length": (128, "--max-test-length"),
+                                        "num_inference_steps": (3, "--max-inference-steps")})
+    assert inputs.process("a fox", _params(extra_args={"max_sequence_length": 128}))
+    for params, name, flag in [(_params(extra_args={"max_sequence_length": 129}),
+                                "max_sequence_length", "--max-test-length"),
+                               (dataclasses.replace(_params(), num_inference_steps=4),
+                                "num_inference_steps", "--max-inference-steps")]:
+        with pytest.raises(ValueError, match="between 1 and (3|128)") as e:
+            inputs.process("a fox", params)
+        assert e.value.param == name and f"this server's limit, {flag}" in str(e.value)
+
+
 def test_models_refuse_options_they_do_not_declare(tiny_qwen_image, spec):
     from vllm_omni.models.registry import load_model_spec
 

@@ -12,7 +12,7 @@ import uuid
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
-from vllm_omni.models.options import MAX_SEED
+from vllm_omni.models.options import COMMON, MAX_SEED, cap
 from vllm_omni.utils.image import fit_input
 
 # Options the request carries in fields of its own (the CFG machinery reads them); the others
@@ -21,8 +21,12 @@ REQUEST_FIELDS = ("negative_prompt", "true_cfg_scale", "guidance_scale")
 
 
 class InputProcessor:
-    def __init__(self, spec: ModelSpec, seed: int | None = None):
+    def __init__(self, spec: ModelSpec, seed: int | None = None,
+                 caps: dict[str, tuple[float, str]] | None = None):
+        """``caps``: the server's limits on options, name -> (most, flag) (``--max-*``)."""
         self.spec = spec
+        self.common = cap({o.name: o for o in COMMON if o.name in (caps or {})}, caps or {})
+        self.schema = cap(spec.adapter.schema(), caps or {})
         # A server started with --seed draws per-request seeds from a seeded stream: runs are
         # reproducible, yet two requests without a seed still get different images. Without
         # one they come from the OS's entropy: a seeded Mersenne Twister could be predicted from
@@ -35,7 +39,9 @@ class InputProcessor:
         """``images``/``mask``: decoded PIL inputs (edit and layered models)."""
         spec, adapter = self.spec, self.spec.adapter
         values = params.options()
-        adapter.check_options(values)
+        for name, option in self.common.items():  # the model-independent ones, checked as built
+            option.check(getattr(params, name))
+        adapter.check_options(values, self.schema)
         captioned = "auto_caption" in adapter.schema()
         if prompt is None and captioned and values.get("auto_caption"):
             prompt = ""

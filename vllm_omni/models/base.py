@@ -122,8 +122,10 @@ class ModelAdapter:
                                    + (f": {why}" if why else ""), param=name,
                                    code="unsupported_parameter")
 
-    def check_options(self, values: dict[str, Any]) -> None:
-        schema = self.schema()
+    def check_options(self, values: dict[str, Any],
+                      schema: dict[str, Option] | None = None) -> None:
+        """``schema``: this model's, under the server's limits when it has any."""
+        schema = schema or self.schema()
         for name in sorted(values):
             if name not in schema:
                 raise self.unsupported(name)

@@ -3,7 +3,7 @@ the batch key and the pipeline keyword arguments all derive from these declarati
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -32,6 +32,11 @@ class Option:
     tasks: frozenset[str] = TASKS
     kwarg: str | bool = True  # the pipeline keyword (True: its name; False: the adapter maps it)
     batchable: bool = False  # requests setting it may share a pipeline call (equal values)
+    limit: str | None = None  # the server flag that lowered ``le`` (named in the refusal)
+
+    def capped(self, most: float, flag: str) -> "Option":
+        """This option under a server limit (``--max-*``): the lower of the two bounds."""
+        return replace(self, le=most if self.le is None else min(most, self.le), limit=flag)
 
     @cached_property
     def annotation(self) -> Any:
@@ -60,6 +65,8 @@ class Option:
                 what += f" between {self.ge:g} and {self.le:g}"
             elif self.ge is not None:
                 what += f" >= {self.ge:g}"
+            if self.limit:
+                what += f" (this server's limit, {self.limit})"
             raise InvalidRequestError(f"{self.name} must be {what}, got {value!r}",
                                       param=self.name) from None
 
@@ -72,6 +79,11 @@ GUIDANCE_SCALE = Option("guidance_scale", float, "Guidance scale", ge=0, le=MAX_
 TRUE_CFG_SCALE = Option("true_cfg_scale", float, "Classifier-free guidance scale (a separate "
                         "negative pass)", ge=0, le=MAX_GUIDANCE_SCALE, batchable=True)
 CFG_OPTIONS = {o.name: o for o in (GUIDANCE_SCALE, TRUE_CFG_SCALE)}
+
+def cap(options: dict[str, Option], caps: dict[str, tuple[float, str]]) -> dict[str, Option]:
+    """``options`` with the server's limits (option name -> (most, flag)) applied."""
+    return {n: o.capped(*caps[n]) if n in caps else o for n, o in options.items()}
+
 
 # The model-independent fields of OmniDiffusionSamplingParams, checked when it is built.
 COMMON = (Option("num_inference_steps", int, "Denoising steps", ge=1),

@@ -56,5 +56,12 @@ class ServingLimits:
             raise ValueError(f"max_pixels must be >= 1, got {self.max_pixels!r}")
 
     @property
+    def caps(self) -> dict[str, tuple[int, str]]:
+        """The limits on request options, applied to the served model's option schema."""
+        return {"num_images_per_prompt": (self.max_images_per_request,
+                                          "--max-images-per-request"),
+                "num_inference_steps": (self.max_inference_steps, "--max-inference-steps")}
+
+    @property
     def max_in_flight(self) -> int:
         return self.max_queue_len + self.max_num_seqs

@@ -53,9 +53,17 @@ HTTP_ERRORS = ((RequestTimedOutError, 504, "server_error"),
                (OmniError, 500, "server_error"))
 
 
+# The one option the OpenAI API names otherwise.
+HTTP_NAMES = {"num_images_per_prompt": "n"}
+
+
 def openai_error(e: OmniError) -> OpenAIError:
     status, kind = next((status, kind) for cls, status, kind in HTTP_ERRORS if isinstance(e, cls))
-    return OpenAIError(status, e.message, kind, e.param, e.code)
+    param, message = e.param, e.message
+    if param in HTTP_NAMES:
+        param = HTTP_NAMES[param]
+        message = message.replace(e.param, param)
+    return OpenAIError(status, message, kind, param, e.code)
 
 
 def _extension(req: DiffusionRequest, out: DiffusionOutput) -> dict[str, Any]:
@@ -74,29 +82,19 @@ class ServingImages:
         self.engine = engine
         self.spec = spec
         self.served_model_names = served_model_names
-        self.inputs = InputProcessor(spec, seed)
-        self.store = store
         self.limits = limits or ServingLimits()
+        self.inputs = InputProcessor(spec, seed, self.limits.caps)
+        self.store = store
         self.metrics = metrics
         self.in_flight = 0  # admitted, not yet answered (the event loop is single-threaded)
         self._latency_s = 0.0  # moving average of engine time per request, for Retry-After
 
-    def check_limits(self, n: int, steps: int | None, width: int | None,
-                     height: int | None) -> None:
-        lim = self.limits
-        if n > lim.max_images_per_request:
-            raise OpenAIError(400, f"n={n} exceeds this server's limit of "
-                              f"{lim.max_images_per_request} images per request "
-                              "(--max-images-per-request)", param="n", code="invalid_value")
-        if steps is not None and steps > lim.max_inference_steps:
-            raise OpenAIError(400, f"num_inference_steps={steps} exceeds this server's limit of "
-                              f"{lim.max_inference_steps} (--max-inference-steps)",
-                              param="num_inference_steps", code="invalid_value")
-        w, h = width, height
-        if lim.max_pixels is not None and w * h > lim.max_pixels:
+    def check_pixels(self, w: int | None, h: int | None) -> None:
+        """The one limit across two options (the others cap the option schema)."""
+        most = self.limits.max_pixels
+        if most is not None and w is not None and w * h > most:
             raise OpenAIError(400, f"size {w}x{h} is {w * h} pixels, over this server's limit of "
-                              f"{lim.max_pixels} (--max-pixels)", param="size",
-                              code="invalid_value")
+                              f"{most} (--max-pixels)", param="size", code="invalid_value")
 
     def admit(self) -> None:
         """Counts a request in, or refuses it with 429 when the queue is full."""
@@ -181,7 +179,7 @@ class ServingImages:
             raise openai_error(e) from None
         except ValueError as e:
             raise OpenAIError(400, str(e), code="invalid_value") from None
-        self.check_limits(body.n, body.num_inference_steps, req.width, req.height)
+        self.check_pixels(req.width, req.height)
         req.partial_images = body.partial_images or 0
         logger.info("request %s: %dx%d, %d steps, n=%d, seed=%d, inputs=%d, stream=%s, user=%s",
                     request_id, req.width, req.height, req.num_inference_steps,
