@@ -8,7 +8,7 @@ import pytest
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine import errors
 from vllm_omni.engine.request import Audio, DiffusionOutput, Video
-from vllm_omni.entrypoints.openai.serving_images import openai_error
+from vllm_omni.entrypoints.openai.serving import openai_error
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 
 

@@ -72,7 +72,8 @@ class ModelAdapter:
     name: ClassVar[str]
     # (display name, hub id) of the released checkpoints this adapter serves (README table).
     models: ClassVar[tuple[tuple[str, str], ...]] = ()
-    task: ClassVar[str] = "text-to-image"  # or "image-edit", "image-layers"
+    task: ClassVar[str] = "text-to-image"  # or "image-edit", "image-layers", "text-to-video"...
+    output: ClassVar[str] = "image"  # the artifact kind it makes: "image", "video" or "audio"
     pipeline_classes: ClassVar[tuple[str, ...]] = ()
     # The family's own request options (beyond prompt, size, steps, seed and n); the shared ones
     # come from ``declared``.

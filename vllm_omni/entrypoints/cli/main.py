@@ -12,6 +12,7 @@ def main(argv: list[str] | None = None) -> None:
                         format="%(levelname)s %(asctime)s [api_server] %(message)s")
     from vllm_omni.entrypoints.cli.serve import (
         config_from_args,
+        job_store_from_args,
         limits_from_args,
         make_parser,
         run_server,
@@ -29,9 +30,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config, spec = config_from_args(args, serve)
         limits = limits_from_args(args, spec, config)
+        job_store = job_store_from_args(args, spec, config)
     except ValueError as e:
         serve.error(str(e))
-    run_server(args, config, spec, limits)
+    run_server(args, config, spec, limits, job_store)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,12 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
         g.add_argument("--cancel-grace-period", type=_positive(float), default=10.0,
                        help="Seconds the workers get to stop a cancelled (timed-out or "
                             "abandoned) request before they are restarted so the queue moves."),
+        g.add_argument("--video-storage-dir", type=str, default=None,
+                       help="Directory of video jobs (records and mp4s), kept across restarts: "
+                            "unfinished jobs run again when the server starts on it. Default: "
+                            "$XDG_CACHE_HOME/vllm_omni/videos/<served model name>."),
+        g.add_argument("--video-retention-hours", type=_positive(float), default=24.0,
+                       help="Hours a finished video job and its files are kept (expires_at)."),
         g.add_argument("--public-url", type=str, default=None,
                        help="Base URL of this server as clients reach it (e.g. "
                             "https://images.example.com/api), used in response_format=url "
@@ -224,6 +230,30 @@ def limits_from_args(args: argparse.Namespace, spec, config: OmniEngineConfig | 
     return limits
 
 
+def job_store_from_args(args: argparse.Namespace, spec, config: OmniEngineConfig):
+    """The video job store of a video model (opened now: a bad directory is a start-up error),
+    else None."""
+    if spec.adapter.output != "video":
+        given = [f for f, v in (("--video-storage-dir", args.video_storage_dir is not None),
+                                ("--video-retention-hours", args.video_retention_hours != 24.0))
+                 if v]
+        if given:
+            raise ValueError(f"{', '.join(given)}: {spec.pipeline_class} does not generate video")
+        return None
+    from vllm_omni.entrypoints.openai.video_jobs import JobStore
+
+    directory = args.video_storage_dir or default_video_dir(config.served_model_names[0])
+    return JobStore(directory, args.video_retention_hours * 3600)
+
+
+def default_video_dir(model_name: str) -> str:
+    import re
+
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "vllm_omni", "videos", re.sub(r"[^A-Za-z0-9._-]+", "--",
+                                                             model_name).strip("-."))
+
+
 def warmup_steps(args: argparse.Namespace, spec, config: OmniEngineConfig | None) -> int:
     """--warmup-steps, or its default: 2, or 4 where a cache-dit step mask needs it."""
     steps = args.warmup_steps
@@ -251,7 +281,8 @@ def _api_keys(value) -> list[str]:
     return [env] if env else []
 
 
-def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=None) -> None:
+def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=None,
+               job_store=None) -> None:
     import uvicorn
     from vllm import envs
 
@@ -279,7 +310,7 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=
         app = build_app(engine, spec, config.served_model_names, model_root=config.model,
                         api_keys=_api_keys(args.api_key),
                         seed=args.seed, root_path=args.root_path or "", limits=limits,
-                        public_url=args.public_url)
+                        public_url=args.public_url, job_store=job_store)
         if args.allowed_origins != ["*"] or args.allow_credentials:
             from fastapi.middleware.cors import CORSMiddleware
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import logging
 import re
@@ -24,7 +25,8 @@ from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
 from vllm_omni.entrypoints.openai.protocol import OpenAIError, request_models
-from vllm_omni.entrypoints.openai.serving_images import ClientDisconnected, ServingImages
+from vllm_omni.entrypoints.openai.serving import ClientDisconnected, Serving
+from vllm_omni.entrypoints.openai.serving_images import ServingImages
 from vllm_omni.entrypoints.openai.uploads import InputDecoder
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.models.registry import ADAPTERS
@@ -164,24 +166,40 @@ class CountResponses:
 def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str], *,
               model_root: str, api_keys: list[str] | None = None, seed: int | None = None,
               root_path: str = "", limits: ServingLimits | None = None,
-              metrics: ServerMetrics | None = None, public_url: str | None = None) -> FastAPI:
+              metrics: ServerMetrics | None = None, public_url: str | None = None,
+              job_store=None) -> FastAPI:
+    """``job_store``: a video model's ``video_jobs.JobStore``."""
     limits = limits or ServingLimits()
     metrics = metrics or ServerMetrics(served_model_names[0])
-    store = ImageStore()
-    generation_model, edit_model = request_models(spec)
-    images = ServingImages(engine, spec, served_model_names, seed, store, limits, metrics)
     decoder = InputDecoder(spec)
     created = int(time.time())
     warm = asyncio.Event()
+    if spec.adapter.output == "video":
+        from vllm_omni.entrypoints.openai import serving_videos
+
+        serving = serving_videos.ServingVideos(engine, spec, served_model_names, seed,
+                                               job_store, limits, metrics)
+    else:
+        store = ImageStore()
+        serving = ServingImages(engine, spec, served_model_names, seed, store, limits, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         if spec.adapter.image_inputs[1]:
             await asyncio.to_thread(decoder.start)
-        task = asyncio.create_task(_warm_up(images, spec, limits, warm))
+        tasks = [asyncio.create_task(_warm_up(serving, spec, limits, warm))]
+        if job_store is not None:
+            resumed = serving.resume()
+            if resumed:
+                logger.info("resumed %d unfinished video jobs from %s", resumed,
+                            job_store.directory)
+            tasks.append(asyncio.create_task(serving.sweep_forever()))
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
         decoder.close()
+        if job_store is not None:
+            job_store.close()
 
     app = FastAPI(title="vllm_omni", version=vllm_omni.__version__, root_path=root_path,
                   lifespan=lifespan)
@@ -233,7 +251,7 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        metrics.set_state(in_flight=images.in_flight, healthy=engine.healthy and warm.is_set())
+        metrics.set_state(in_flight=serving.in_flight, healthy=engine.healthy and warm.is_set())
         return Response(content=metrics.render(), media_type=metrics.content_type)
 
     @app.get("/version")
@@ -248,6 +266,22 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
             {"id": name, "object": "model", "created": created, "owned_by": "vllm-omni",
              "root": model_root, "parent": None, "task": spec.adapter.task}
             for name in served_model_names]}
+
+    if spec.adapter.output == "video":
+        serving_videos.add_routes(app, serving, decoder, limits)
+    else:
+        base_url = functools.partial(_base_url, public_url, root_path)
+        _image_routes(app, serving, decoder, store, limits, request_models(spec), base_url)
+    return app
+
+
+def _base_url(public_url: str | None, root_path: str, request: Request) -> str:
+    return public_url.rstrip("/") if public_url else own_base_url(request.scope, root_path)
+
+
+def _image_routes(app: FastAPI, images: ServingImages, decoder: InputDecoder, store: ImageStore,
+                  limits: ServingLimits, models, base_url) -> None:
+    generation_model, edit_model = models
 
     async def generations(body, request: Request) -> dict[str, Any]:
         if body.stream:
@@ -312,11 +346,6 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
                               "hour)", param="image_id", code="not_found")
         return Response(content=item[0], media_type=item[1])
 
-    def base_url(request: Request) -> str:
-        return public_url.rstrip("/") if public_url else own_base_url(request.scope, root_path)
-
-    return app
-
 
 def edit_request_body(edit_model) -> dict[str, Any]:
     """The edits route reads its body itself (multipart or JSON); this describes both forms in
@@ -344,7 +373,7 @@ def warmup_params(spec: ModelSpec, steps: int, width: int, height: int):
     return params, [Image.new(mode, (width, height), (128,) * len(mode))] * n
 
 
-async def _warm_up(images: ServingImages, spec: ModelSpec, limits: ServingLimits,
+async def _warm_up(serving: Serving, spec: ModelSpec, limits: ServingLimits,
                    warm: asyncio.Event) -> None:
     """Runs requests through the real path (input processing, engine, workers) before /health
     reports ready, so the first user request does not pay for first-call initialisation."""
@@ -355,9 +384,9 @@ async def _warm_up(images: ServingImages, spec: ModelSpec, limits: ServingLimits
     for width, height in sizes:
         try:
             params, inputs = warmup_params(spec, limits.warmup_steps, width, height)
-            req = images.inputs.process("warm-up", params, request_id=f"warmup-{width}x{height}",
-                                        images=inputs)
-            out = await images.engine.generate(req)
+            req = serving.inputs.process("warm-up", params, request_id=f"warmup-{width}x{height}",
+                                         images=inputs)
+            out = await serving.engine.generate(req)
             error = out.error.message if out.error is not None else None
         except Exception as e:
             error = f"{type(e).__name__}: {e}"

@@ -6,88 +6,38 @@ import asyncio
 import base64
 import json
 import logging
-import math
 import time
-from collections.abc import AsyncIterator, Callable
 import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from vllm_omni.engine.async_engine import AsyncOmniEngine
-from vllm_omni.engine.input_processor import InputProcessor
-from vllm_omni.engine.errors import (
-    EngineDeadError,
-    InvalidRequestError,
-    OmniError,
-    RequestCancelledError,
-    RequestTimedOutError,
-)
-from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
+from vllm_omni.engine.errors import InvalidRequestError
+from vllm_omni.engine.request import DiffusionRequest
 from vllm_omni.entrypoints.openai.encoders import encode_image
 from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
-from vllm_omni.entrypoints.openai.protocol import OpenAIError, ImageRequestBase, parse_size
+from vllm_omni.entrypoints.openai.protocol import ImageRequestBase, OpenAIError, parse_size
+from vllm_omni.entrypoints.openai.serving import (
+    Serving,
+    extension,
+    _never_disconnected,
+    openai_error,
+)
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.utils.text import log_safe
 
 logger = logging.getLogger("vllm_omni.api")
 
-DISCONNECT_POLL_S = 0.2
 
-
-class ClientDisconnected(Exception):
-    """The client went away; nobody is left to answer."""
-
-
-async def _never_disconnected() -> bool:
-    return False
-
-
-# How each kind of engine error is answered: (kind, HTTP status, OpenAI error type), the first
-# match wins. 499 is nginx's "client closed request": only logs and metrics ever see it.
-HTTP_ERRORS = ((RequestTimedOutError, 504, "server_error"),
-               (RequestCancelledError, 499, "cancelled"),
-               (InvalidRequestError, 400, "invalid_request_error"),
-               (EngineDeadError, 503, "server_error"),
-               (OmniError, 500, "server_error"))
-
-
-# The one option the OpenAI API names otherwise.
-HTTP_NAMES = {"num_images_per_prompt": "n"}
-
-
-def openai_error(e: OmniError) -> OpenAIError:
-    status, kind = next((status, kind) for cls, status, kind in HTTP_ERRORS if isinstance(e, cls))
-    param, message = e.param, e.message
-    if param in HTTP_NAMES:
-        param = HTTP_NAMES[param]
-        message = message.replace(e.param, param)
-    return OpenAIError(status, message, kind, param, e.code)
-
-
-def _extension(req: DiffusionRequest, out: DiffusionOutput) -> dict[str, Any]:
-    """Our response extension (OpenAI clients ignore unknown fields): what ran, to reproduce it."""
-    extra: dict[str, Any] = {"seed": req.seed, **out.extra}
-    for key in ("transformer_calls_computed", "transformer_calls_skipped"):
-        if key in out.metrics:
-            extra[key] = out.metrics[key]
-    return extra
-
-
-class ServingImages:
+class ServingImages(Serving):
     def __init__(self, engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str],
                  seed: int | None, store: ImageStore, limits: ServingLimits | None = None,
                  metrics: ServerMetrics | None = None):
-        self.engine = engine
-        self.spec = spec
-        self.served_model_names = served_model_names
-        self.limits = limits or ServingLimits()
-        self.inputs = InputProcessor(spec, seed, self.limits.caps)
+        super().__init__(engine, spec, served_model_names, seed, limits, metrics)
         self.store = store
-        self.metrics = metrics
-        self.in_flight = 0  # admitted, not yet answered (the event loop is single-threaded)
-        self._latency_s = 0.0  # moving average of engine time per request, for Retry-After
 
     def check_pixels(self, w: int | None, h: int | None) -> None:
         """The one limit across two options (the others cap the option schema)."""
@@ -95,60 +45,6 @@ class ServingImages:
         if most is not None and w is not None and w * h > most:
             raise OpenAIError(400, f"size {w}x{h} is {w * h} pixels, over this server's limit of "
                               f"{most} (--max-pixels)", param="size", code="invalid_value")
-
-    def admit(self) -> None:
-        """Counts a request in, or refuses it with 429 when the queue is full."""
-        lim = self.limits
-        if self.in_flight >= lim.max_in_flight:
-            if self.metrics is not None:
-                self.metrics.reject("queue_full")
-            waits = max(1, self.in_flight - lim.max_num_seqs + 1) / lim.max_num_seqs
-            retry = max(1, math.ceil(waits * (self._latency_s or 1.0)))
-            raise OpenAIError(429, f"The server is busy: {self.in_flight} requests are queued or "
-                              f"running (limit {lim.max_in_flight}, --max-queue-len "
-                              f"{lim.max_queue_len}). Retry after {retry} s.",
-                              "rate_limit_error", code="queue_full",
-                              headers={"Retry-After": str(retry)})
-        self.in_flight += 1
-
-    async def run(self, req: DiffusionRequest, is_disconnected, on_partial=None) -> DiffusionOutput:
-        """The engine's answer, cancelling the work if the client leaves or the deadline passes."""
-        task = asyncio.ensure_future(self.engine.generate(req, on_partial))
-        deadline = None
-        if self.limits.request_timeout_s is not None:
-            deadline = time.monotonic() + self.limits.request_timeout_s
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    out = task.result()
-                    if out.error is None and "execute_s" in out.metrics:
-                        t, avg = out.metrics["execute_s"], self._latency_s
-                        self._latency_s = t if not avg else 0.8 * avg + 0.2 * t
-                    return out
-                if deadline is not None and time.monotonic() > deadline:
-                    self.engine.set_abort_reason(req.request_id, "timeout")
-                    task.cancel()  # AsyncOmniEngine.generate sends the abort
-                    if self.metrics is not None:
-                        self.metrics.reject("timeout")
-                    raise OpenAIError(504, f"the request did not finish within "
-                                      f"{self.limits.request_timeout_s:g} s (--request-timeout) "
-                                      "and was cancelled", "server_error", code="timeout")
-                if await is_disconnected():
-                    task.cancel()
-                    logger.info("request %s: client disconnected; cancelling", req.request_id)
-                    if self.metrics is not None:
-                        self.metrics.reject("client_disconnected")
-                    raise ClientDisconnected
-        finally:
-            if not task.done():
-                task.cancel()
-
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.served_model_names:
-            raise OpenAIError(404, f"The model `{model}` does not exist. This server serves "
-                              f"{', '.join(self.served_model_names)}.", param="model",
-                              code="model_not_found")
 
     def prepare(self, body: ImageRequestBase, images: list | None = None,
                 mask=None) -> DiffusionRequest:
@@ -221,7 +117,7 @@ class ServingImages:
                     else f"{req.width}x{req.height}",
             "quality": "auto",
             "background": self.background,
-            "vllm_omni": _extension(req, out),
+            "vllm_omni": extension(req, out),
         }
 
     @property
@@ -286,7 +182,7 @@ class ServingImages:
                     yield error_event(openai_error(out.error))
                     return
                 yield await asyncio.to_thread(event, f"{prefix}.completed", out.images[0],
-                                              vllm_omni=_extension(req, out))
+                                              vllm_omni=extension(req, out))
             finally:
                 release()
                 if not task.done():
