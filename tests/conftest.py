@@ -72,6 +72,18 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {f: build(f, str(root / f)) for f in FAMILIES}
 
 
+# The seed's video models (tests/test_video_models.py, tests/test_model_features.py).
+VIDEO_FAMILIES = ("wan2.2-t2v", "wan2.2-i2v", "wan2.2-ti2v")
+
+
+@pytest.fixture(scope="session")
+def video_models(tmp_path_factory) -> dict[str, str]:
+    from vllm_omni.testing.tiny_models import build
+
+    root = tmp_path_factory.mktemp("video-models")
+    return {f: build(f, str(root / f)) for f in VIDEO_FAMILIES}
+
+
 @pytest.fixture(scope="session")
 def omni(tiny_qwen_image):
     from vllm_omni import Omni

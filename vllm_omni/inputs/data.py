@@ -31,8 +31,11 @@ class OmniDiffusionSamplingParams:
     negative_prompt: str | None = None
     seed: int | None = None
     num_images_per_prompt: int = 1
-    # Video models only; image models reject it.
+    # Video models only; image models reject them.
     num_frames: int | None = None
+    fps: float | None = None  # labels the output video; the frames are the same
+    # The low-noise expert's CFG scale (Wan2.2 A14B; guidance_scale sets the high-noise one's).
+    guidance_scale_2: float | None = None
     # "pil" (8-bit images) or "np" (float32 HxWxC arrays in [0, 1], before 8-bit rounding).
     output_type: str = "pil"
     # Model options kept as fields for compatibility (their adapters declare and document them:

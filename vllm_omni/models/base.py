@@ -220,9 +220,10 @@ class ModelAdapter:
         adapter forgets them once read."""
         return {}
 
-    def artifacts(self, output: Any) -> list[Any]:
-        """The pipeline call's results, one per generated item in request order: images here;
-        a video adapter returns ``Video``s, an audio adapter ``Audio``s."""
+    def artifacts(self, output: Any, reqs: list[DiffusionRequest]) -> list[Any]:
+        """The pipeline call's results for ``reqs``, one per generated item in request order:
+        images here; a video adapter returns ``Video``s (with each request's fps), an audio
+        adapter ``Audio``s."""
         return list(output.images)
 
     def flatten_output(self, images: list[Any]) -> list[Any]:

@@ -76,9 +76,13 @@ class ImageAdapter(ModelAdapter):
                 f"negative_prompt has no effect unless {self.cfg_field} > {self.cfg_above:g}",
                 param="negative_prompt")
 
+    def prompt_limit(self, pipe: Any) -> int | None:
+        """The most prompt tokens the pipeline encodes (None: unknown)."""
+        return getattr(pipe, "tokenizer_max_length", None)
+
     def check_loaded(self, pipe: Any, req: DiffusionRequest) -> None:
         # Pipelines silently truncate prompts beyond their limit; refuse instead.
-        limit = getattr(pipe, "tokenizer_max_length", None)
+        limit = self.prompt_limit(pipe)
         tokenizer = getattr(pipe, "tokenizer", None)
         if limit is None or tokenizer is None:
             return

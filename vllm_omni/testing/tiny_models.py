@@ -522,6 +522,88 @@ def build_glm_image():
                             transformer=transformer, scheduler=_flow_scheduler())
 
 
+# -- Wan 2.2 (video) -------------------------------------------------------------------------------
+# The serving defaults the tiny checkpoints carry (``generation_config.json``, read by
+# models/wan.py): small enough that a request, and a server's warm-up, take about a second.
+WAN_TINY_DEFAULTS = dict(width=64, height=64, num_frames=5, num_inference_steps=2)
+
+
+def _umt5_encoder(tokenizer, width: int = 32, seed: int = 0):
+    import torch
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(vocab_size=len(tokenizer), d_model=width, d_ff=width * 2, d_kv=width // 4,
+                        num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+                        decoder_start_token_id=0, pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return UMT5EncoderModel(config).eval()
+
+
+def _wan_transformer(in_channels: int, out_channels: int, seed: int):
+    import torch
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
+        in_channels=in_channels, out_channels=out_channels, text_dim=32, freq_dim=32, ffn_dim=64,
+        num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    )
+
+
+def _wan_vae(wan22: bool = False, seed: int = 2):
+    """Wan2.1's VAE (z 16, 8x spatial, 4x temporal: the A14B models), or Wan2.2's (z 48, pixels
+    packed 2x2 first, residual blocks, 16x spatial: TI2V-5B), at toy widths."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    if not wan22:
+        return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                temperal_downsample=[False, True, True])
+    return AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=12, z_dim=48, in_channels=12, out_channels=12,
+        is_residual=True, patch_size=2, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+        scale_factor_spatial=16, scale_factor_temporal=4, temperal_downsample=[False, True, True],
+        latents_mean=[0.05 * (i % 5) - 0.1 for i in range(48)],
+        latents_std=[0.8 + 0.05 * (i % 7) for i in range(48)],
+    )
+
+
+def _wan_scheduler(flow_shift: float):
+    """UniPC in flow-matching mode with a static shift, as every Wan2.2 checkpoint ships it."""
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                   flow_shift=flow_shift, num_train_timesteps=1000)
+
+
+def build_wan22(kind: str):
+    """``t2v``: Wan2.2-T2V-A14B (a high-noise ``transformer`` and a low-noise ``transformer_2``,
+    switched at boundary_ratio 0.875); ``i2v``: I2V-A14B (the same with the image's latents and
+    mask joined to the noise, in_channels 36, boundary 0.9, no CLIP image encoder);
+    ``ti2v``: TI2V-5B (one transformer on the 48-channel Wan2.2 VAE, per-token timesteps).
+    Flow shifts are the Wan team's sample_shift for each (12, 5, 5)."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    tokenizer = build_t5_tokenizer()
+    parts = dict(tokenizer=tokenizer, text_encoder=_umt5_encoder(tokenizer))
+    if kind == "ti2v":
+        return WanPipeline(**parts, vae=_wan_vae(wan22=True), scheduler=_wan_scheduler(5.0),
+                           transformer=_wan_transformer(48, 48, seed=1), transformer_2=None,
+                           boundary_ratio=None, expand_timesteps=True)
+    in_channels = 36 if kind == "i2v" else 16
+    experts = dict(transformer=_wan_transformer(in_channels, 16, seed=1),
+                   transformer_2=_wan_transformer(in_channels, 16, seed=3))
+    if kind == "i2v":
+        return WanImageToVideoPipeline(**parts, **experts, vae=_wan_vae(),
+                                       scheduler=_wan_scheduler(5.0), image_processor=None,
+                                       image_encoder=None, boundary_ratio=0.9)
+    return WanPipeline(**parts, **experts, vae=_wan_vae(), scheduler=_wan_scheduler(12.0),
+                       boundary_ratio=0.875)
+
+
 FAMILIES = {
     "qwen-image": lambda: build_qwen_image(QWEN_IMAGE_TINY),
     "qwen-image-bench": lambda: build_qwen_image(QWEN_IMAGE_BENCH),
@@ -540,7 +622,13 @@ FAMILIES = {
     "longcat-image-edit": lambda: build_longcat_image(edit=True),
     "ovis-image": build_ovis_image,
     "glm-image": build_glm_image,
+    "wan2.2-t2v": lambda: build_wan22("t2v"),
+    "wan2.2-i2v": lambda: build_wan22("i2v"),
+    "wan2.2-ti2v": lambda: build_wan22("ti2v"),
 }
+# Serving defaults written beside a family's pipeline (see WAN_TINY_DEFAULTS).
+GENERATION_DEFAULTS = {"wan2.2-t2v": WAN_TINY_DEFAULTS, "wan2.2-i2v": WAN_TINY_DEFAULTS,
+                       "wan2.2-ti2v": WAN_TINY_DEFAULTS}
 
 
 def build(family: str, out_dir: str) -> str:
@@ -552,6 +640,9 @@ def build(family: str, out_dir: str) -> str:
         return out_dir
     pipe = FAMILIES[family]()
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    if family in GENERATION_DEFAULTS:
+        with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+            json.dump(GENERATION_DEFAULTS[family], f, indent=2)
     with open(marker, "w") as f:
         f.write(family)
     return out_dir

@@ -306,7 +306,7 @@ class ModelRunner:
             self.adapter.output_extra(self.pipe)  # drops what a failed earlier call left behind
             with follow_steps:
                 images = self.adapter.artifacts(self.pipe(
-                    **kwargs, generator=generators, output_type=reqs[0].output_type))
+                    **kwargs, generator=generators, output_type=reqs[0].output_type), reqs)
         except RequestCancelled:
             images = None
         except InvalidRequestError as e:
