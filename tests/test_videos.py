@@ -31,9 +31,9 @@ def _png(color=(200, 30, 30), size=(64, 64)) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def t2v(tiny_video_models, tmp_path_factory):
+def t2v(video_models, tmp_path_factory):
     logs = tmp_path_factory.mktemp("video-logs")
-    s = Server(tiny_video_models["wan2.2-t2v"], "--served-model-name", "tiny-wan",
+    s = Server(video_models["wan2.2-t2v"], "--served-model-name", "tiny-wan",
                "--video-storage-dir", str(logs / "store"), "--max-queue-len", "3",
                log_path=str(logs / "t2v.log"))
     yield s
@@ -41,9 +41,9 @@ def t2v(tiny_video_models, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def i2v(tiny_video_models, tmp_path_factory):
+def i2v(video_models, tmp_path_factory):
     logs = tmp_path_factory.mktemp("video-logs")
-    s = Server(tiny_video_models["wan2.2-i2v"], "--video-storage-dir", str(logs / "store"),
+    s = Server(video_models["wan2.2-i2v"], "--video-storage-dir", str(logs / "store"),
                log_path=str(logs / "i2v.log"))
     yield s
     s.stop()
@@ -173,12 +173,12 @@ def test_image_to_video_takes_its_reference(i2v):
             == ("input_reference", code), r.text
 
 
-def test_jobs_survive_a_killed_server(tiny_video_models, tmp_path):
+def test_jobs_survive_a_killed_server(video_models, tmp_path):
     """SIGKILL of the whole process tree: the completed job stays downloadable; the running and
     the queued one run again to completion on the next server."""
     store = str(tmp_path / "store")
     args = ("--video-storage-dir", store)
-    s = Server(tiny_video_models["wan2.2-t2v"], *args, log_path=str(tmp_path / "a.log"))
+    s = Server(video_models["wan2.2-t2v"], *args, log_path=str(tmp_path / "a.log"))
     try:
         def create(steps, seed):
             r = requests.post(s.url + "/v1/videos", timeout=30, json={
@@ -198,7 +198,7 @@ def test_jobs_survive_a_killed_server(tiny_video_models, tmp_path):
         os.killpg(s.proc.pid, signal.SIGKILL)
         s.proc.wait(10)
         s.log.close()
-    s = Server(tiny_video_models["wan2.2-t2v"], *args, log_path=str(tmp_path / "b.log"))
+    s = Server(video_models["wan2.2-t2v"], *args, log_path=str(tmp_path / "b.log"))
     try:
         listed = {v["id"] for v in requests.get(s.url + "/v1/videos", timeout=10)
                   .json()["data"]}

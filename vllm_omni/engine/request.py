@@ -48,6 +48,13 @@ class Video:
     frames: list[Any]  # PIL images, or float HxWxC arrays for output_type "np"
     fps: float
 
+    def save(self, path: str) -> None:
+        """Writes the video as an H.264 mp4, as the server sends it."""
+        from vllm_omni.entrypoints.openai.encoders import encode_video
+
+        with open(path, "wb") as f:
+            f.write(encode_video(self)[0])
+
 
 @dataclass
 class Audio:

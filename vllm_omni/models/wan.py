@@ -55,7 +55,17 @@ class VideoAdapter(ImageAdapter):
 
     task = "text-to-video"
     options = (NUM_FRAMES, FPS)
+    output = "video"
     frame_step: ClassVar[int] = 4  # num_frames = frame_step * k + 1
+
+    def frames_for_seconds(self, seconds: float, fps: float | None) -> int:
+        """The valid frame count nearest ``seconds`` at ``fps`` (None: the model's)."""
+        frames = seconds * (fps or self.spec.extra["fps"])
+        return max(0, round((frames - 1) / self.frame_step)) * self.frame_step + 1
+
+    def video_shape(self, req: DiffusionRequest) -> tuple[int, float]:
+        """(frames, fps) of ``req``'s video."""
+        return self.num_frames(req), float(req.options.get("fps", self.spec.extra["fps"]))
 
     def defaults(self, kind: str, model_dir: str) -> dict[str, Any]:
         """The released settings of ``kind``, overridden by the checkpoint's own."""

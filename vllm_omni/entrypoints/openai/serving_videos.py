@@ -17,6 +17,8 @@ import time
 import uuid
 from typing import Any, Optional
 
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -27,7 +29,12 @@ from vllm_omni.entrypoints.openai.encoders import encode_image, encode_video
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
 from vllm_omni.entrypoints.openai.protocol import OpenAIError, parse_size
-from vllm_omni.entrypoints.openai.serving import Serving, _never_disconnected, openai_error
+from vllm_omni.entrypoints.openai.serving import (
+    ClientDisconnected,
+    Serving,
+    _never_disconnected,
+    openai_error,
+)
 from vllm_omni.entrypoints.openai.video_jobs import JobStore, VideoJob
 from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
@@ -381,11 +388,6 @@ async def _reference(decoder, source) -> Image.Image | None:
 
 
 def add_routes(app, videos: ServingVideos, decoder, limits: ServingLimits) -> None:
-    from fastapi import Request
-    from fastapi.responses import JSONResponse, Response
-
-    from vllm_omni.entrypoints.openai.serving import ClientDisconnected
-
     model = video_request_model(videos.spec)
     schema = model.model_json_schema()
     form = {**schema, "properties": {**schema["properties"], "input_reference": {
