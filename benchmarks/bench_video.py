@@ -1,0 +1,146 @@
+"""Video jobs end to end: ``POST /v1/videos``, polling, and the mp4 download through
+``vllm serve --omni``, against a direct diffusers call on the same model, frames, size, steps and
+seed; then the same job with ``--cache-backend cache_dit`` against the uncached job.
+
+Runs alternate (diffusers, job, diffusers, ...) so both sides see the same machine state; the
+ratios are of medians. The job side includes what a client waits for: HTTP, the queue, H.264
+encoding, the atomic write to the job store and the download (polled every 10 ms, so polling adds
+at most that).
+
+    .venv/bin/python benchmarks/bench_video.py
+    .venv/bin/python benchmarks/bench_video.py --size 128x128 --frames 17 --steps 10 --repeats 5
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import requests
+
+PROMPT = "a corgi surfing a wave at sunset"
+
+
+def start_server(model_dir: str, store: str, log_path: str, *extra: str):
+    from vllm_omni.utils.proc import free_port
+
+    port = free_port()
+    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
+    proc = subprocess.Popen([vllm, "serve", model_dir, "--omni", "--host", "127.0.0.1",
+                             "--port", str(port), "--disable-uvicorn-access-log",
+                             "--video-storage-dir", store, *extra],
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {log_path}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server not healthy; see {log_path}")
+
+
+def run_job(url: str, body: dict) -> tuple[float, bytes]:
+    t = time.perf_counter()
+    r = requests.post(url + "/v1/videos", json=body, timeout=60)
+    r.raise_for_status()
+    job_id = r.json()["id"]
+    while True:
+        job = requests.get(f"{url}/v1/videos/{job_id}", timeout=60).json()
+        if job["status"] == "completed":
+            break
+        if job["status"] == "failed":
+            raise RuntimeError(job["error"])
+        time.sleep(0.01)
+    data = requests.get(f"{url}/v1/videos/{job_id}/content", timeout=60).content
+    elapsed = time.perf_counter() - t
+    requests.delete(f"{url}/v1/videos/{job_id}", timeout=60)
+    return elapsed, data
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="wan2.2-t2v", help="tiny family to build, or a dir")
+    ap.add_argument("--size", default="256x256")
+    ap.add_argument("--frames", type=int, default=17)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from vllm_omni.testing.tiny_models import FAMILIES, build
+
+    model = args.model
+    if model in FAMILIES:
+        model = build(model, os.path.join(tempfile.gettempdir(), "vllm_omni_bench", model))
+    width, height = (int(v) for v in args.size.split("x"))
+    seed = 1234
+    body = {"prompt": PROMPT, "size": args.size, "num_frames": args.frames,
+            "num_inference_steps": args.steps, "seed": seed}
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    # The adapter passes the model's released CFG defaults; the direct call says them too.
+    from vllm_omni.models.registry import load_model_spec
+
+    extra = load_model_spec(model).extra
+    cfg = {k: extra[k] for k in ("guidance_scale", "guidance_scale_2") if k in extra}
+
+    def direct() -> float:
+        t = time.perf_counter()
+        pipe(PROMPT, width=width, height=height, num_frames=args.frames,
+             num_inference_steps=args.steps, generator=[torch.Generator().manual_seed(seed)],
+             **cfg)
+        return time.perf_counter() - t
+
+    work = tempfile.mkdtemp(prefix="bench_video_")
+    results: dict = {}
+    for name, flags in (("plain", ()), ("cache_dit", ("--cache-backend", "cache_dit"))):
+        proc, url = start_server(model, os.path.join(work, name), os.path.join(work, name + ".log"),
+                                 *flags)
+        try:
+            direct(), run_job(url, body)  # warm-up both sides
+            d, j = [], []
+            for _ in range(args.repeats):
+                d.append(direct())
+                j.append(run_job(url, body)[0])
+            results[name] = {"diffusers_median_s": round(statistics.median(d), 4),
+                             "job_median_s": round(statistics.median(j), 4),
+                             "job_vs_diffusers": round(statistics.median(j) / statistics.median(d),
+                                                       4)}
+            print(json.dumps({name: results[name]}), file=sys.stderr)
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(60)
+    print(json.dumps({
+        "benchmark": "bench_video",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads "
+                   f"{torch.get_num_threads()}",
+        "model": args.model, "size": args.size, "frames": args.frames, "steps": args.steps,
+        "repeats": args.repeats,
+        "job_vs_diffusers": results["plain"]["job_vs_diffusers"],
+        "cache_dit_speedup": round(results["plain"]["job_median_s"]
+                                   / results["cache_dit"]["job_median_s"], 4),
+        "runs": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
