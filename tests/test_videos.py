@@ -130,6 +130,24 @@ def test_delete_stops_a_running_job(t2v):
     assert _wait(t2v, r.json()["id"], timeout=30)["status"] == "completed"
 
 
+def test_jobs_count_against_the_queue(t2v):
+    body = {"prompt": "wait", "size": "32x32", "num_frames": 5, "num_inference_steps": LONG}
+    ids = []
+    try:
+        for _ in range(4):  # one running + --max-queue-len 3 waiting
+            r = requests.post(t2v.url + "/v1/videos", json=body, timeout=30)
+            assert r.status_code == 200, r.text
+            ids.append(r.json()["id"])
+        r = requests.post(t2v.url + "/v1/videos", json=body, timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        assert int(r.headers["Retry-After"]) >= 1
+    finally:
+        for job_id in ids:  # queued ones leave the engine's queue, the running one stops
+            assert requests.delete(f"{t2v.url}/v1/videos/{job_id}", timeout=30).ok
+    r = requests.post(t2v.url + "/v1/videos", timeout=30, json={**body, "num_inference_steps": 2})
+    assert _wait(t2v, r.json()["id"], timeout=30)["status"] == "completed"
+
+
 @pytest.mark.parametrize("body,param", [
     ({"size": "33x32"}, "size"),  # not a multiple of the model's 16
     ({"num_frames": 6}, "num_frames"),  # not 4k+1: the message names 5 and 9
