@@ -3,7 +3,7 @@ model, and every feature it does not declare is refused at startup.
 
 Requests run through the real worker code (``ModelRunner``: load, parallel hooks, cache hooks,
 execute). Parallel layouts run on gloo ranks forked from the preloaded worker server and must
-reproduce the single-process image; caches must skip transformer calls.
+reproduce the single-process image (or every frame of a video); caches must skip transformer calls.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from test_models import INPUTS, PROMPT, SEED
 from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
 from vllm_omni.models.base import FEATURES
-from vllm_omni.testing.dist import run_ranks
+from vllm_omni.testing.dist import parse_layout_name, run_ranks
 
 TOL = 1e-4
 # What each request looks like per family (inputs, sampling params); CFG on where the model has
@@ -36,6 +36,13 @@ REQUESTS: dict[str, dict[str, Any]] = {
     "longcat-image-edit": dict(inputs=1),
     "ovis-image": dict(params=dict(width=64, height=48, guidance_scale=3.0)),
     "glm-image": dict(params=dict(width=64, height=64)),
+    # 9 frames (3 latent frames) at these sizes are 45 tokens (A14B: 80x48; I2V takes its size from
+    # the 64x48 input) and 9 tokens (TI2V-5B, 16x VAE), uneven over 2 and 4 ranks. 3 steps reach
+    # the low-noise expert (transformer_2) of both A14B models; their CFG is on by default.
+    "wan2.2-t2v": dict(steps=3, params=dict(width=80, height=48, num_frames=9,
+                                            negative_prompt="blurry")),
+    "wan2.2-i2v": dict(steps=3, inputs=1, params=dict(num_frames=9)),
+    "wan2.2-ti2v": dict(steps=3, params=dict(width=96, height=32, num_frames=9)),
 }
 # One layout per parallel feature; two features share a run where the model has both.
 LAYOUTS = {
@@ -44,15 +51,24 @@ LAYOUTS = {
     "tensor_parallel": dict(tensor_parallel_size=2),
     "vae_patch_parallel": dict(vae_patch_parallel_size=2),
 }
+# Further layouts of a feature, for the models that need them proven too (Wan: ring attention,
+# alone and inside Ulysses, over the two experts).
+MORE_LAYOUTS = {
+    "wan2.2-t2v": {"sequence_parallel": ["R2", "U2xR2"]},
+    "wan2.2-i2v": {"sequence_parallel": ["R2"]},
+    "wan2.2-ti2v": {"sequence_parallel": ["R2", "U2xR2"]},
+}
+# Cache-DiT under parallel layouts: the same calls skipped, the same output as one process.
+CACHE_LAYOUTS = {"wan2.2-t2v": ["U2", "CFG2"]}
 
 
 @pytest.fixture(scope="session")
-def feature_models(tiny_models, tmp_path_factory) -> dict[str, str]:
+def feature_models(tiny_models, video_models, tmp_path_factory) -> dict[str, str]:
     from vllm_omni.testing.tiny_models import build
 
     extra = {"flux.2-klein-base-4b": build(
         "flux.2-klein-base-4b", str(tmp_path_factory.mktemp("models") / "flux2-base"))}
-    return {**tiny_models, **extra}
+    return {**tiny_models, **video_models, **extra}
 
 
 def _config(model_dir: str, parallel: dict | None = None, cache_backend: str = "none",
@@ -86,7 +102,7 @@ def _generate(config: OmniEngineConfig, family: str, steps: int, rank: int = 0, 
     runner.load()
     out = runner.execute([_request(runner.spec, family, steps, tall)])[0]
     assert out.error is None, out.error
-    return [np.asarray(im) for im in out.images], out.metrics
+    return [np.asarray(im) for im in out.images or [v.frames for v in out.videos]], out.metrics
 
 
 def _rank(rank, world, config, family, steps, tall=False):
@@ -104,13 +120,18 @@ def singles(feature_models):
     """family -> the single-process image(s), computed once."""
     cache: dict[str, list] = {}
 
-    def get(family: str, steps: int = 2, tall: bool = False):
-        key = f"{family}:{steps}:{tall}"
+    def get(family: str, tall: bool = False):
+        key = f"{family}:{tall}"
         if key not in cache:
-            cache[key], _ = _generate(_config(feature_models[family]), family, steps, tall=tall)
+            cache[key], _ = _generate(_config(feature_models[family]), family, _steps(family),
+                                      tall=tall)
         return cache[key]
 
     return get
+
+
+def _steps(family: str) -> int:
+    return REQUESTS[family].get("steps", 2)
 
 
 def _spec(model_dir: str):
@@ -130,11 +151,47 @@ def test_parallel_features_reproduce_one_process(family, feature_models, singles
     for feature in declared:
         tall = feature == "vae_patch_parallel"
         want = singles(family, tall=tall)
-        config = _config(feature_models[family], LAYOUTS[feature])
-        results = run_ranks(_rank, config.world_size, config, family, 2, tall, timeout=300)
-        for images in results:
+        more = MORE_LAYOUTS.get(family, {}).get(feature, [])
+        for layout in [LAYOUTS[feature], *map(parse_layout_name, more)]:
+            config = _config(feature_models[family], layout)
+            results = run_ranks(_rank, config.world_size, config, family, _steps(family), tall,
+                                timeout=300)
+            for images in results:
+                assert len(images) == len(want)
+                for got, w in zip(images, want):
+                    assert np.abs(got - w).max() < TOL, (family, layout)
+
+
+@pytest.mark.parametrize("family", sorted(CACHE_LAYOUTS))
+def test_cache_dit_under_parallel_layouts_reproduces_one_process(family, feature_models):
+    """Cache-DiT on every denoiser (both Wan2.2 experts), with its decisions agreed over the
+    ranks: each layout skips the same calls and gives the same output as one process."""
+    from vllm_omni.worker.model_runner import ModelRunner
+
+    cache_config = {"residual_diff_threshold": 0.4, "max_warmup_steps": 1}
+    steps = 8  # 6 high-noise and 2 low-noise steps, with CFG: 16 calls
+    config = _config(feature_models[family], cache_backend="cache_dit", cache_config=cache_config)
+    runner = ModelRunner(config, 0, torch.device("cpu"))
+    runner.load()
+    out = runner.execute([_request(runner.spec, family, steps)])[0]
+    want, metrics = [np.asarray(v.frames) for v in out.videos], out.metrics
+    caches = runner.features[-1].caches
+    assert len(caches) == 2 and all(c.stats.skipped > 0 for c in caches), \
+        [c.stats for c in caches]  # each expert reuses its own cached residuals
+    for name in CACHE_LAYOUTS[family]:
+        config = _config(feature_models[family], parse_layout_name(name), "cache_dit",
+                         cache_config)
+        results = run_ranks(_cached_rank, config.world_size, config, family, steps, timeout=300)
+        for images, got_metrics in results:
+            assert got_metrics["transformer_calls_skipped"] == metrics["transformer_calls_skipped"]
             for got, w in zip(images, want):
-                assert np.abs(got - w).max() < TOL, (family, feature)
+                assert np.abs(got - w).max() < TOL, (family, name)
+
+
+def _cached_rank(rank, world, config, family, steps):
+    from vllm_omni.distributed.groups import torch_groups
+
+    return _generate(config, family, steps, rank, torch_groups(config.parallel.layout))
 
 
 @pytest.mark.parametrize("family", sorted(REQUESTS))

@@ -18,7 +18,9 @@ from PIL import Image
 from conftest import VIDEO_FAMILIES
 from vllm_omni.engine.errors import InvalidRequestError
 
-SEED, STEPS, PROMPT = 7, 2, "a red fox in the snow"
+# 3 steps: the last one is below both A14B boundaries, so the low-noise expert (transformer_2)
+# runs too (timesteps 999, 960, 857 for T2V's boundary 875; 999, 909, 714 for I2V's 900).
+SEED, STEPS, PROMPT = 7, 3, "a red fox in the snow"
 IMAGE = Image.fromarray((np.random.RandomState(1).rand(48, 64, 3) * 255).astype("uint8"))
 
 
@@ -79,6 +81,18 @@ def test_offline_equals_diffusers(family, video_models, engines):
             if output_type == "pil":
                 assert got.size == size
             np.testing.assert_array_equal(np.asarray(got), np.asarray(w))
+
+
+def test_guidance_scale_2_scales_the_low_noise_steps(engines):
+    """guidance_scale sets the high-noise expert's CFG (the early steps), guidance_scale_2 the
+    low-noise expert's (here only the last step): changing either changes the video."""
+    def frames(**params):
+        out = _generate(engines["wan2.2-t2v"], "wan2.2-t2v", "np", **params)
+        return np.stack(out.videos[0].frames)
+
+    base = frames()  # guidance_scale 4.0 (the default), guidance_scale_2 2.0
+    assert not np.array_equal(base, frames(guidance_scale_2=6.0))
+    assert not np.array_equal(base, frames(guidance_scale=6.0))
 
 
 def test_each_video_of_a_request_has_its_own_seed(video_models, engines):

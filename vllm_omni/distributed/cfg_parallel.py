@@ -101,8 +101,11 @@ class BatchedCFGParallelHook(ModelHook):
 
 def proj_out_like(transformer: torch.nn.Module, kwargs: dict) -> torch.Tensor:
     """An empty tensor shaped like the output of a DiT whose token-wise ``proj_out`` ends it
-    (Qwen-Image, FLUX.1/2, LongCat, Ovis): the input tokens, ``proj_out.out_features`` wide."""
+    (Qwen-Image, FLUX.1/2, LongCat, Ovis): the input tokens, ``proj_out.out_features`` wide. A
+    video DiT (Wan) takes and returns latent videos [B, C, F, H, W]: its ``out_channels`` then."""
     x = kwargs["hidden_states"]
+    if x.dim() == 5:
+        return x.new_empty(x.shape[0], transformer.config.out_channels, *x.shape[2:])
     return x.new_empty(*x.shape[:2], transformer.proj_out.out_features)
 
 

@@ -164,15 +164,20 @@ class SequenceParallelFeature(ParallelFeature):
 def _split_inputs_hook(sp: SequenceParallel, module: torch.nn.Module, inputs: dict[str, Any]):
     params = list(inspect.signature(module.forward).parameters)
 
+    def splits(x, cpi) -> bool:
+        # A plan entry may apply to one form of an input only (Wan's timestep: per token, 2-D,
+        # for TI2V-5B; one per sample, 1-D, for the A14B models), as in diffusers.
+        return torch.is_tensor(x) and (cpi.expected_dims is None or x.dim() == cpi.expected_dims)
+
     def hook(mod, args, kwargs):
         args = list(args)
         for name, cpi in inputs.items():
             if name in kwargs:
-                if torch.is_tensor(kwargs[name]):
+                if splits(kwargs[name], cpi):
                     kwargs[name] = sp.split(kwargs[name], cpi.split_dim, name)
             elif name in params and params.index(name) < len(args):
                 i = params.index(name)
-                if torch.is_tensor(args[i]):
+                if splits(args[i], cpi):
                     args[i] = sp.split(args[i], cpi.split_dim, name)
         return tuple(args), kwargs
 
