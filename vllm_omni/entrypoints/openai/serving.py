@@ -82,6 +82,13 @@ class Serving:
         self.in_flight = 0  # admitted, not yet answered (the event loop is single-threaded)
         self._latency_s = 0.0  # moving average of engine time per request, for Retry-After
 
+    def check_pixels(self, w: int | None, h: int | None) -> None:
+        """The one limit across two options (the others cap the option schema)."""
+        most = self.limits.max_pixels
+        if most is not None and w is not None and w * h > most:
+            raise OpenAIError(400, f"size {w}x{h} is {w * h} pixels, over this server's limit of "
+                              f"{most} (--max-pixels)", param="size", code="invalid_value")
+
     def admit(self) -> None:
         """Counts a request in, or refuses it with 429 when the queue is full."""
         lim = self.limits

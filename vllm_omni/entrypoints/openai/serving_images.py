@@ -39,13 +39,6 @@ class ServingImages(Serving):
         super().__init__(engine, spec, served_model_names, seed, limits, metrics)
         self.store = store
 
-    def check_pixels(self, w: int | None, h: int | None) -> None:
-        """The one limit across two options (the others cap the option schema)."""
-        most = self.limits.max_pixels
-        if most is not None and w is not None and w * h > most:
-            raise OpenAIError(400, f"size {w}x{h} is {w * h} pixels, over this server's limit of "
-                              f"{most} (--max-pixels)", param="size", code="invalid_value")
-
     def prepare(self, body: ImageRequestBase, images: list | None = None,
                 mask=None) -> DiffusionRequest:
         """The engine request for ``body`` (plus decoded input images for edits); every check

@@ -10,9 +10,11 @@ instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import re
+import sqlite3
 import time
 import uuid
 from typing import Any, Optional
@@ -89,7 +91,12 @@ class ServingVideos(Serving):
                  metrics: ServerMetrics | None = None):
         super().__init__(engine, spec, served_model_names, seed, limits, metrics)
         self.store = store
+        self.request_model = video_request_model(spec)
         self.tasks: dict[str, asyncio.Task] = {}
+        # Jobs whose record may be newer here than in the store: running ones (saved at every
+        # step) and any whose last save failed (a full disk), so retrieval never shows a stale
+        # "in_progress" for a job that ended.
+        self.live: dict[str, VideoJob] = {}
 
     # -- requests ----------------------------------------------------------------------------------
     def prepare(self, body: VideoRequestBase, reference: Image.Image | None,
@@ -118,13 +125,6 @@ class ServingVideos(Serving):
         except ValueError as e:
             raise OpenAIError(400, str(e), code="invalid_value") from None
 
-    def check(self, req: DiffusionRequest) -> None:
-        most = self.limits.max_pixels
-        if most is not None and req.width * req.height > most:
-            raise OpenAIError(400, f"size {req.width}x{req.height} is {req.width * req.height} "
-                              f"pixels, over this server's limit of {most} (--max-pixels)",
-                              param="size", code="invalid_value")
-
     def _describe(self, req: DiffusionRequest) -> tuple[str, str]:
         """(size, seconds) as the job object shows them."""
         frames, fps = self.spec.adapter.video_shape(req)
@@ -143,7 +143,7 @@ class ServingVideos(Serving):
                    is_disconnected) -> tuple[bytes, DiffusionRequest]:
         """``POST /v1/videos/sync``: the mp4 of one request, without a job."""
         req = self.prepare(body, reference, f"video-{uuid.uuid4().hex}")
-        self.check(req)
+        self.check_pixels(req.width, req.height)
         self.admit()
         try:
             video = await self.generate(req, is_disconnected)
@@ -159,7 +159,7 @@ class ServingVideos(Serving):
         ``fields``: the request as given (without the reference), kept to run it again."""
         job_id = f"video_{uuid.uuid4().hex}"
         req = self.prepare(body, reference, job_id)
-        self.check(req)
+        self.check_pixels(req.width, req.height)
         self.admit()
         try:
             size, seconds = self._describe(req)
@@ -179,14 +179,18 @@ class ServingVideos(Serving):
             if reference is not None:
                 self.store.write_file(job.id + ".png", encode_image(reference, "png"))
             self.store.add(job)
-        except OSError as e:
-            raise OpenAIError(507, f"the job could not be stored: {e.strerror or e}",
+        except (OSError, sqlite3.Error) as e:
+            why = getattr(e, "strerror", None) or e
+            raise OpenAIError(507, f"the job could not be stored: {why}",
                               "server_error", code="storage_error") from None
 
     async def _run_job(self, job: VideoJob, req: DiffusionRequest) -> None:
         def on_progress(step: int, total: int) -> None:
             job.status, job.progress = "in_progress", min(99, 100 * step // total)
-            self.store.save(job)
+            with contextlib.suppress(sqlite3.Error):  # shown from ``live`` meanwhile
+                self.store.save(job)
+
+        self.live[job.id] = job
 
         try:
             job.error = None
@@ -218,7 +222,8 @@ class ServingVideos(Serving):
             logger.info("video job %s failed: %s", job.id, job.error["message"])
         try:
             self.store.save(job)
-        except Exception:
+            self.live.pop(job.id, None)
+        except sqlite3.Error:
             logger.exception("video job %s: its final state could not be saved", job.id)
 
     def resume(self) -> int:
@@ -236,8 +241,7 @@ class ServingVideos(Serving):
                                           "server_error", code="storage_error")
                     reference = Image.open(io.BytesIO(data))
                     reference.load()
-                model = video_request_model(self.spec)
-                body = model.model_validate({**job.params, "model": None}, strict=False)
+                body = self.request_model.model_validate({**job.params, "model": None}, strict=False)
                 req = self.prepare(body, reference, job.id)
             except OpenAIError as e:
                 self.in_flight -= 1
@@ -252,7 +256,7 @@ class ServingVideos(Serving):
         return len(jobs)
 
     def get(self, job_id: str) -> VideoJob:
-        job = self.store.get(job_id)
+        job = self.live.get(job_id) or self.store.get(job_id)
         if job is None:
             raise OpenAIError(404, f"No video with id {job_id!r}", param="video_id",
                               code="not_found")
@@ -280,6 +284,7 @@ class ServingVideos(Serving):
         """Deletes a job, stopping it at its next denoising step if it runs."""
         self.get(job_id)
         task = self.tasks.pop(job_id, None)
+        self.live.pop(job_id, None)
         if task is not None:
             self.engine.set_abort_reason(job_id, "cancelled")
             task.cancel()  # AsyncOmniEngine.generate sends the abort
@@ -388,7 +393,7 @@ async def _reference(decoder, source) -> Image.Image | None:
 
 
 def add_routes(app, videos: ServingVideos, decoder, limits: ServingLimits) -> None:
-    model = video_request_model(videos.spec)
+    model = videos.request_model
     schema = model.model_json_schema()
     form = {**schema, "properties": {**schema["properties"], "input_reference": {
         "type": "string", "format": "binary"}}}
