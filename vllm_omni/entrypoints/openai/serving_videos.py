@@ -22,7 +22,7 @@ from typing import Any, Optional
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from vllm_omni.engine.async_engine import AsyncOmniEngine
 from vllm_omni.engine.errors import InvalidRequestError
@@ -241,7 +241,13 @@ class ServingVideos(Serving):
                                           "server_error", code="storage_error")
                     reference = Image.open(io.BytesIO(data))
                     reference.load()
-                body = self.request_model.model_validate({**job.params, "model": None}, strict=False)
+                try:
+                    body = self.request_model.model_validate({**job.params, "model": None},
+                                                             strict=False)
+                except ValidationError as e:  # the server restarted with other options
+                    raise OpenAIError(400, str(e.errors()[0]["msg"]),
+                                      param=".".join(map(str, e.errors()[0]["loc"])),
+                                      code="invalid_value") from None
                 req = self.prepare(body, reference, job.id)
             except OpenAIError as e:
                 self.in_flight -= 1
