@@ -128,6 +128,14 @@ class VideoAdapter(ImageAdapter):
     def output_frames(self, req: DiffusionRequest) -> int:
         return self.num_frames(req)
 
+    def latent_frames(self, req: DiffusionRequest) -> int:
+        return (self.num_frames(req) - 1) // self.frame_step + 1
+
+    def frames_decoded_at_once(self, req: DiffusionRequest) -> int:
+        # AutoencoderKLWan decodes one latent frame (frame_step frames) per decoder call, and
+        # each causal convolution caches its last 2 input frames. Not measured: counted high.
+        return min(self.num_frames(req), self.frame_step + 2)
+
     def batch_key(self, req: DiffusionRequest):
         return None  # one video per call: a video's memory is a batch's worth of images
 
