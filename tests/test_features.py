@@ -9,15 +9,29 @@ from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
 from vllm_omni.testing.dist import run_ranks
 
 
+def _wan_inputs(model) -> dict:
+    """A 2-frame latent video (12 tokens a frame) and an odd-length prompt for a Wan expert."""
+    g, cfg = torch.Generator().manual_seed(1), model.config
+    return dict(hidden_states=torch.randn(1, cfg.in_channels, 2, 6, 4, generator=g),
+                timestep=torch.tensor([700.0]),
+                encoder_hidden_states=torch.randn(1, 7, cfg.text_dim, generator=g),
+                return_dict=False)
+
+
+def _denoisers(pipe) -> list[str]:
+    return [n for n in ("transformer", "transformer_2") if getattr(pipe, n, None) is not None]
+
+
 def _outputs(pipe) -> dict[str, torch.Tensor]:
     z = torch.randn(1, pipe.vae.config.z_dim, 1, 40, 6, generator=torch.Generator().manual_seed(2))
+    inputs = _wan_inputs if "Wan" in type(pipe).__name__ else _transformer_inputs
     with torch.inference_mode():
-        return {"transformer": pipe.transformer(**_transformer_inputs(pipe.transformer))[0],
-                "vae": pipe.vae.decode(z).sample}
+        out = {n: getattr(pipe, n)(**inputs(getattr(pipe, n)))[0] for n in _denoisers(pipe)}
+        return {**out, "vae": pipe.vae.decode(z).sample}
 
 
 def _state(pipe) -> dict[str, torch.Tensor]:
-    return {f"{name}.{k}": v.clone() for name in ("transformer", "vae")
+    return {f"{name}.{k}": v.clone() for name in (*_denoisers(pipe), "vae")
             for k, v in getattr(pipe, name).state_dict().items()}
 
 
@@ -73,6 +87,15 @@ def _rank(rank, world, model_dir, parallel):
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_parallel_removes_exactly(tiny_qwen_image, parallel, name):
     assert run_ranks(_rank, 2, tiny_qwen_image, parallel) == [[name]] * 2
+
+
+def test_wan_parallel_features_remove_exactly_from_both_experts(video_models):
+    """Wan2.2 T2V-A14B: tensor parallelism (with its sharded query/key norms), Ulysses and
+    CFG-parallel on both experts come off bitwise."""
+    parallel = dict(tensor_parallel_size=2)
+    assert run_ranks(_rank, 2, video_models["wan2.2-t2v"], parallel) == [["tensor_parallel"]] * 2
+    for parallel in (dict(ulysses_degree=2), dict(cfg_parallel_size=2)):
+        run_ranks(_rank, 2, video_models["wan2.2-t2v"], parallel)
 
 
 def test_tensor_parallel_shards_packed_layers_block_by_block(tiny_models):

@@ -52,9 +52,9 @@ LAYOUTS = {
     "vae_patch_parallel": dict(vae_patch_parallel_size=2),
 }
 # Further layouts of a feature, for the models that need them proven too (Wan: ring attention,
-# alone and inside Ulysses, over the two experts).
+# alone, inside Ulysses and beside tensor parallelism, over the two experts).
 MORE_LAYOUTS = {
-    "wan2.2-t2v": {"sequence_parallel": ["R2", "U2xR2"]},
+    "wan2.2-t2v": {"sequence_parallel": ["R2", "U2xR2"], "tensor_parallel": ["R2xTP2"]},
     "wan2.2-i2v": {"sequence_parallel": ["R2"]},
     "wan2.2-ti2v": {"sequence_parallel": ["R2", "U2xR2"]},
 }

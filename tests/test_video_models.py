@@ -201,3 +201,25 @@ def test_image_models_refuse_video_options(tiny_qwen_image):
         with pytest.raises(InvalidRequestError) as e:
             _process(spec, "qwen-image", **params)
         assert e.value.code == "unsupported_parameter" and e.value.param in params
+
+
+def test_memory_estimate_counts_latent_frames_and_one_decoded_chunk(video_models):
+    """81 frames are 21 latent frames to the transformer, and the Wan VAE decodes a chunk at a
+    time: only the decoded output grows with every frame (counting all 81 frames at once made a
+    real 832x480 request look like ~200 GiB)."""
+    from vllm_omni.worker import memory
+    from vllm_omni.worker.memory import DECODE_OUTPUT_BYTES_PER_PIXEL, DIT_SLACK, TEXT_TOKENS
+
+    spec = _spec(video_models, "wan2.2-t2v")
+    dims = memory.ModelDims.from_model_dir(spec.model_dir, spec.adapter, spec, 4)
+
+    def parts(frames):
+        req = _process(spec, "wan2.2-t2v", width=832, height=480, num_frames=frames)
+        return memory.estimate(dims, spec.adapter, [req], lambda r: True).parts
+
+    short, long = parts(9), parts(81)
+    tokens = (832 // 16) * (480 // 16)  # per latent frame
+    assert (long["denoise"] - DIT_SLACK) / (short["denoise"] - DIT_SLACK) == pytest.approx(
+        (21 * tokens + TEXT_TOKENS) / (3 * tokens + TEXT_TOKENS))
+    assert long["decode"] - short["decode"] == pytest.approx(
+        72 * 832 * 480 * DECODE_OUTPUT_BYTES_PER_PIXEL, abs=2)

@@ -5,7 +5,9 @@ style): a column-parallel layer keeps its slice of output features, a row-parall
 of input features and all-reduces its output before adding the bias. A packed layer (FLUX's fused
 QKV+MLP projections) is several such layers side by side: each block is sliced on its own, so
 every rank keeps matching slices of every block. Attention processors that reshape by head_dim
-then see ``heads / tp`` heads and need no change.
+then see ``heads / tp`` heads and need no change. An RMSNorm over features that were split (Wan's
+query/key norms span all heads: plan style "sharded_rmsnorm") keeps its slice of the weight and
+sums the squares over the ranks.
 """
 
 from __future__ import annotations
@@ -20,24 +22,13 @@ from vllm_omni.distributed.comm import GroupComm
 from vllm_omni.features import ParallelFeature, resolve
 
 
-class ParallelLinear(torch.nn.Linear):
-    """This rank's shard of a full Linear along ``split_dim`` of its weight (0: output features,
-    1: input features); ``blocks`` are the packed blocks' sizes along it."""
+class Sharded:
+    """A layer holding this rank's slices of a full layer's tensors (``comm``, ``blocks`` and
+    ``split_dim`` set by the layer)."""
 
+    comm: GroupComm
+    blocks: list[int] | None
     split_dim: ClassVar[int]
-
-    def __init__(self, full: torch.nn.Linear, comm: GroupComm, blocks: list[int] | None = None):
-        torch.nn.Module.__init__(self)
-        self.comm, self.blocks = comm, blocks
-        with torch.no_grad():
-            self.weight = torch.nn.Parameter(self.shard_weight(full.weight, self.split_dim),
-                                             requires_grad=False)
-            self.bias = None if full.bias is None else torch.nn.Parameter(
-                self.shard_bias(full.bias), requires_grad=False)
-        self.out_features, self.in_features = self.weight.shape
-
-    def shard_bias(self, full: torch.Tensor) -> torch.Tensor:
-        return self.shard_weight(full, 0)
 
     def shard_weight(self, full: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's part of a tensor laid out like the full layer along ``dim`` (its weight,
@@ -59,6 +50,24 @@ class ParallelLinear(torch.nn.Linear):
         return torch.cat([r[i] for i in range(len(blocks)) for r in ranks], dim)
 
 
+class ParallelLinear(Sharded, torch.nn.Linear):
+    """This rank's shard of a full Linear along ``split_dim`` of its weight (0: output features,
+    1: input features); ``blocks`` are the packed blocks' sizes along it."""
+
+    def __init__(self, full: torch.nn.Linear, comm: GroupComm, blocks: list[int] | None = None):
+        torch.nn.Module.__init__(self)
+        self.comm, self.blocks = comm, blocks
+        with torch.no_grad():
+            self.weight = torch.nn.Parameter(self.shard_weight(full.weight, self.split_dim),
+                                             requires_grad=False)
+            self.bias = None if full.bias is None else torch.nn.Parameter(
+                self.shard_bias(full.bias), requires_grad=False)
+        self.out_features, self.in_features = self.weight.shape
+
+    def shard_bias(self, full: torch.Tensor) -> torch.Tensor:
+        return self.shard_weight(full, 0)
+
+
 class ColumnParallelLinear(ParallelLinear):
     split_dim = 0  # its output stays split: the next row-parallel layer consumes it as is
 
@@ -72,6 +81,30 @@ class RowParallelLinear(ParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.comm.all_reduce(F.linear(x, self.weight))
         return out if self.bias is None else out + self.bias  # the bias once, not once per rank
+
+
+class ShardedRMSNorm(Sharded, torch.nn.Module):
+    """An RMSNorm over features split across the ranks (by the column-parallel layer before it):
+    the sum of squares is all-reduced, so each rank divides by the whole vector's RMS."""
+
+    split_dim = 0
+
+    def __init__(self, full: torch.nn.RMSNorm, comm: GroupComm):
+        torch.nn.Module.__init__(self)
+        self.comm, self.blocks = comm, None
+        self.features = full.normalized_shape[-1]
+        self.eps = full.eps
+        with torch.no_grad():
+            self.weight = None if full.weight is None else torch.nn.Parameter(
+                self.shard_weight(full.weight, 0), requires_grad=False)
+        self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
+        xf = x.float()  # the sum of squares in fp32, as torch's fused kernel accumulates
+        squares = self.comm.all_reduce(xf.pow(2).sum(-1, keepdim=True))
+        out = (xf * torch.rsqrt(squares / self.features + eps)).type_as(x)
+        return out if self.weight is None else out * self.weight
 
 
 def _layer(style, module: torch.nn.Module, name: str) -> tuple[type[ParallelLinear], Any]:
@@ -107,10 +140,16 @@ def apply_tensor_parallel(model: torch.nn.Module, plan: dict[str, Any], comm: Gr
                       if name.count(".") == p.count(".") and fnmatch.fnmatchcase(name, p)), None)
         if style is None:
             continue
+        parent_name, _, attr = name.rpartition(".")
+        if style == "sharded_rmsnorm" and isinstance(module, torch.nn.RMSNorm):
+            setattr(modules[parent_name], attr, ShardedRMSNorm(module, comm))
+            if module.weight is not None:
+                module.weight.data = module.weight.data.new_empty(0)
+            replaced.append((modules[parent_name], attr, module))
+            continue
         if not isinstance(module, torch.nn.Linear):
             raise ValueError(f"tensor-parallel plan names {name}, a {type(module).__name__}, not a Linear")
         cls, blocks = _layer(style, module, name)
-        parent_name, _, attr = name.rpartition(".")
         setattr(modules[parent_name], attr, cls(module, comm, blocks))
         for p in module.parameters():
             p.data = p.data.new_empty(0)
@@ -122,8 +161,9 @@ def restore(replaced: list[tuple[torch.nn.Module, str, torch.nn.Linear]]) -> Non
     """Puts the original Linears back with their full weights (all TP ranks together)."""
     for parent, attr, original in reversed(replaced):
         layer = getattr(parent, attr)
-        original.weight.data = layer.gather_weight(layer.weight.data, layer.split_dim)
-        if original.bias is not None:
+        if original.weight is not None:
+            original.weight.data = layer.gather_weight(layer.weight.data, layer.split_dim)
+        if getattr(original, "bias", None) is not None:
             original.bias.data = (layer.gather_weight(layer.bias.data, 0) if layer.split_dim == 0
                                   else layer.bias.data.clone())
         setattr(parent, attr, original)

@@ -209,6 +209,16 @@ class ModelAdapter:
         """Images the VAE decodes (and latent frames the transformer sees) per output image."""
         return 1
 
+    def latent_frames(self, req: DiffusionRequest) -> int:
+        """Latent frames the transformer sees per output (a video VAE packs several frames into
+        one latent frame)."""
+        return self.output_frames(req)
+
+    def frames_decoded_at_once(self, req: DiffusionRequest) -> int:
+        """Frames whose full-resolution activations the VAE decoder holds at once (a causal
+        video VAE decodes chunk by chunk)."""
+        return self.output_frames(req)
+
     def pipeline_kwargs(self, req: DiffusionRequest) -> dict[str, Any]:
         raise NotImplementedError
 

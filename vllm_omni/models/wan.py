@@ -138,6 +138,14 @@ class VideoAdapter(ImageAdapter):
     def output_frames(self, req: DiffusionRequest) -> int:
         return self.num_frames(req)
 
+    def latent_frames(self, req: DiffusionRequest) -> int:
+        return (self.num_frames(req) - 1) // self.frame_step + 1
+
+    def frames_decoded_at_once(self, req: DiffusionRequest) -> int:
+        # AutoencoderKLWan decodes one latent frame (frame_step frames) per decoder call, and
+        # each causal convolution caches its last 2 input frames. Not measured: counted high.
+        return min(self.num_frames(req), self.frame_step + 2)
+
     def batch_key(self, req: DiffusionRequest):
         return None  # one video per call: a video's memory is a batch's worth of images
 
@@ -148,8 +156,8 @@ class WanAdapter(VideoAdapter):
               ("Wan2.2-TI2V-5B", "Wan-AI/Wan2.2-TI2V-5B-Diffusers"))
     pipeline_classes = ("WanPipeline",)
     # The seed's VideoGen row; CPU offload and LoRA arrive with their own features.
-    features = frozenset({"cache_dit", "sequence_parallel", "cfg_parallel", "cpu_offload",
-                          "lora"})
+    features = frozenset({"cache_dit", "sequence_parallel", "cfg_parallel", "tensor_parallel",
+                          "cpu_offload", "lora"})
     options = (*VideoAdapter.options, GUIDANCE_SCALE_2)
 
     def kind(self, index: dict[str, Any]) -> str:
@@ -207,6 +215,7 @@ class WanAdapter(VideoAdapter):
 
     # -- parallelism -------------------------------------------------------------------------------
     sp_processor = "vllm_omni.models.wan:WanSPAttnProcessor"
+    tp_plan = "vllm_omni.models.wan:wan_tp_plan"
 
     def parallel_plan(self):
         plan = super().parallel_plan()
@@ -231,6 +240,32 @@ class WanI2VAdapter(WanAdapter):
         # The image is resized to the output size and VAE-encoded as the first frame of a clip
         # (the others zero); its latents join the noise on the channel axis, not the sequence.
         return [(req.width, req.height)]
+
+
+def wan_tp_plan(transformer: Any) -> dict[str, str]:
+    """Megatron-style split of each Wan block (diffusers has no ``_tp_plan`` for it): the Q/K/V
+    projections of self- and cross-attention and the FFN's first layer by output features, the
+    attention outputs and the FFN's second layer by input features. The query/key RMS norms span
+    all heads (``rms_norm_across_heads``), so they sum their squares over the ranks; the
+    modulation, the other norms and the embedders stay whole on every rank."""
+    import torch
+
+    plan = {"blocks.*.ffn.net.0.proj": "colwise", "blocks.*.ffn.net.2": "rowwise"}
+    block = transformer.blocks[0]
+    for name in ("attn1", "attn2"):
+        attn = getattr(block, name)
+        for proj in ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj"):
+            if isinstance(getattr(attn, proj, None), torch.nn.Linear):
+                plan[f"blocks.*.{name}.{proj}"] = "colwise"
+        plan[f"blocks.*.{name}.to_out.0"] = "rowwise"
+        for norm in ("norm_q", "norm_k", "norm_added_k"):
+            module = getattr(attn, norm, None)
+            if isinstance(module, torch.nn.RMSNorm):
+                if module.normalized_shape[-1] != attn.inner_dim:
+                    raise ValueError(f"{name}.{norm} normalises {module.normalized_shape}, not "
+                                     "across the heads: no tensor-parallel plan for it")
+                plan[f"blocks.*.{name}.{norm}"] = "sharded_rmsnorm"
+    return plan
 
 
 class WanSPAttnProcessor:

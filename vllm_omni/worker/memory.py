@@ -24,7 +24,9 @@ With ``b`` bytes per activation, ``P = W x H`` output pixels, ``N`` output image
     peak    = max(encode, denoise, decode, post)
 
 where ``C`` is the VAE width that runs at full resolution, ``U`` its coefficient (below) and
-``T = P / 16² + input tokens + 512 prompt tokens``.
+``T = P / 16² + input tokens + 512 prompt tokens``. For a video, ``N`` counts frames in the output
+and post terms, but the decoder's working set is the frames it decodes at once (a chunk: the
+adapter's ``frames_decoded_at_once``) and ``T`` counts latent frames (``latent_frames``).
 
 Attention scores are not a term: on the CPU, ``scaled_dot_product_attention`` (torch 2.13) takes
 the flash kernel for these models (no mask, or a ``B x 1 x 1 x L`` key-padding mask), which never
@@ -197,12 +199,15 @@ def estimate(dims: ModelDims, adapter: Any, reqs: Sequence[Any],
     first = reqs[0]
     pixels = first.width * first.height
     frames = adapter.output_frames(first)
-    images = sum(r.num_images_per_prompt for r in reqs) * frames
+    items = sum(r.num_images_per_prompt for r in reqs)
+    images = items * frames
     act = dims.act_bytes
     vae = dims.vae
 
-    decode = (images * pixels * (act * vae.decode_units * vae.decode_width
-                                 + DECODE_OUTPUT_BYTES_PER_PIXEL) + vae.slack)
+    # Every decoded frame's output stays; a video VAE's working set is one chunk's frames.
+    decode = (items * pixels * (act * vae.decode_units * vae.decode_width
+                                * adapter.frames_decoded_at_once(first)
+                                + DECODE_OUTPUT_BYTES_PER_PIXEL * frames) + vae.slack)
     post = images * pixels * POST_BYTES_PER_PIXEL
 
     inputs = [adapter.vae_input_sizes(r) for r in reqs]
@@ -212,7 +217,7 @@ def estimate(dims: ModelDims, adapter: Any, reqs: Sequence[Any],
         encode = int(largest * act * vae.encode_units * vae.encode_width + vae.slack)
 
     side = dims.token_side
-    out_tokens = (first.width // side) * (first.height // side) * frames
+    out_tokens = (first.width // side) * (first.height // side) * adapter.latent_frames(first)
     batch = 0
     for r, sizes in zip(reqs, inputs):
         in_tokens = sum((w // side) * (h // side) for w, h in sizes)
