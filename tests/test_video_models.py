@@ -223,3 +223,43 @@ def test_memory_estimate_counts_latent_frames_and_one_decoded_chunk(video_models
         (21 * tokens + TEXT_TOKENS) / (3 * tokens + TEXT_TOKENS))
     assert long["decode"] - short["decode"] == pytest.approx(
         72 * 832 * 480 * DECODE_OUTPUT_BYTES_PER_PIXEL, abs=2)
+
+
+def test_a_cache_dit_step_mask_is_refused_over_two_experts(video_models):
+    """Each expert counts its own steps, so a step mask over the request's steps would land on
+    the wrong steps of the low-noise expert: refused at start-up, allowed with one transformer."""
+    from vllm_omni.diffusion.data import OmniEngineConfig
+    from vllm_omni.models.registry import load_model_spec
+
+    def check(family):
+        config = OmniEngineConfig(model=video_models[family], model_name=family,
+                                  cache_backend="cache_dit",
+                                  cache_config={"scm_steps_mask_policy": "fast"})
+        load_model_spec(config.model).adapter.check_engine(config)
+
+    with pytest.raises(ValueError, match="runs 2 transformers"):
+        check("wan2.2-t2v")
+    check("wan2.2-ti2v")
+
+
+def test_ti2v_animates_an_optional_image(video_models, engines):
+    """TI2V-5B with an image runs diffusers' image-to-video pipeline on the same modules, and
+    equals that call exactly; without one it stays text-to-video."""
+    from diffusers import DiffusionPipeline, WanImageToVideoPipeline
+
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+
+    text = DiffusionPipeline.from_pretrained(video_models["wan2.2-ti2v"])
+    pipe = WanImageToVideoPipeline(**text.components, expand_timesteps=True)
+    pipe.set_progress_bar_config(disable=True)
+    want = pipe(prompt=PROMPT, image=IMAGE, width=64, height=64, num_frames=5,
+                num_inference_steps=STEPS, guidance_scale=2.5, output_type="np",
+                generator=torch.Generator("cpu").manual_seed(SEED)).frames[0]
+    params = OmniDiffusionSamplingParams(width=64, height=64, num_frames=5, seed=SEED,
+                                         num_inference_steps=STEPS, guidance_scale=2.5,
+                                         output_type="np")
+    out = engines["wan2.2-ti2v"].generate(
+        {"prompt": PROMPT, "multi_modal_data": {"image": IMAGE}}, params, use_tqdm=False)[0]
+    np.testing.assert_array_equal(np.stack(out.videos[0].frames), want)
+    text_only = engines["wan2.2-ti2v"].generate(PROMPT, params, use_tqdm=False)[0]
+    assert not np.array_equal(np.stack(text_only.videos[0].frames), want)

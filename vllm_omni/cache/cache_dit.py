@@ -227,6 +227,19 @@ class CacheDiT:
 class CacheDiTFeature(CacheFeature):
     name = "cache_dit"
 
+    @classmethod
+    def check(cls, adapter, config) -> None:
+        super().check(adapter, config)
+        experts = adapter.parallel_plan().denoisers
+        cache = CacheDiTConfig.resolve(config.cache_config, adapter.cache_dit_presets,
+                                       adapter.spec.pipeline_class)
+        if cache.scm_steps_mask_policy is not None and len(experts) > 1:
+            # Each expert counts its own steps; a mask over the request's steps would land on
+            # the wrong ones for the expert that starts later.
+            raise ValueError(f"scm_steps_mask_policy: {adapter.spec.pipeline_class} runs "
+                             f"{len(experts)} transformers ({', '.join(experts)}) in turn, and a "
+                             "cache-dit step mask spans one; use the residual threshold alone")
+
     def apply(self, pipe, groups) -> None:
         config = CacheDiTConfig.resolve(self.config.cache_config, self.adapter.cache_dit_presets,
                                         self.adapter.spec.pipeline_class)

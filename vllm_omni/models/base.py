@@ -222,6 +222,11 @@ class ModelAdapter:
     def pipeline_kwargs(self, req: DiffusionRequest) -> dict[str, Any]:
         raise NotImplementedError
 
+    def pipeline_for(self, pipe: Any, reqs: list[DiffusionRequest]) -> Any:
+        """The pipeline that runs ``reqs``: the loaded one, unless the model's pipeline class
+        depends on the inputs (TI2V-5B given an image: a sibling sharing its modules)."""
+        return pipe
+
     def on_load(self, pipe: Any) -> None:
         """Worker-side setup once the pipeline is loaded (before parallel and cache hooks)."""
 

@@ -135,6 +135,11 @@ class VideoAdapter(ImageAdapter):
                for r in reqs for _ in range(r.num_images_per_prompt)]
         return [Video(frames=list(frames), fps=f) for frames, f in zip(output.frames, fps)]
 
+    def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:
+        # The image is resized to the output size and VAE-encoded as the first frame of a clip
+        # (the others zero); its latents join the noise, not the sequence.
+        return [(req.width, req.height)] * len(req.images)
+
     def output_frames(self, req: DiffusionRequest) -> int:
         return self.num_frames(req)
 
@@ -181,6 +186,8 @@ class WanAdapter(VideoAdapter):
         if not two_stage:
             defaults.pop("guidance_scale_2", None)
         patch = config.get("patch_size", [1, 2, 2])
+        if pipeline_class == "WanPipeline" and self.kind(index) == "ti2v-5b":
+            self.image_inputs = (0, 1)  # an optional first frame: image-to-video
         return ModelSpec(
             adapter=self, model_dir=model_dir, pipeline_class=pipeline_class,
             default_width=defaults["width"], default_height=defaults["height"],
@@ -213,6 +220,20 @@ class WanAdapter(VideoAdapter):
                                                          self.spec.extra["guidance_scale_2"])
         return kwargs
 
+    def pipeline_for(self, pipe: Any, reqs: list[DiffusionRequest]) -> Any:
+        if not reqs[0].images or type(pipe).__name__ != "WanPipeline":
+            return pipe
+        if getattr(self, "_i2v", None) is None:
+            # TI2V-5B animates an image through diffusers' image-to-video pipeline on the same
+            # modules (first-frame latents under per-token timesteps, expand_timesteps).
+            from diffusers import WanImageToVideoPipeline
+
+            self._i2v = WanImageToVideoPipeline(**pipe.components,
+                                                expand_timesteps=pipe.config.expand_timesteps,
+                                                boundary_ratio=pipe.config.boundary_ratio)
+            self._i2v.set_progress_bar_config(disable=True)
+        return self._i2v
+
     # -- parallelism -------------------------------------------------------------------------------
     sp_processor = "vllm_omni.models.wan:WanSPAttnProcessor"
     tp_plan = "vllm_omni.models.wan:wan_tp_plan"
@@ -236,10 +257,6 @@ class WanI2VAdapter(WanAdapter):
     def kind(self, index: dict[str, Any]) -> str:
         return "i2v-a14b"
 
-    def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:
-        # The image is resized to the output size and VAE-encoded as the first frame of a clip
-        # (the others zero); its latents join the noise on the channel axis, not the sequence.
-        return [(req.width, req.height)]
 
 
 def wan_tp_plan(transformer: Any) -> dict[str, str]:

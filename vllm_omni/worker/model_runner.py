@@ -305,7 +305,8 @@ class ModelRunner:
             generators = [g for r in reqs for g in make_generators(r.seed, r.num_images_per_prompt)]
             self.adapter.output_extra(self.pipe)  # drops what a failed earlier call left behind
             with follow_steps:
-                images = self.adapter.artifacts(self.pipe(
+                pipe = self.adapter.pipeline_for(self.pipe, reqs)
+                images = self.adapter.artifacts(pipe(
                     **kwargs, generator=generators, output_type=reqs[0].output_type), reqs)
         except RequestCancelled:
             images = None
