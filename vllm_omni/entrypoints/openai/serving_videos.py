@@ -93,8 +93,8 @@ class ServingVideos(Serving):
         self.store = store
         self.request_model = video_request_model(spec)
         self.tasks: dict[str, asyncio.Task] = {}
-        # Jobs whose record may be newer here than in the store: running ones (saved at every
-        # step) and any whose last save failed (a full disk), so retrieval never shows a stale
+        # Jobs whose record is newer here than in the store: running ones (their progress) and
+        # any whose last save failed (a full disk), so retrieval never shows a stale
         # "in_progress" for a job that ended.
         self.live: dict[str, VideoJob] = {}
 
@@ -186,9 +186,13 @@ class ServingVideos(Serving):
 
     async def _run_job(self, job: VideoJob, req: DiffusionRequest) -> None:
         def on_progress(step: int, total: int) -> None:
-            job.status, job.progress = "in_progress", min(99, 100 * step // total)
-            with contextlib.suppress(sqlite3.Error):  # shown from ``live`` meanwhile
-                self.store.save(job)
+            # Progress is read from ``live``; the store learns only that the job started (a
+            # restart runs it again from its first step anyway).
+            if job.status != "in_progress":
+                job.status = "in_progress"
+                with contextlib.suppress(sqlite3.Error):
+                    self.store.save(job)
+            job.progress = min(99, 100 * step // total)
 
         self.live[job.id] = job
 
