@@ -70,6 +70,8 @@ class JobStore:
             for name in os.listdir(self.directory):  # a write cut short by the last shutdown
                 if name.endswith(".tmp"):
                     os.remove(self.path(name))
+            # One connection for the event loop and its worker threads: Python's sqlite3 is
+            # built serialized (threadsafety 3), so calls from threads do not interleave.
             self.db = sqlite3.connect(self.path("jobs.sqlite3"), isolation_level=None,
                                       check_same_thread=False)
             # With a write-ahead log, a commit survives the process's death without waiting for
