@@ -201,7 +201,11 @@ def test_cache_backends_skip_calls(family, backend, feature_models):
     if backend not in spec.adapter.features:
         pytest.skip(f"{spec.pipeline_class} does not declare {backend}")
     # A static step mask (cache-dit) / a loose threshold (TeaCache): skips regardless of weights.
+    # Over several experts, which each count their own steps, a mask is refused (see
+    # test_video_models); a loose residual threshold skips there.
     cache_config = ({"rel_l1_thresh": 10.0} if backend == "tea_cache" else
+                    {"residual_diff_threshold": 0.4, "max_warmup_steps": 1}
+                    if len(spec.adapter.parallel_plan().denoisers) > 1 else
                     {"scm_steps_mask_policy": "fast", "scm_steps_policy": "static",
                      "max_warmup_steps": 2})
     steps = 12
