@@ -27,7 +27,7 @@ from vllm_omni.entrypoints.openai.metrics import ServerMetrics
 from vllm_omni.entrypoints.openai.protocol import OpenAIError, request_models
 from vllm_omni.entrypoints.openai.serving import ClientDisconnected, Serving
 from vllm_omni.entrypoints.openai.serving_images import ServingImages
-from vllm_omni.entrypoints.openai.uploads import InputDecoder
+from vllm_omni.entrypoints.openai.uploads import InputDecoder, body_kind, validate_body
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.models.registry import ADAPTERS
 from vllm_omni.utils.text import log_safe
@@ -302,24 +302,14 @@ def _image_routes(app: FastAPI, images: ServingImages, decoder: InputDecoder, st
     async def edits(request: Request):
         """OpenAI's multipart form (image / image[] files, mask, text fields), or JSON with
         base64 / data-URL images."""
-        from pydantic import ValidationError
-
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind not in ("multipart/form-data", "application/json"):
-            raise OpenAIError(415, f"Content-Type {kind or 'none'} is not accepted: send "
-                              "multipart/form-data (as the OpenAI client does) or "
-                              "application/json", code="unsupported_media_type")
-        if kind == "multipart/form-data":
+        if body_kind(request) == "multipart/form-data":
             form = await request.form(max_part_size=limits.max_body_bytes)
             try:
                 body, inputs, mask = await decoder.form(form, edit_model)
             finally:
                 await form.close()
         else:
-            try:
-                body = edit_model.model_validate_json(await request.body())
-            except ValidationError as e:
-                raise RequestValidationError(e.errors()) from None
+            body = validate_body(edit_model, await request.body())
             inputs, mask = await decoder.json_images(body)
         if body.stream:
             events, release = images.stream(body, inputs, mask)

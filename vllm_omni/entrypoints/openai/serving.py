@@ -23,6 +23,7 @@ from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
 from vllm_omni.entrypoints.openai.protocol import OpenAIError
+from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
 
 logger = logging.getLogger("vllm_omni.api")
@@ -81,6 +82,20 @@ class Serving:
         self.metrics = metrics
         self.in_flight = 0  # admitted, not yet answered (the event loop is single-threaded)
         self._latency_s = 0.0  # moving average of engine time per request, for Retry-After
+
+    def process(self, prompt: str | None, request_id: str, images: list | None = None,
+                mask=None, **params) -> DiffusionRequest:
+        """The engine request for ``prompt`` and sampling ``params`` after the one validation
+        pass and the server's pixel limit; a bad one answers 400."""
+        try:
+            req = self.inputs.process(prompt, OmniDiffusionSamplingParams(**params),
+                                      request_id=request_id, images=images, mask=mask)
+        except InvalidRequestError as e:
+            raise openai_error(e) from None
+        except ValueError as e:
+            raise OpenAIError(400, str(e), code="invalid_value") from None
+        self.check_pixels(req.width, req.height)
+        return req
 
     def check_pixels(self, w: int | None, h: int | None) -> None:
         """The one limit across two options (the others cap the option schema)."""

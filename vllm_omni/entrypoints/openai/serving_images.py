@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from vllm_omni.engine.async_engine import AsyncOmniEngine
-from vllm_omni.engine.errors import InvalidRequestError
 from vllm_omni.engine.request import DiffusionRequest
 from vllm_omni.entrypoints.openai.encoders import encode_image
 from vllm_omni.entrypoints.openai.image_store import ImageStore
@@ -25,7 +24,6 @@ from vllm_omni.entrypoints.openai.serving import (
     _never_disconnected,
     openai_error,
 )
-from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.utils.text import log_safe
 
@@ -56,19 +54,12 @@ class ServingImages(Serving):
                               code="unsupported_parameter")
         width, height = parse_size(body.size)
         request_id = f"img-{uuid.uuid4().hex}"
-        try:
-            # The body's model (protocol.request_models) has exactly this model's options.
-            options = body.model_dump(include=set(adapter.schema()), exclude_none=True)
-            params = OmniDiffusionSamplingParams(
-                num_inference_steps=body.num_inference_steps, width=width, height=height,
-                seed=body.seed, num_images_per_prompt=body.n, extra_args=options)
-            req = self.inputs.process(body.prompt, params, request_id=request_id, images=images,
-                                      mask=mask)
-        except InvalidRequestError as e:
-            raise openai_error(e) from None
-        except ValueError as e:
-            raise OpenAIError(400, str(e), code="invalid_value") from None
-        self.check_pixels(req.width, req.height)
+        # The body's model (protocol.request_models) has exactly this model's options.
+        options = body.model_dump(include=set(adapter.schema()), exclude_none=True)
+        req = self.process(body.prompt, request_id, images, mask,
+                           num_inference_steps=body.num_inference_steps, width=width,
+                           height=height, seed=body.seed, num_images_per_prompt=body.n,
+                           extra_args=options)
         req.partial_images = body.partial_images or 0
         logger.info("request %s: %dx%d, %d steps, n=%d, seed=%d, inputs=%d, stream=%s, user=%s",
                     request_id, req.width, req.height, req.num_inference_steps,

@@ -25,7 +25,6 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from vllm_omni.engine.async_engine import AsyncOmniEngine
-from vllm_omni.engine.errors import InvalidRequestError
 from vllm_omni.engine.request import DiffusionRequest, Video
 from vllm_omni.entrypoints.openai.encoders import encode_image, encode_video
 from vllm_omni.entrypoints.openai.limits import ServingLimits
@@ -37,8 +36,8 @@ from vllm_omni.entrypoints.openai.serving import (
     _never_disconnected,
     openai_error,
 )
+from vllm_omni.entrypoints.openai.uploads import add_text_field, body_kind, validate_body
 from vllm_omni.entrypoints.openai.video_jobs import JobStore, VideoJob
-from vllm_omni.inputs.data import OmniDiffusionSamplingParams
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.models.options import MAX_SEED
 
@@ -114,16 +113,10 @@ class ServingVideos(Serving):
                                   f"{body.seconds!r}", param="seconds", code="invalid_value")
             options["num_frames"] = adapter.frames_for_seconds(float(body.seconds),
                                                                options.get("fps"))
-        try:
-            params = OmniDiffusionSamplingParams(
-                num_inference_steps=body.num_inference_steps, width=width, height=height,
-                seed=body.seed, extra_args=options)
-            return self.inputs.process(body.prompt, params, request_id=request_id,
-                                       images=[reference] if reference is not None else [])
-        except InvalidRequestError as e:
-            raise openai_error(e) from None
-        except ValueError as e:
-            raise OpenAIError(400, str(e), code="invalid_value") from None
+        return self.process(body.prompt, request_id,
+                            [reference] if reference is not None else [],
+                            num_inference_steps=body.num_inference_steps, width=width,
+                            height=height, seed=body.seed, extra_args=options)
 
     def _describe(self, req: DiffusionRequest) -> tuple[str, str]:
         """(size, seconds) as the job object shows them."""
@@ -143,7 +136,6 @@ class ServingVideos(Serving):
                    is_disconnected) -> tuple[bytes, DiffusionRequest]:
         """``POST /v1/videos/sync``: the mp4 of one request, without a job."""
         req = self.prepare(body, reference, f"video-{uuid.uuid4().hex}")
-        self.check_pixels(req.width, req.height)
         self.admit()
         try:
             video = await self.generate(req, is_disconnected)
@@ -159,7 +151,6 @@ class ServingVideos(Serving):
         ``fields``: the request as given (without the reference), kept to run it again."""
         job_id = f"video_{uuid.uuid4().hex}"
         req = self.prepare(body, reference, job_id)
-        self.check_pixels(req.width, req.height)
         self.admit()
         try:
             size, seconds = self._describe(req)
@@ -339,12 +330,7 @@ async def parse_request(request, model: type[VideoRequestBase], decoder, limits:
     (``input_reference`` a file, or ``input_reference[image_url]``), or of a JSON body."""
     import json
 
-    from fastapi.exceptions import RequestValidationError
-    from pydantic import ValidationError
-    from starlette.datastructures import UploadFile
-
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if kind == "multipart/form-data":
+    if body_kind(request) == "multipart/form-data":
         form = await request.form(max_part_size=limits.max_body_bytes)
         fields: dict[str, Any] = {}
         source = None
@@ -359,33 +345,17 @@ async def parse_request(request, model: type[VideoRequestBase], decoder, limits:
                     raise OpenAIError(400, f"{key}: only an image (a file or an image_url data "
                                       "URL) is accepted here", param="input_reference",
                                       code="invalid_value")
-                elif isinstance(value, UploadFile):
-                    raise OpenAIError(400, f"{key} must be a text field, not a file", param=key,
-                                      code="invalid_value")
-                elif key in fields:
-                    raise OpenAIError(400, f"{key} was given more than once", param=key,
-                                      code="invalid_value")
                 else:
-                    fields[key] = value
-            try:
-                body = model.model_validate(fields, strict=False)  # form fields are text
-            except ValidationError as e:
-                raise RequestValidationError(e.errors()) from None
+                    add_text_field(fields, key, value)
+            body = validate_body(model, fields)
             reference = await _reference(decoder, source)
         finally:
             await form.close()
         return body, reference, fields
-    if kind == "application/json":
-        raw = await request.body()
-        try:
-            body = model.model_validate_json(raw)
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
-        fields = {k: v for k, v in json.loads(raw).items() if k != "input_reference"}
-        return body, await _reference(decoder, body.input_reference), fields
-    raise OpenAIError(415, f"Content-Type {kind or 'none'} is not accepted: send "
-                      "multipart/form-data (as the OpenAI client does) or application/json",
-                      code="unsupported_media_type")
+    raw = await request.body()
+    body = validate_body(model, raw)
+    fields = {k: v for k, v in json.loads(raw).items() if k != "input_reference"}
+    return body, await _reference(decoder, body.input_reference), fields
 
 
 async def _reference(decoder, source) -> Image.Image | None:

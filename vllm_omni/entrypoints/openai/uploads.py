@@ -78,6 +78,44 @@ def _decode_for_parent(data: bytes, param: str, index: int | None, keep_alpha: b
         return "error", (e.status, e.message, e.type, e.param, e.code)
 
 
+def body_kind(request) -> str:
+    """The request's body type, multipart (as the OpenAI client sends uploads) or JSON; 415
+    for any other."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind not in ("multipart/form-data", "application/json"):
+        raise OpenAIError(415, f"Content-Type {kind or 'none'} is not accepted: send "
+                          "multipart/form-data (as the OpenAI client does) or "
+                          "application/json", code="unsupported_media_type")
+    return kind
+
+
+def add_text_field(fields: dict[str, Any], key: str, value: Any) -> None:
+    """A multipart text field into ``fields``; a file or a repeated name is a 400."""
+    from starlette.datastructures import UploadFile
+
+    if isinstance(value, UploadFile):
+        raise OpenAIError(400, f"{key} must be a text field, not a file", param=key,
+                          code="invalid_value")
+    if key in fields:
+        raise OpenAIError(400, f"{key} was given more than once", param=key,
+                          code="invalid_value")
+    fields[key] = value
+
+
+def validate_body(model, data: dict[str, Any] | bytes):
+    """``model`` of a JSON body (bytes, strict) or of multipart text fields (a dict, lax: a form
+    field is always a string); invalid values answer as FastAPI's own validation does."""
+    from fastapi.exceptions import RequestValidationError
+    from pydantic import ValidationError
+
+    try:
+        if isinstance(data, bytes):
+            return model.model_validate_json(data)
+        return model.model_validate(data, strict=False)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+
+
 def _decoder_started() -> None:
     from vllm_omni.utils.proc import set_process_title, watch_parent
 
@@ -166,9 +204,6 @@ class InputDecoder:
                    ) -> tuple[ImageEditRequest, list[Image.Image], Image.Image | None]:
         """A Starlette ``FormData`` as (fields validated by the served model's ``model``, input
         images, mask)."""
-        from pydantic import ValidationError
-        from starlette.datastructures import UploadFile
-
         fields: dict[str, Any] = {}
         files: list[Any] = []
         mask = None
@@ -177,24 +212,13 @@ class InputDecoder:
                 files.append(value)
             elif key == "mask":
                 mask = value
-            elif isinstance(value, UploadFile):
-                raise OpenAIError(400, f"{key} must be a text field, not a file", param=key,
-                                  code="invalid_value")
-            elif key in fields:
-                raise OpenAIError(400, f"{key} was given more than once", param=key,
-                                  code="invalid_value")
             else:
-                fields[key] = value
+                add_text_field(fields, key, value)
         if not files:
             raise OpenAIError(400, "Missing required parameter: 'image'.", param="image",
                               code="missing_required_parameter")
-        try:
-            # The files are decoded below; the model still wants its required image field.
-            body = model.model_validate({**fields, "image": "multipart"}, strict=False)
-        except ValidationError as e:
-            from fastapi.exceptions import RequestValidationError
-
-            raise RequestValidationError(e.errors()) from None
+        # The files are decoded below; the model still wants its required image field.
+        body = validate_body(model, {**fields, "image": "multipart"})
         images = await self.decode(files)
         mask_image = (await self.decode([mask], "mask"))[0] if mask is not None else None
         return body, images, mask_image
