@@ -16,6 +16,7 @@ def test_help_lists_omni_flags():
     assert r.returncode == 0, r.stderr
     for flag in ("--usp", "--ring", "--cfg-parallel-size", "--vae-patch-parallel-size",
                  "--cache-backend", "--cache-config", "--enable-cpu-offload", "--lora-path",
+                 "--enable-layerwise-offload", "--quantization-config",
                  "--api-key", "--served-model-name", "--port"):
         assert flag in r.stdout, flag
 

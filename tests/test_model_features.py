@@ -72,11 +72,11 @@ def feature_models(tiny_models, video_models, tmp_path_factory) -> dict[str, str
 
 
 def _config(model_dir: str, parallel: dict | None = None, cache_backend: str = "none",
-            cache_config: dict | None = None) -> OmniEngineConfig:
+            cache_config: dict | None = None, **engine) -> OmniEngineConfig:
     return OmniEngineConfig(model=model_dir, model_name=model_dir,
                             parallel=DiffusionParallelConfig(**(parallel or {})),
                             cache_backend=cache_backend, cache_config=cache_config or {},
-                            device="cpu")
+                            device="cpu", **engine)
 
 
 # VAE patch parallelism needs bands taller than the decoder's halo (~11 latent rows for the
@@ -229,6 +229,8 @@ def test_undeclared_features_are_refused_at_startup(family, feature_models):
     configs = {
         "tea_cache": dict(cache_backend="tea_cache"),
         "cache_dit": dict(cache_backend="cache_dit"),
+        "fp8": dict(quantization="fp8"),
+        "cpu_offload": dict(enable_cpu_offload=True),
         **{f: dict(parallel=layout) for f, layout in LAYOUTS.items()},
     }
     for feature, kwargs in configs.items():

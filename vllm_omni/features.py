@@ -20,9 +20,13 @@ class Feature:
     """
 
     name: ClassVar[str]  # its support-matrix column (models.base.FEATURES)
+    # True: the feature puts the pipeline's modules on the device itself (offload); else the
+    # runner moves the whole pipeline there before the features apply.
+    places_model: ClassVar[bool] = False
     adapter: Any
     config: Any  # OmniEngineConfig
     plan: Any  # the adapter's ParallelPlan
+    device: Any = None  # the torch.device the model computes on
     groups: Any = field(default=None, init=False)  # ParallelGroups, set by apply
 
     @classmethod
@@ -67,7 +71,7 @@ def requested(config) -> list[str]:
         "cfg_parallel": p.cfg_parallel_size > 1,
         "tensor_parallel": p.tensor_parallel_size > 1,
         "vae_patch_parallel": p.vae_patch_parallel_size > 1,
-        "cpu_offload": config.enable_cpu_offload,
+        "cpu_offload": config.enable_cpu_offload or config.enable_layerwise_offload,
         "lora": config.lora_path is not None,
         "fp8": config.quantization == "fp8",
     }
@@ -76,10 +80,10 @@ def requested(config) -> list[str]:
 
 # Every feature in the order it is applied (DESIGN.md §4), with the class of each built one.
 ORDER = {
-    "fp8": None,  # first: it replaces the weights that the features after it shard or wrap
+    "fp8": "vllm_omni.quantization.fp8:Fp8Feature",  # first: it replaces the weights that the features after it shard or wrap
     "tensor_parallel": "vllm_omni.distributed.tensor_parallel:TensorParallelFeature",
     "lora": None,  # after TP: its deltas shard like their layer (ParallelLinear.shard_weight)
-    "cpu_offload": None,
+    "cpu_offload": "vllm_omni.offload.offload:OffloadFeature",
     "sequence_parallel": "vllm_omni.distributed.sequence_parallel:SequenceParallelFeature",
     "cfg_parallel": "vllm_omni.distributed.cfg_parallel:CFGParallelFeature",
     "vae_patch_parallel": "vllm_omni.distributed.vae_patch_parallel:VaePatchParallelFeature",
@@ -102,8 +106,9 @@ def feature_classes(config) -> list[type[Feature]]:
     return [resolve(path) for name, path in ORDER.items() if path and name in wanted]
 
 
-def build_features(adapter, config) -> list[Feature]:
+def build_features(adapter, config, device=None) -> list[Feature]:
     """The features ``config`` asks for, in application order, past the one gate."""
     adapter.check_engine(config)
     plan = adapter.parallel_plan()
-    return [cls(adapter, config, plan) for cls in feature_classes(config)]
+    device = torch.device(device or "cpu")
+    return [cls(adapter, config, plan, device) for cls in feature_classes(config)]

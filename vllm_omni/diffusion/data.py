@@ -53,8 +53,12 @@ class OmniEngineConfig:
     parallel: DiffusionParallelConfig = field(default_factory=DiffusionParallelConfig)
     cache_backend: str = "none"
     cache_config: dict[str, Any] = field(default_factory=dict)
-    quantization: str | None = None
+    quantization: str | None = None  # "fp8"
+    # vLLM's field: for fp8, {"ignore": [layer-name patterns kept in full precision]}.
+    quantization_config: dict[str, Any] | None = None
+    # Weights off the device until they run: whole components, or the denoisers' blocks.
     enable_cpu_offload: bool = False
+    enable_layerwise_offload: bool = False
     lora_path: str | None = None
     default_seed: int | None = None
     # Compatible waiting requests run together, up to this many (vLLM's --max-num-seqs).
@@ -77,6 +81,14 @@ class OmniEngineConfig:
     def __post_init__(self) -> None:
         if isinstance(self.cache_config, str):
             self.cache_config = parse_json_config(self.cache_config, "cache_config")
+        if isinstance(self.quantization_config, str):
+            self.quantization_config = parse_json_config(self.quantization_config,
+                                                         "quantization_config")
+        if self.quantization not in (None, "fp8"):
+            raise ValueError(f"quantization must be fp8 or None, got {self.quantization!r}")
+        if self.quantization_config and self.quantization is None:
+            raise ValueError("quantization_config was given without a quantization method; add "
+                             "--quantization fp8 (or quantization=\"fp8\")")
         if self.cache_backend is None:
             self.cache_backend = "none"
         if self.cache_backend not in CACHE_BACKENDS:
@@ -122,9 +134,11 @@ class OmniEngineConfig:
             from vllm_omni.cache.cache_dit import CacheDiTConfig
 
             CacheDiTConfig.from_dict(self.cache_config)
+        if self.enable_cpu_offload and self.enable_layerwise_offload:
+            raise ValueError("enable_cpu_offload and enable_layerwise_offload are two granularities "
+                             "of one feature; choose one (--enable-cpu-offload moves whole "
+                             "components, --enable-layerwise-offload the transformer's blocks)")
         not_yet = {
-            "quantization": self.quantization is not None,
-            "enable_cpu_offload": self.enable_cpu_offload,
             "lora_path": self.lora_path is not None,
         }
         asked = [k for k, v in not_yet.items() if v]

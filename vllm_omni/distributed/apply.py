@@ -27,6 +27,10 @@ class ParallelPlan:
     cfg_calls: str = "separate"
     tp_plan: str | None = None  # denoiser -> its TP plan, where diffusers has no ``_tp_plan``
     cp_plan: str | None = None  # likewise for ``_cp_plan``
+    # FP8: fnmatch patterns (names inside a denoiser) of the Linears quantized, and of those kept
+    # in full precision by default (quantization_config {"ignore": [...]} replaces these).
+    fp8_layers: tuple[str, ...] = ()
+    fp8_ignore: tuple[str, ...] = ()
 
     def denoiser_modules(self, pipe) -> list:
         """The denoisers ``pipe`` has, of those the plan names."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from vllm_omni.distributed.comm import GroupComm
 from vllm_omni.features import ParallelFeature, resolve
+from vllm_omni.quantization.fp8 import Fp8Linear, fp8_linear, gemm_shape_ok
 
 
 class Sharded:
@@ -45,31 +46,49 @@ class Sharded:
     def gather_weight(self, shard: torch.Tensor, dim: int) -> torch.Tensor:
         """The full tensor from every rank's ``shard_weight`` (exact: the shards are slices)."""
         n, blocks = self.comm.world_size, self.blocks or [shard.shape[dim] * self.comm.world_size]
+        dtype = shard.dtype
+        if dtype.itemsize == 1 and dtype.is_floating_point:  # FP8: gloo moves it as bytes
+            shard = shard.view(torch.uint8)
         ranks = [r.split([b // n for b in blocks], dim)
                  for r in self.comm.all_gather(shard.contiguous(), dim).chunk(n, dim)]
-        return torch.cat([r[i] for i in range(len(blocks)) for r in ranks], dim)
+        return torch.cat([r[i] for i in range(len(blocks)) for r in ranks], dim).view(dtype)
 
 
 class ParallelLinear(Sharded, torch.nn.Linear):
     """This rank's shard of a full Linear along ``split_dim`` of its weight (0: output features,
-    1: input features); ``blocks`` are the packed blocks' sizes along it."""
+    1: input features); ``blocks`` are the packed blocks' sizes along it. An FP8 layer
+    (``Fp8Linear``) keeps its per-output-feature scales with its rows."""
 
     def __init__(self, full: torch.nn.Linear, comm: GroupComm, blocks: list[int] | None = None):
         torch.nn.Module.__init__(self)
         self.comm, self.blocks = comm, blocks
+        self.weight_scale = None
         with torch.no_grad():
             self.weight = torch.nn.Parameter(self.shard_weight(full.weight, self.split_dim),
                                              requires_grad=False)
             self.bias = None if full.bias is None else torch.nn.Parameter(
                 self.shard_bias(full.bias), requires_grad=False)
+            if isinstance(full, Fp8Linear):
+                self.weight_scale = torch.nn.Parameter(self.shard_bias(full.weight_scale),
+                                                       requires_grad=False)
         self.out_features, self.in_features = self.weight.shape
+        self.w8a8 = getattr(full, "w8a8", False) and gemm_shape_ok(*self.weight.shape)
 
     def shard_bias(self, full: torch.Tensor) -> torch.Tensor:
+        """A tensor over output features (the bias, FP8 scales)."""
         return self.shard_weight(full, 0)
+
+    def local(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.weight_scale is None:
+            return F.linear(x, self.weight, bias)
+        return fp8_linear(x, self.weight, self.weight_scale, bias, self.w8a8)
 
 
 class ColumnParallelLinear(ParallelLinear):
     split_dim = 0  # its output stays split: the next row-parallel layer consumes it as is
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.local(x, self.bias)
 
 
 class RowParallelLinear(ParallelLinear):
@@ -79,7 +98,7 @@ class RowParallelLinear(ParallelLinear):
         return full.clone()  # whole: added once, after the all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.comm.all_reduce(F.linear(x, self.weight))
+        out = self.comm.all_reduce(self.local(x, None))
         return out if self.bias is None else out + self.bias  # the bias once, not once per rank
 
 
@@ -163,9 +182,11 @@ def restore(replaced: list[tuple[torch.nn.Module, str, torch.nn.Linear]]) -> Non
         layer = getattr(parent, attr)
         if original.weight is not None:
             original.weight.data = layer.gather_weight(layer.weight.data, layer.split_dim)
-        if getattr(original, "bias", None) is not None:
-            original.bias.data = (layer.gather_weight(layer.bias.data, 0) if layer.split_dim == 0
-                                  else layer.bias.data.clone())
+        for name in ("bias", "weight_scale"):
+            if getattr(original, name, None) is not None:
+                shard = getattr(layer, name).data
+                getattr(original, name).data = (layer.gather_weight(shard, 0)
+                                                if layer.split_dim == 0 else shard.clone())
         setattr(parent, attr, original)
 
 

@@ -58,10 +58,10 @@ FEATURES = {
     "vae_patch_parallel": "VAE-Patch-Parallel",
     "fp8": "FP8",
 }
-# The ones this release has. Adapters also declare their cells for the others (CPU offload, LoRA,
-# FP8), which the engine refuses for every model until they land.
+# The ones this release has. Adapters also declare their cells for the others (LoRA), which the
+# engine refuses for every model until they land.
 RELEASED = ("tea_cache", "cache_dit", "sequence_parallel", "cfg_parallel", "tensor_parallel",
-            "vae_patch_parallel")
+            "cpu_offload", "vae_patch_parallel", "fp8")
 
 
 class ModelAdapter:
@@ -263,6 +263,10 @@ class ModelAdapter:
     sp_processor: ClassVar[str | None] = None
     tp_plan: ClassVar[str | None] = None
     cp_plan: ClassVar[str | None] = None
+    # FP8 (ParallelPlan.fp8_layers / fp8_ignore): the Linears in the transformer blocks, less the
+    # ones kept in full precision.
+    fp8_layers: ClassVar[tuple[str, ...]] = ()
+    fp8_ignore: ClassVar[tuple[str, ...]] = ()
 
     def parallel_plan(self):
         """How this model's declared features apply to it (``ParallelPlan``, pure data)."""
@@ -270,7 +274,8 @@ class ModelAdapter:
 
         return ParallelPlan(model=self.spec.pipeline_class, num_heads=self.spec.num_heads,
                             cfg_calls=self.cfg_calls, sp_processor=self.sp_processor,
-                            tp_plan=self.tp_plan, cp_plan=self.cp_plan)
+                            tp_plan=self.tp_plan, cp_plan=self.cp_plan,
+                            fp8_layers=self.fp8_layers, fp8_ignore=self.fp8_ignore)
 
     def check_features(self, config) -> None:
         from vllm_omni.features import requested

@@ -13,7 +13,7 @@ class ZImageAdapter(ImageAdapter):
     models = (("Z-Image-Turbo", "Tongyi-MAI/Z-Image-Turbo"),)
     pipeline_classes = ("ZImagePipeline",)
     features = frozenset({"tea_cache", "cache_dit", "sequence_parallel", "tensor_parallel",
-                          "vae_patch_parallel", "lora"})
+                          "vae_patch_parallel", "lora", "fp8"})
     cfg_field = "guidance_scale"
     # Turbo is distilled to 8 denoiser calls without CFG (its model card: 9 steps, guidance 0);
     # the pipeline runs CFG (one doubled batch) for any guidance_scale > 0.
@@ -22,6 +22,9 @@ class ZImageAdapter(ImageAdapter):
     cfg_calls = "batched"
     default_steps = 9
     has_preview = True
+    # Every block's attention and SwiGLU in FP8; the AdaLN modulation stays in full precision.
+    fp8_layers = ("layers.*", "noise_refiner.*", "context_refiner.*")
+    fp8_ignore = ("*adaLN_modulation*",)
 
     def heads_and_blocks(self, config: dict[str, Any]) -> tuple[int, int]:
         return int(config.get("n_heads", 30)), int(config.get("n_layers", 30))

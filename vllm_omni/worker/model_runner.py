@@ -68,12 +68,13 @@ class ModelRunner:
         dtype = resolve_dtype(self.config.dtype, self.device)
         t0 = time.perf_counter()
         self.pipe = self.adapter.load(dtype)
-        self.pipe.to(self.device)
+        self.features = build_features(self.adapter, self.config, self.device)
+        if not any(f.places_model for f in self.features):
+            self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self._takes_step_callback = "callback_on_step_end" in inspect.signature(
             self.pipe.__call__).parameters
         self.adapter.on_load(self.pipe)
-        self.features = build_features(self.adapter, self.config)
         for feature in self.features:
             feature.apply(self.pipe, self.groups)
         self.denoisers = self.adapter.parallel_plan().denoiser_modules(self.pipe)

@@ -12,7 +12,12 @@ import logging
 import os
 import socket
 
-from vllm_omni.diffusion.data import CACHE_BACKENDS, DiffusionParallelConfig, OmniEngineConfig
+from vllm_omni.diffusion.data import (
+    CACHE_BACKENDS,
+    DiffusionParallelConfig,
+    OmniEngineConfig,
+    parse_json_config,
+)
 
 logger = logging.getLogger("vllm_omni")
 
@@ -24,7 +29,7 @@ HONOURED = {
     "tensor_parallel_size", "quantization", "revision", "uvicorn_log_level",
     "disable_uvicorn_access_log", "root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
     "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials", "config",
-    "max_num_seqs", "distributed_executor_backend",
+    "max_num_seqs", "distributed_executor_backend", "quantization_config",
 }
 
 
@@ -62,7 +67,13 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
         g.add_argument("--cache-config", type=str, default=None,
                        help="JSON object of cache settings, e.g. '{\"rel_l1_thresh\": 0.2}'."),
         g.add_argument("--enable-cpu-offload", action="store_true",
-                       help="Keep idle pipeline components in CPU memory."),
+                       help="Keep each pipeline component (text encoder, transformer, VAE) off "
+                            "the GPU, in pinned host memory, except while it runs. On a CPU: "
+                            "each is read from a temporary file when it runs."),
+        g.add_argument("--enable-layerwise-offload", action="store_true",
+                       help="Stream the transformer's blocks to the GPU one at a time, the next "
+                            "prefetched while one runs; the rest stays on the GPU. On a CPU: "
+                            "the blocks are read from a temporary file when they run."),
         g.add_argument("--lora-path", type=str, default=None, help="LoRA adapter directory."),
         g.add_argument("--model-load-timeout", type=float, default=1800.0,
                        help="Seconds the workers may take to load the model."),
@@ -135,6 +146,11 @@ def make_parser():
         description="Serve a diffusers pipeline (a local directory or a Hugging Face id) through "
                     "OpenAI-compatible image endpoints.")
     serve = make_arg_parser(serve)
+    # vLLM turns --quantization-config into its LLM layer specs; ours is the plain JSON object
+    # (fp8's "ignore" list), so that an explicit empty list still reads as given.
+    for action in serve._actions:
+        if action.dest == "quantization_config":
+            action.type = lambda text: parse_json_config(text, "--quantization-config")
     # vLLM defaults --seed to 0, which would make every server draw the same "random" request
     # seeds; without an explicit --seed they come from the OS's entropy instead.
     serve.set_defaults(seed=None)
@@ -185,7 +201,9 @@ def config_from_args(args: argparse.Namespace, serve_parser):
         served_model_names=list(args.served_model_name or [model]),
         dtype=args.dtype, parallel=parallel, cache_backend=args.cache_backend,
         cache_config=args.cache_config or {}, quantization=args.quantization,
-        enable_cpu_offload=args.enable_cpu_offload, lora_path=args.lora_path,
+        quantization_config=args.quantization_config,
+        enable_cpu_offload=args.enable_cpu_offload,
+        enable_layerwise_offload=args.enable_layerwise_offload, lora_path=args.lora_path,
         default_seed=args.seed, load_timeout_s=args.model_load_timeout,
         max_num_seqs=args.max_num_seqs or 1, max_request_memory=args.max_request_memory,
         heartbeat_timeout_s=args.worker_heartbeat_timeout,
