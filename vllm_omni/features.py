@@ -80,7 +80,8 @@ def requested(config) -> list[str]:
 
 # Every feature in the order it is applied (DESIGN.md §4), with the class of each built one.
 ORDER = {
-    "fp8": "vllm_omni.quantization.fp8:Fp8Feature",  # first: it replaces the weights that the features after it shard or wrap
+    # First: it replaces the weights that the features after it shard or wrap.
+    "fp8": "vllm_omni.quantization.fp8:Fp8Feature",
     "tensor_parallel": "vllm_omni.distributed.tensor_parallel:TensorParallelFeature",
     "lora": None,  # after TP: its deltas shard like their layer (ParallelLinear.shard_weight)
     "cpu_offload": "vllm_omni.offload.offload:OffloadFeature",

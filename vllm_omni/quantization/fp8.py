@@ -149,7 +149,8 @@ class Fp8Feature(Feature):
             if not names:
                 raise ValueError(f"fp8: no Linear of {attr} matches {list(layers)} outside "
                                  f"the ignored {list(ignore)}")
-            done = quantize_model(model, names, w8a8_available(param.device, param.dtype))
+            # The device it computes on (under offload its weights wait on the host now).
+            done = quantize_model(model, names, w8a8_available(self.device, param.dtype))
             self.replaced[attr] = (param.dtype, done)
             for parent, a, _ in done:
                 q = getattr(parent, a)
