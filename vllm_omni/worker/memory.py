@@ -59,8 +59,9 @@ GiB = 2**30
 # AutoencoderKL / AutoencoderKLFlux2 (FLUX.1, FLUX.2, SD3, Z-Image, LongCat, Ovis, GLM-Image): the
 # last up block receives ``block_out_channels[1]`` channels upsampled to full resolution, and its
 # first resnet holds input, GroupNorm output and SiLU output at that width at once. Measured:
-# 4.3-5.0 units at 1024²-2048² (widths 8/16 and 16/32, 1-2 layers per block).
-KL_DECODE_UNITS = 5.0  # x block_out_channels[1]
+# 4.3-5.0 units at 1024²-2048² (widths 8/16 and 16/32, 1-2 layers per block); 5.0 was measured
+# once on CI with the estimate 70 KB short, so the margin sits above the highest reading.
+KL_DECODE_UNITS = 5.5  # x block_out_channels[1]
 # The encoder's first stage runs at full resolution at block_out_channels[0]: 4.3-6.0 units.
 KL_ENCODE_UNITS = 6.0  # x block_out_channels[0]
 # Allocator slack: tensors under glibc's 32 MiB mmap threshold come from the heap, which fragments;
