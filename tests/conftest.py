@@ -105,10 +105,13 @@ def diffusers_pipe(tiny_qwen_image):
 class Server:
     """A real ``vllm serve DIR --omni`` process on a free port."""
 
-    def __init__(self, model: str, *extra: str, log_path: str, wait: bool = True):
-        if "--warmup-sizes" not in extra:
+    def __init__(self, model: str, *extra: str, log_path: str, wait: bool = True,
+                 warmup_sizes: str | None = "64x64"):
+        """``warmup_sizes``: None warms up at the model's defaults (an audio model has no
+        size)."""
+        if "--warmup-sizes" not in extra and warmup_sizes is not None:
             # The tiny model's default size (1024x1024) warms up in seconds; tests need not.
-            extra = (*extra, "--warmup-sizes", "64x64")
+            extra = (*extra, "--warmup-sizes", warmup_sizes)
         self.model, self.extra, self.log_path = model, extra, log_path
         self._start()
         if wait:

@@ -61,6 +61,15 @@ class Audio:
     samples: Any  # float32 array, (channels, samples)
     sample_rate: int
 
+    def save(self, path: str, fmt: str | None = None) -> None:
+        """Writes the audio as the server sends it: ``fmt`` (wav, flac, mp3, opus or pcm) or the
+        path's extension."""
+        from vllm_omni.entrypoints.openai.encoders import encode_audio
+
+        fmt = fmt or path.rsplit(".", 1)[-1].lower()
+        with open(path, "wb") as f:
+            f.write(encode_audio(self, fmt)[0])
+
 
 @dataclass
 class DiffusionOutput:

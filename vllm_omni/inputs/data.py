@@ -36,6 +36,9 @@ class OmniDiffusionSamplingParams:
     fps: float | None = None  # labels the output video; the frames are the same
     # The low-noise expert's CFG scale (Wan2.2 A14B; guidance_scale sets the high-noise one's).
     guidance_scale_2: float | None = None
+    # Audio models only: the clip's window in seconds (its length is end - start).
+    audio_start_in_s: float | None = None
+    audio_end_in_s: float | None = None
     # "pil" (8-bit images) or "np" (float32 HxWxC arrays in [0, 1], before 8-bit rounding).
     output_type: str = "pil"
     # Model options kept as fields for compatibility (their adapters declare and document them:

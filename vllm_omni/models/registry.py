@@ -17,6 +17,7 @@ from vllm_omni.models.qwen_image import (
     QwenImageLayeredAdapter,
 )
 from vllm_omni.models.sd3 import StableDiffusion3Adapter
+from vllm_omni.models.stable_audio import StableAudioAdapter
 from vllm_omni.models.wan import WanAdapter, WanI2VAdapter
 from vllm_omni.models.z_image import ZImageAdapter
 
@@ -27,6 +28,7 @@ ADAPTERS: tuple[ModelAdapter, ...] = (
     QwenImageLayeredAdapter(), StableDiffusion3Adapter(), ZImageAdapter(),
     WanAdapter(),
     WanI2VAdapter(),
+    StableAudioAdapter(),
 )
 
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.pipeline_classes}

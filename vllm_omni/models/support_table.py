@@ -19,7 +19,8 @@ BEGIN, END = "<!-- models:begin -->", "<!-- models:end -->"
 TASKS = {"text-to-image": "text → image", "image-edit": "image edit (`/v1/images/edits`)",
          "image-layers": "image → RGBA layers (`/v1/images/edits`)",
          "text-to-video": "text → video (`/v1/videos`)",
-         "image-to-video": "image → video (`/v1/videos`, `input_reference`)"}
+         "image-to-video": "image → video (`/v1/videos`, `input_reference`)",
+         "text-to-audio": "text → audio (`/v1/audio/generate`)"}
 
 
 def render() -> str:

@@ -604,6 +604,48 @@ def build_wan22(kind: str):
                        boundary_ratio=0.875)
 
 
+# -- Stable Audio Open (audio) -----------------------------------------------------------------
+# The tiny VAE hops 32 samples per latent at 16 kHz; 256 latents make the longest clip 0.512 s.
+STABLE_AUDIO_TINY_DEFAULTS = dict(audio_end_in_s=0.25, num_inference_steps=4)
+
+
+def build_stable_audio():
+    """Stable Audio Open 1.0's parts at toy widths: a T5 encoder (prompts padded to 128 tokens,
+    as the released tokenizer does), the seconds-conditioning projection, a DiT with grouped
+    KV heads, a stereo Oobleck VAE and the released scheduler (cosine DPM-Solver, SDE: it draws
+    fresh noise each step from a Brownian tree seeded by the request's generator)."""
+    import torch
+    from diffusers import (
+        AutoencoderOobleck,
+        CosineDPMSolverMultistepScheduler,
+        StableAudioDiTModel,
+        StableAudioPipeline,
+        StableAudioProjectionModel,
+    )
+
+    tokenizer = build_t5_tokenizer()
+    tokenizer.model_max_length = 128
+    text_encoder = _t5_encoder(tokenizer, width=32, seed=0)
+    torch.manual_seed(1)
+    transformer = StableAudioDiTModel(
+        sample_size=256, in_channels=8, out_channels=8, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, num_key_value_attention_heads=2, cross_attention_dim=32,
+        time_proj_dim=16, global_states_input_dim=64, cross_attention_input_dim=32)
+    torch.manual_seed(2)
+    vae = AutoencoderOobleck(encoder_hidden_size=16, downsampling_ratios=[2, 4, 4],
+                             channel_multiples=[1, 2, 4], decoder_channels=16,
+                             decoder_input_channels=8, audio_channels=2, sampling_rate=16000)
+    torch.manual_seed(3)
+    projection = StableAudioProjectionModel(text_encoder_dim=32, conditioning_dim=32,
+                                            min_value=0, max_value=512)
+    # The released scheduler_config.json's values (sigma 0.3-500, v-prediction, midpoint).
+    scheduler = CosineDPMSolverMultistepScheduler(sigma_min=0.3, sigma_max=500, sigma_data=1.0,
+                                                  solver_order=2, prediction_type="v_prediction",
+                                                  rho=7.0, solver_type="midpoint")
+    return StableAudioPipeline(vae=vae, text_encoder=text_encoder, projection_model=projection,
+                               tokenizer=tokenizer, transformer=transformer, scheduler=scheduler)
+
+
 FAMILIES = {
     "qwen-image": lambda: build_qwen_image(QWEN_IMAGE_TINY),
     "qwen-image-bench": lambda: build_qwen_image(QWEN_IMAGE_BENCH),
@@ -625,10 +667,11 @@ FAMILIES = {
     "wan2.2-t2v": lambda: build_wan22("t2v"),
     "wan2.2-i2v": lambda: build_wan22("i2v"),
     "wan2.2-ti2v": lambda: build_wan22("ti2v"),
+    "stable-audio": build_stable_audio,
 }
 # Serving defaults written beside a family's pipeline (see WAN_TINY_DEFAULTS).
 GENERATION_DEFAULTS = {"wan2.2-t2v": WAN_TINY_DEFAULTS, "wan2.2-i2v": WAN_TINY_DEFAULTS,
-                       "wan2.2-ti2v": WAN_TINY_DEFAULTS}
+                       "wan2.2-ti2v": WAN_TINY_DEFAULTS, "stable-audio": STABLE_AUDIO_TINY_DEFAULTS}
 
 
 def build(family: str, out_dir: str) -> str:

@@ -239,6 +239,9 @@ def limits_from_args(args: argparse.Namespace, spec, config: OmniEngineConfig | 
         if url.scheme not in ("http", "https") or not url.netloc or url.query or url.fragment:
             raise ValueError(f"--public-url {args.public_url!r}: expected http(s)://host[:port]"
                              "[/path]")
+    if limits.warmup_sizes and not spec.adapter.sized and not spec.adapter.image_inputs[1]:
+        raise ValueError(f"--warmup-sizes: {spec.pipeline_class} has no size to warm up at; "
+                         "give 'none' or leave it out")
     for w, h in limits.warmup_sizes or []:
         try:
             params, inputs = warmup_params(spec, limits.warmup_steps, w, h)

@@ -179,6 +179,11 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
         serving = serving_videos.ServingVideos(engine, spec, served_model_names, seed,
                                                job_store, limits, metrics)
+    elif spec.adapter.output == "audio":
+        from vllm_omni.entrypoints.openai import serving_audio
+
+        serving = serving_audio.ServingAudio(engine, spec, served_model_names, seed, limits,
+                                             metrics)
     else:
         store = ImageStore()
         serving = ServingImages(engine, spec, served_model_names, seed, store, limits, metrics)
@@ -269,6 +274,8 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
     if spec.adapter.output == "video":
         serving_videos.add_routes(app, serving, decoder, limits)
+    elif spec.adapter.output == "audio":
+        serving_audio.add_routes(app, serving)
     else:
         base_url = functools.partial(_base_url, public_url, root_path)
         _image_routes(app, serving, decoder, store, limits, request_models(spec), base_url)
@@ -359,6 +366,8 @@ def warmup_params(spec: ModelSpec, steps: int, width: int, height: int):
     sized = {"width": width, "height": height} if adapter.sized else {}
     params = OmniDiffusionSamplingParams(num_inference_steps=steps, seed=0, **sized)
     n = adapter.image_inputs[0]
+    if not n:
+        return params, []
     mode = "RGBA" if adapter.task == "image-layers" else "RGB"
     return params, [Image.new(mode, (width, height), (128,) * len(mode))] * n
 
@@ -372,6 +381,7 @@ async def _warm_up(serving: Serving, spec: ModelSpec, limits: ServingLimits,
         sizes = [(spec.default_width, spec.default_height)]
     t0 = time.perf_counter()
     for width, height in sizes:
+        what = f"{width}x{height}" if width is not None else "the model's defaults"
         try:
             params, inputs = warmup_params(spec, limits.warmup_steps, width, height)
             req = serving.inputs.process("warm-up", params, request_id=f"warmup-{width}x{height}",
@@ -382,9 +392,10 @@ async def _warm_up(serving: Serving, spec: ModelSpec, limits: ServingLimits,
             error = f"{type(e).__name__}: {e}"
         if error is not None:
             # Stay unhealthy: the server cannot serve this model as configured.
-            logger.error("warm-up at %dx%d failed: %s", width, height, error)
+            logger.error("warm-up at %s failed: %s", what, error)
             return
     if sizes:
-        logger.info("warmed up at %s in %.1fs", ", ".join(f"{w}x{h}" for w, h in sizes),
-                    time.perf_counter() - t0)
+        logger.info("warmed up at %s in %.1fs", ", ".join(
+            f"{w}x{h}" if w is not None else "the model's defaults" for w, h in sizes),
+            time.perf_counter() - t0)
     warm.set()
