@@ -1,11 +1,13 @@
 """Serving overhead: HTTP end-to-end latency through ``vllm serve --omni`` vs a direct diffusers call.
 
-Same model directory, prompt, seed, size and steps. Runs are interleaved (diffusers, HTTP,
-diffusers, ...) so both sides see the same machine state, and the ratio of medians is reported.
-Also measures cold start: ``vllm serve`` launch until the first image is returned.
+Same model directory, prompt, seed, shape and steps: images through /v1/images/generations,
+audio through /v1/audio/generate (the wav bytes, encoding included). Runs are interleaved
+(diffusers, HTTP, diffusers, ...) so both sides see the same machine state, and the ratio of
+medians is reported. Also measures cold start: ``vllm serve`` launch until the first output is
+returned.
 
-    .venv/bin/python benchmarks/bench_overhead.py            # tiny and bench models
-    .venv/bin/python benchmarks/bench_overhead.py --models qwen-image --repeats 20
+    .venv/bin/python benchmarks/bench_overhead.py            # every case
+    .venv/bin/python benchmarks/bench_overhead.py --models stable-audio --repeats 20
 
 Prints one JSON object.
 """
@@ -15,54 +17,79 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import requests
 
-# Each case: tiny-model family, size, steps.
+from common import machine, start_server, stop_server
+
+# Each case: tiny-model family, then (shape, steps): an image side, or audio seconds.
 CASES = {
     "qwen-image": [(64, 4), (256, 20)],
     "qwen-image-bench": [(256, 20)],
+    "stable-audio": [(0.25, 20), (0.5, 100)],
 }
+PROMPTS = {"image": "a red fox in the snow", "audio": "rain on a tin roof"}
 
 
-def free_port() -> int:
-    from vllm_omni.utils.proc import free_port as fp
+def image_case(pipe, url: str, size: int, steps: int, seed: int):
+    """(direct call, HTTP call) of one image case."""
+    import torch
 
-    return fp()
+    def direct():
+        pipe(PROMPTS["image"], height=size, width=size, num_inference_steps=steps,
+             true_cfg_scale=1.0, generator=[torch.Generator().manual_seed(seed)])
+
+    body = {"prompt": PROMPTS["image"], "size": f"{size}x{size}", "num_inference_steps": steps,
+            "seed": seed}
+
+    def http():
+        r = requests.post(url + "/v1/images/generations", json=body, timeout=600)
+        r.raise_for_status()
+        r.json()["data"][0]["b64_json"]
+
+    return direct, http
 
 
-def start_server(model_dir: str, log_path: str) -> tuple[subprocess.Popen, str, float]:
-    """Returns the process, its URL and the launch time (monotonic)."""
-    port = free_port()
-    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
-    t0 = time.monotonic()
-    proc = subprocess.Popen([vllm, "serve", model_dir, "--omni", "--host", "127.0.0.1",
-                             "--port", str(port), "--disable-uvicorn-access-log"],
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}", t0
+def audio_case(pipe, url: str, seconds: float, steps: int, seed: int):
+    import torch
+
+    def direct():
+        pipe(PROMPTS["audio"], audio_end_in_s=seconds, num_inference_steps=steps,
+             generator=[torch.Generator().manual_seed(seed)])
+
+    body = {"input": PROMPTS["audio"], "audio_length": seconds, "num_inference_steps": steps,
+            "seed": seed}
+
+    def http():
+        r = requests.post(url + "/v1/audio/generate", json=body, timeout=600)
+        r.raise_for_status()
+        r.content
+
+    return direct, http
 
 
-def first_image(url: str, proc: subprocess.Popen, body: dict, timeout: float = 600) -> float:
+def first_output(url: str, proc, route: str, body: dict, timeout: float = 600) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError("server exited during startup")
         try:
-            r = requests.post(url + "/v1/images/generations", json=body, timeout=600)
-            if r.status_code == 200:
+            if requests.post(url + route, json=body, timeout=600).status_code == 200:
                 return time.monotonic()
         except requests.ConnectionError:
             pass
         time.sleep(0.05)
-    raise TimeoutError("no image before timeout")
+    raise TimeoutError("no output before timeout")
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def main() -> None:
@@ -72,50 +99,39 @@ def main() -> None:
     ap.add_argument("--model-root", default=os.path.join(tempfile.gettempdir(), "vllm_omni_models"))
     args = ap.parse_args()
 
-    import torch
     from diffusers import DiffusionPipeline
 
     from vllm_omni.testing.tiny_models import build
 
     results = []
     for family in args.models:
+        audio = family == "stable-audio"
         model_dir = build(family, os.path.join(args.model_root, family))
         log = os.path.join(tempfile.gettempdir(), f"bench_overhead_{family}.log")
-        proc, url, launched = start_server(model_dir, log)
+        proc, url, launched = start_server(model_dir, log, wait=False)
         try:
-            size, steps = CASES[family][0]
-            probe = {"prompt": "a red fox", "size": f"{size}x{size}", "num_inference_steps": 2,
-                     "seed": 0}
-            cold_start_s = first_image(url, proc, probe) - launched
+            shape = CASES[family][0][0]
+            route, probe = (("/v1/audio/generate", {"input": "rain", "audio_length": shape,
+                                                    "num_inference_steps": 2, "seed": 0})
+                            if audio else
+                            ("/v1/images/generations", {"prompt": "a red fox", "seed": 0,
+                                                        "size": f"{shape}x{shape}",
+                                                        "num_inference_steps": 2}))
+            cold_start_s = first_output(url, proc, route, probe) - launched
 
             pipe = DiffusionPipeline.from_pretrained(model_dir)
             pipe.set_progress_bar_config(disable=True)
-            for size, steps in CASES[family]:
-                prompt, seed = "a red fox in the snow", 1234
-
-                def direct():
-                    t = time.perf_counter()
-                    pipe(prompt, height=size, width=size, num_inference_steps=steps,
-                         true_cfg_scale=1.0, generator=[torch.Generator().manual_seed(seed)])
-                    return time.perf_counter() - t
-
-                body = {"prompt": prompt, "size": f"{size}x{size}", "num_inference_steps": steps,
-                        "seed": seed}
-
-                def http():
-                    t = time.perf_counter()
-                    r = requests.post(url + "/v1/images/generations", json=body, timeout=600)
-                    r.raise_for_status()
-                    r.json()["data"][0]["b64_json"]
-                    return time.perf_counter() - t
-
+            for shape, steps in CASES[family]:
+                case = audio_case if audio else image_case
+                direct, http = case(pipe, url, shape, steps, seed=1234)
                 direct(), http()  # warm-up both sides
                 d, h = [], []
                 for _ in range(args.repeats):
-                    d.append(direct())
-                    h.append(http())
+                    d.append(timed(direct))
+                    h.append(timed(http))
                 results.append({
-                    "model": family, "size": f"{size}x{size}", "steps": steps,
+                    "model": family, "shape": f"{shape} s" if audio else f"{shape}x{shape}",
+                    "steps": steps,
                     "diffusers_median_s": round(statistics.median(d), 5),
                     "http_median_s": round(statistics.median(h), 5),
                     "overhead_ratio": round(statistics.median(h) / statistics.median(d), 4),
@@ -124,14 +140,12 @@ def main() -> None:
                 })
                 print(json.dumps(results[-1]), file=sys.stderr)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
+            stop_server(proc)
 
     print(json.dumps({
         "benchmark": "bench_overhead",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads "
-                   f"{torch.get_num_threads()}",
+        "machine": machine(),
         "repeats": args.repeats,
         "results": results,
     }, indent=2))

@@ -18,44 +18,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import requests
 
+from common import machine, start_server, stop_server
+
 PROMPT = "a corgi surfing a wave at sunset"
 # Between retrievals of a running job: each costs the server a little CPU, which on a small
 # machine the denoising shares; the answer comes at most this much late.
 POLL_S = 0.02
-
-
-def start_server(model_dir: str, store: str, log_path: str, *extra: str):
-    from vllm_omni.utils.proc import free_port
-
-    port = free_port()
-    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
-    proc = subprocess.Popen([vllm, "serve", model_dir, "--omni", "--host", "127.0.0.1",
-                             "--port", str(port), "--disable-uvicorn-access-log",
-                             "--video-storage-dir", store, *extra],
-                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited; see {log_path}")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server not healthy; see {log_path}")
 
 
 def run_job(http: requests.Session, url: str, body: dict) -> tuple[float, bytes]:
@@ -115,8 +90,8 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="bench_video_")
     results: dict = {}
     for name, flags in (("plain", ()), ("cache_dit", ("--cache-backend", "cache_dit"))):
-        proc, url = start_server(model, os.path.join(work, name), os.path.join(work, name + ".log"),
-                                 *flags)
+        proc, url, _ = start_server(model, os.path.join(work, name + ".log"),
+                                    "--video-storage-dir", os.path.join(work, name), *flags)
         try:
             http = requests.Session()
             direct(), run_job(http, url, body)  # warm-up both sides
@@ -130,13 +105,11 @@ def main() -> None:
                                                        4)}
             print(json.dumps({name: results[name]}), file=sys.stderr)
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(60)
+            stop_server(proc)
     print(json.dumps({
         "benchmark": "bench_video",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch threads "
-                   f"{torch.get_num_threads()}",
+        "machine": machine(),
         "model": args.model, "size": args.size, "frames": args.frames, "steps": args.steps,
         "repeats": args.repeats,
         "job_vs_diffusers": results["plain"]["job_vs_diffusers"],

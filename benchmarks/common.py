@@ -30,3 +30,55 @@ def model_and_params(args: argparse.Namespace):
                                          height=height, seed=0, true_cfg_scale=4.0,
                                          output_type="np")
     return model, params
+
+
+# -- a served model ---------------------------------------------------------------------------------
+def start_server(model_dir: str, log_path: str, *extra: str, wait: bool = True):
+    """``vllm serve MODEL --omni`` on a free port: (process, URL, launch time (monotonic)),
+    once healthy unless ``wait`` is False."""
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    from vllm_omni.utils.proc import free_port
+
+    port = free_port()
+    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
+    launched = time.monotonic()
+    proc = subprocess.Popen([vllm, "serve", model_dir, "--omni", "--host", "127.0.0.1",
+                             "--port", str(port), "--disable-uvicorn-access-log", *extra],
+                            stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while wait and time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited; see {log_path}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    else:
+        if wait:
+            stop_server(proc)
+            raise TimeoutError(f"server not healthy; see {log_path}")
+    return proc, url, launched
+
+
+def stop_server(proc) -> None:
+    import signal
+
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(60)
+
+
+def machine() -> str:
+    import platform
+
+    import torch
+
+    return f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}"

@@ -59,7 +59,10 @@ def test_offline_equals_diffusers_and_batches_like_alone(audio_model):
                     **kw).audios[0].numpy()
 
     prompts = ["rain on a tin roof", "a dog barking"]
-    with Omni(model=audio_model, max_num_seqs=2) as omni:
+    # A memory limit that fits two waveforms in one call but not three (the estimate is per
+    # waveform: the VAE decodes the whole window, whatever the clip's length).
+    limit = sum(_estimate(audio_model, n) for n in (2, 3)) // 2
+    with Omni(model=audio_model, max_num_seqs=2, max_request_memory=limit) as omni:
         [out] = omni.generate(prompts[0], _params(audio_start_in_s=0.1, audio_end_in_s=0.4),
                               use_tqdm=False)
         [audio] = out.audios
@@ -84,13 +87,25 @@ def test_offline_equals_diffusers_and_batches_like_alone(audio_model):
                                     (pair.audios[1], (prompts[0], 2))]:
             np.testing.assert_allclose(got.samples, direct(prompt, seed, audio_end_in_s=0.25),
                                        atol=1e-5)
-        for bad, match in [(dict(audio_end_in_s=0.6), r"at most 0\.512 s"),
+        for bad, match in [(dict(num_images_per_prompt=4), r"^a clip with n=4 needs an estimated "
+                            r"\d+ MiB .* max_request_memory .*; use n=2 or less$"),
+                           (dict(audio_end_in_s=0.6), r"at most 0\.512 s"),
                            (dict(audio_start_in_s=0.3, audio_end_in_s=0.2), "empty"),
                            (dict(width=64, height=64), "makes audio"),
                            (dict(num_frames=5), "num_frames is not supported"),
                            (dict(guidance_scale=1.0, negative_prompt="x"), "no effect")]:
             with pytest.raises(ValueError, match=match):
                 omni.generate("rain", _params(**bad), use_tqdm=False)
+
+
+def _estimate(model: str, n: int) -> int:
+    from vllm_omni.models.registry import load_model_spec
+    from vllm_omni.testing.memory_probe import request
+    from vllm_omni.worker import memory
+
+    spec = load_model_spec(model)
+    dims = memory.ModelDims.from_model_dir(model, spec.adapter, spec, element_size=4)
+    return memory.estimate(dims, spec.adapter, [request(spec, 0, 0, n, 4)], lambda r: True).total
 
 
 def test_saved_files_decode_to_the_clip(tmp_path):

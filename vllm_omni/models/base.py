@@ -205,6 +205,15 @@ class ModelAdapter:
         join the transformer's sequence. Default: as given."""
         return [im.size for im in req.images]
 
+    def decoded_pixels(self, req: DiffusionRequest) -> int:
+        """Pixels of each frame the VAE decodes (for audio: samples per waveform)."""
+        return req.width * req.height
+
+    def output_tokens(self, req: DiffusionRequest, token_side: int) -> int:
+        """The transformer's tokens for one output (one per ``token_side``² pixels per latent
+        frame)."""
+        return (req.width // token_side) * (req.height // token_side) * self.latent_frames(req)
+
     def output_frames(self, req: DiffusionRequest) -> int:
         """Images the VAE decodes (and latent frames the transformer sees) per output image."""
         return 1

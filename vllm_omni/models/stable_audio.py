@@ -130,6 +130,14 @@ class StableAudioAdapter(ImageAdapter):
     def runs_cfg(self, scale: float | None, has_negative: bool = False) -> bool:
         return (self.spec.extra["guidance_scale"] if scale is None else scale) > self.cfg_above
 
+    # -- memory (vllm_omni.worker.memory) ------------------------------------------------------
+    def decoded_pixels(self, req: DiffusionRequest) -> int:
+        # The whole window is decoded, then cut to the clip: the cost is the same at any length.
+        return self.spec.extra["latents"] * self.spec.extra["hop_length"]
+
+    def output_tokens(self, req: DiffusionRequest, token_side: int) -> int:
+        return self.spec.extra["latents"] + 1  # and the seconds token the DiT prepends
+
     def artifacts(self, output: Any, reqs: list[DiffusionRequest]) -> list[Any]:
         import numpy as np
         import torch

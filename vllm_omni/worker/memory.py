@@ -26,7 +26,9 @@ With ``b`` bytes per activation, ``P = W x H`` output pixels, ``N`` output image
 where ``C`` is the VAE width that runs at full resolution, ``U`` its coefficient (below) and
 ``T = P / 16² + input tokens + 512 prompt tokens``. For a video, ``N`` counts frames in the output
 and post terms, but the decoder's working set is the frames it decodes at once (a chunk: the
-adapter's ``frames_decoded_at_once``) and ``T`` counts latent frames (``latent_frames``).
+adapter's ``frames_decoded_at_once``) and ``T`` counts latent frames (``latent_frames``). For
+audio, ``P`` is the samples the VAE decodes per waveform (the adapter's ``decoded_pixels``:
+Stable Audio decodes its whole window and then cuts the clip) and ``T`` its latents.
 
 Attention scores are not a term: on the CPU, ``scaled_dot_product_attention`` (torch 2.13) takes
 the flash kernel for these models (no mask, or a ``B x 1 x 1 x L`` key-padding mask), which never
@@ -81,6 +83,13 @@ QWEN_ENCODE_UNITS_PER_RES_BLOCK = 2.5
 # over the per-pixel term at 256²-768².
 QWEN_SLACK = 192 * MiB
 
+# AutoencoderOobleck (Stable Audio): the last decoder block runs at ``decoder_channels`` at the full
+# sample rate (an upsampling transposed convolution, three dilated residual units with Snake
+# activations, whose sin/pow/mul temporaries are full-size). Measured 5.7-6.8 units at 2^18-2^20
+# samples (widths 16 and 32, 3-5 blocks), 7.8-11 with the slack folded in at 2^18.
+OOBLECK_DECODE_UNITS = 7.0
+OOBLECK_SLACK = 64 * MiB
+
 # The decoded batch (float RGB, then clamped) at the end of the decode, in bytes per pixel.
 DECODE_OUTPUT_BYTES_PER_PIXEL = 24
 # Post-processing: float numpy copy, x255, rounding, uint8 and PIL images. Measured 51-60.
@@ -130,6 +139,10 @@ def vae_cost(config: dict[str, Any]) -> VaeCost:
         return VaeCost(kind=cls, decode_width=dec[1] if len(dec) > 1 else dec[0],
                        decode_units=KL_DECODE_UNITS, encode_width=enc[0],
                        encode_units=KL_ENCODE_UNITS, slack=KL_SLACK)
+    if cls == "AutoencoderOobleck":  # no encoder term: nothing is encoded from a request
+        return VaeCost(kind=cls, decode_width=int(config.get("decoder_channels", 128)),
+                       decode_units=OOBLECK_DECODE_UNITS, encode_width=0, encode_units=0,
+                       slack=OOBLECK_SLACK)
     raise ValueError(f"no memory model for VAE {cls or config!r}: it has neither base_dim nor "
                      "block_out_channels")
 
@@ -198,7 +211,7 @@ def estimate(dims: ModelDims, adapter: Any, reqs: Sequence[Any],
     adapters whose CFG doubles the transformer batch (``cfg_calls == "batched"``).
     """
     first = reqs[0]
-    pixels = first.width * first.height
+    pixels = adapter.decoded_pixels(first)
     frames = adapter.output_frames(first)
     items = sum(r.num_images_per_prompt for r in reqs)
     images = items * frames
@@ -218,7 +231,7 @@ def estimate(dims: ModelDims, adapter: Any, reqs: Sequence[Any],
         encode = int(largest * act * vae.encode_units * vae.encode_width + vae.slack)
 
     side = dims.token_side
-    out_tokens = (first.width // side) * (first.height // side) * adapter.latent_frames(first)
+    out_tokens = adapter.output_tokens(first, side)
     batch = 0
     for r, sizes in zip(reqs, inputs):
         in_tokens = sum((w // side) * (h // side) for w, h in sizes)

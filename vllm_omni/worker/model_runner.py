@@ -185,14 +185,19 @@ class ModelRunner:
         phase = {"decode": "the VAE decode", "encode": "the VAE encode of the input images",
                  "denoise": "the transformer", "post": "the output images"}.get(est.largest)
         with_n = f" with n={count}" if count > 1 else ""
-        what = f"{req.width}x{req.height}{with_n}"
+        audio = self.adapter.output == "audio"
+        what = ("a clip" if audio else f"{req.width}x{req.height}") + with_n
         message = (f"{what} needs an estimated {memory.format_bytes(est.total)} of memory beyond "
                    f"the loaded model (most of it in {phase}), more than the "
                    f"{memory.format_bytes(limit)} {where}; ")
         if n_fit:
-            message += (f"use n={n_fit}{' or less' if n_fit > 1 else ''} at this size, "
-                        "or a smaller size")
+            message += f"use n={n_fit}{' or less' if n_fit > 1 else ''}" + (
+                "" if audio else " at this size, or a smaller size")
             return RequestTooLargeError(message, param="n")
+        if audio:
+            message += ("the model decodes its whole window whatever the clip's length, so no "
+                        "shorter clip fits either")
+            return RequestTooLargeError(message)
         smaller = self._largest_fitting_size(req, fits) if self.adapter.sized else None
         alone = (self._largest_fitting_size(dataclasses.replace(req, num_images_per_prompt=1), fits)
                  if self.adapter.sized and count > 1 and smaller is None else None)
