@@ -1,5 +1,6 @@
-"""The full-size Qwen-Image transformer (random weights, bf16) on one GPU: a denoising step at
-1024x1024 in bf16, FP8 W8A8 (the model's default ignored layers, then every block Linear), FP8
+"""The full-size Qwen-Image transformer (random weights, bf16) on one GPU: first its Linear shapes
+alone (bf16 against W8A8 with the Triton activation quantizer and with the eager reference, which
+must give the same bytes), then a denoising step at 1024x1024 in bf16, FP8 W8A8 (the model's default ignored layers, then every block Linear), FP8
 weight-only, then layerwise and model-level offload of the FP8 model; peak device memory and the
 FP8 output's error. Needs torch and diffusers only (the GPU machine has no vLLM); prints JSON.
 
@@ -23,8 +24,10 @@ from vllm_omni.models.qwen_image import QwenImageAdapter  # noqa: E402  (plain d
 from vllm_omni.offload.offload import Unit  # noqa: E402
 from vllm_omni.quantization.fp8 import (  # noqa: E402
     Fp8Linear,
+    _quantize_tokens_torch,
     dequantize,
     quantize_model,
+    quantize_rows,
     targets,
 )
 
@@ -54,6 +57,38 @@ def peak(device, fn) -> int:
     fn()
     sync(device)
     return torch.cuda.max_memory_allocated(device)
+
+
+def linear_shapes(device, tokens: int, repeats: int = 50) -> dict:
+    """Each (in, out) shape of a Qwen-Image block's Linears at ``tokens`` tokens: bf16, then W8A8
+    with the Triton quantizer (what ``Fp8Linear`` runs) and with the eager reference."""
+    from vllm_omni.quantization import fp8_triton
+
+    results = {"triton": fp8_triton.available()}
+    for k, n in ((3072, 3072), (3072, 12288), (12288, 3072)):
+        torch.manual_seed(0)
+        x = torch.randn(tokens, k, device=device, dtype=torch.bfloat16)
+        w = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
+        b = torch.randn(n, device=device, dtype=torch.bfloat16)
+        q, scale = quantize_rows(w)
+
+        def w8a8(quantize):
+            xq, xs = quantize(x)
+            return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale.unsqueeze(0), bias=b,
+                                    out_dtype=torch.bfloat16)
+
+        r = {"bf16_us": timed(lambda: torch.nn.functional.linear(x, w, b), device, 5, repeats)}
+        for name, quantize in (("triton", fp8_triton.quantize_rows),
+                               ("eager", _quantize_tokens_torch)):
+            r[f"{name}_quantize_us"] = timed(lambda: quantize(x), device, 5, repeats)
+            r[f"{name}_linear_us"] = timed(lambda: w8a8(quantize), device, 5, repeats)
+            r[f"{name}_speedup_vs_bf16"] = r["bf16_us"] / r[f"{name}_linear_us"]
+        (tq, ts), (eq, es) = fp8_triton.quantize_rows(x), _quantize_tokens_torch(x)
+        r["same_bytes_as_eager"] = bool(torch.equal(tq.view(torch.uint8), eq.view(torch.uint8))
+                                        and torch.equal(ts, es))
+        results[f"{k}->{n}"] = {key: round(v * 1e6, 1) if key.endswith("_us") else v
+                                for key, v in r.items()}
+    return results
 
 
 def main() -> None:
@@ -103,6 +138,9 @@ def main() -> None:
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "dtype": str(dtype), "params": params,
            "size": f"{size}x{size}", "text_tokens": args.text_tokens, "build_s": round(build_s, 1)}
+    if device.type == "cuda":
+        out["linears"] = linear_shapes(device, side * side + args.text_tokens)
+        print(json.dumps({"linears": out["linears"]}), flush=True)
     rep = args.repeats
     ref = step().float()
     out["bf16"] = {"step_s": timed(step, device, 2, rep), "peak_bytes": peak(device, step),

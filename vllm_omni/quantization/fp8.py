@@ -53,6 +53,17 @@ def w8a8_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _quantize_tokens(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row (token) of ``x2`` as FP8 with its own fp32 scale."""
+    if x2.is_cuda:
+        from vllm_omni.quantization import fp8_triton
+
+        if fp8_triton.supports(x2):
+            return fp8_triton.quantize_rows(x2)
+    return _quantize_tokens_torch(x2)
+
+
+def _quantize_tokens_torch(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: five passes over the activations (two in fp32), which on an H200 cost more
+    than the FP8 GEMM saves; the Triton kernel does it in one read and one write."""
     xs = (x2.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=_TINY)
     return (x2 / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8), xs
 
