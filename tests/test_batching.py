@@ -26,6 +26,24 @@ def test_scheduler_batches_by_key_keeps_fifo_and_never_starves_the_head():
     for r in [_req("x"), _req("y")]:
         one.add(r)
     assert [r.request_id for r in one.schedule()] == ["x"]
+    # A request its adapter will not batch (key None: input images, a video) runs alone, even
+    # beside another such request.
+    never = Scheduler(max_num_seqs=4, batch_key=lambda r: None)
+    for r in [_req("v"), _req("w")]:
+        never.add(r)
+    assert [r.request_id for r in never.schedule()] == ["v"]
+    # The engine's key adds each request's LoRA adapters: different sets never share a call.
+    from types import SimpleNamespace
+
+    from vllm_omni.engine.core import batch_key
+
+    adapter = SimpleNamespace(batch_key=lambda r: (r.width,))
+    with_lora = Scheduler(max_num_seqs=4, batch_key=lambda r: batch_key(adapter, r))
+    reqs = [_req("l1"), _req("l2"), _req("l3")]
+    reqs[1].loras = ("an adapter",)
+    for r in reqs:
+        with_lora.add(r)
+    assert [r.request_id for r in with_lora.schedule()] == ["l1", "l3"]
 
 
 def test_batched_images_equal_each_request_alone(tiny_qwen_image, omni):

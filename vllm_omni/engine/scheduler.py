@@ -41,7 +41,8 @@ class Scheduler:
             if len(batch) == self.max_num_seqs:
                 break
             if batch:
-                if self.batch_key is None or self.batch_key(req) != key:
+                # A None key never batches: not even with another None.
+                if key is None or self.batch_key(req) != key:
                     continue
             elif self.batch_key is not None:
                 key = self.batch_key(req)
