@@ -231,6 +231,7 @@ def test_undeclared_features_are_refused_at_startup(family, feature_models):
         "cache_dit": dict(cache_backend="cache_dit"),
         "fp8": dict(quantization="fp8"),
         "cpu_offload": dict(enable_cpu_offload=True),
+        "lora": dict(enable_lora=True),
         **{f: dict(parallel=layout) for f, layout in LAYOUTS.items()},
     }
     for feature, kwargs in configs.items():
@@ -239,3 +240,57 @@ def test_undeclared_features_are_refused_at_startup(family, feature_models):
         config = _config(feature_models[family], **kwargs)
         with pytest.raises(ValueError, match=FEATURES[feature]):
             spec.adapter.check_engine(config)
+
+
+# -- LoRA ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", list(REQUESTS))
+def test_lora_equals_diffusers_own_loader(family, feature_models, singles, tmp_path):
+    """Every model that declares LoRA: its tiny adapter (vllm_omni.testing.tiny_lora) at scale
+    0.7 gives what diffusers' own loader and set_adapters give on the same pipeline (Wan2.2 A14B:
+    into both experts), and changes the output."""
+    from diffusers import DiffusionPipeline
+
+    from vllm_omni.engine.input_processor import InputProcessor
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+    from vllm_omni.lora import LoraRegistry
+    from vllm_omni.testing.tiny_lora import build
+    from vllm_omni.worker.model_runner import ModelRunner, make_generators
+
+    model = feature_models[family]
+    spec = _spec(model)
+    if "lora" not in spec.adapter.features:
+        pytest.skip(f"{spec.pipeline_class} does not declare LoRA")
+    lora = build(model, str(tmp_path / "tiny.safetensors"))
+    config = _config(model, lora_modules={"tiny": lora})
+    runner = ModelRunner(config, 0, torch.device("cpu"))
+    runner.load()
+    r = REQUESTS[family]
+    params = OmniDiffusionSamplingParams(num_inference_steps=_steps(family), seed=SEED,
+                                         output_type="np", lora={"name": "tiny", "scale": 0.7},
+                                         **r.get("params", {}))
+    req = InputProcessor(spec, loras=LoraRegistry.from_config(config)).process(
+        PROMPT, params, images=INPUTS[:r.get("inputs", 0)])
+    out = runner.execute([req])[0]
+    assert out.error is None, out.error
+    assert out.metrics["lora_adapters"] == 1
+    ours = [np.asarray(im) for im in out.images or [v.frames for v in out.videos]]
+
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    if hasattr(pipe, "load_lora_weights"):
+        two = getattr(pipe, "transformer_2", None) is not None
+        pipe.load_lora_weights(lora, adapter_name="x",
+                               **({"load_into_transformer_2": True} if two else {}))
+        pipe.set_adapters(["x"], adapter_weights=[0.7])
+    else:
+        pipe.transformer.load_lora_adapter(lora, prefix="transformer", adapter_name="x")
+        pipe.transformer.set_adapters(["x"], weights=[0.7])
+    result = pipe(**spec.adapter.pipeline_kwargs(req), output_type="np",
+                  generator=make_generators(SEED, 1))
+    theirs = spec.adapter.flatten_output(spec.adapter.artifacts(result, [req]))
+    theirs = [np.asarray(im) for im in theirs] if out.images else [np.asarray(v.frames)
+                                                                  for v in theirs]
+    assert len(ours) == len(theirs) > 0
+    for a, b, base in zip(ours, theirs, singles(family)):
+        assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max() <= 1e-5
+        assert np.abs(np.asarray(a, np.float32) - np.asarray(base, np.float32)).max() > 1e-3

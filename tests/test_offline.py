@@ -85,7 +85,7 @@ def test_too_long_prompt_is_rejected_not_truncated(omni):
 def test_unimplemented_features_fail_loudly(tiny_qwen_image):
     from vllm_omni import Omni
 
-    with pytest.raises(ValueError, match="lora_path"):
+    with pytest.raises(ValueError, match=r"lora_path \(--lora-path\): .* does not exist"):
         Omni(model=tiny_qwen_image, lora_path="/nonexistent/lora")
     with pytest.raises(ValueError, match="cache_backend must be one of"):
         Omni(model=tiny_qwen_image, cache_backend="magic")

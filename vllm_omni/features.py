@@ -40,6 +40,10 @@ class Feature:
     def apply(self, pipe, groups) -> None:
         raise NotImplementedError
 
+    def prepare_call(self, reqs) -> None:
+        """Before each pipeline call, with its requests (all of one batch key); an
+        ``InvalidRequestError`` fails them with a 400."""
+
     def begin_request(self, num_steps: int, uses_cfg: bool) -> None:
         pass
 
@@ -72,7 +76,7 @@ def requested(config) -> list[str]:
         "tensor_parallel": p.tensor_parallel_size > 1,
         "vae_patch_parallel": p.vae_patch_parallel_size > 1,
         "cpu_offload": config.enable_cpu_offload or config.enable_layerwise_offload,
-        "lora": config.lora_path is not None,
+        "lora": config.lora_enabled,
         "fp8": config.quantization == "fp8",
     }
     return [name for name, on in asked.items() if on]
@@ -83,7 +87,8 @@ ORDER = {
     # First: it replaces the weights that the features after it shard or wrap.
     "fp8": "vllm_omni.quantization.fp8:Fp8Feature",
     "tensor_parallel": "vllm_omni.distributed.tensor_parallel:TensorParallelFeature",
-    "lora": None,  # after TP: its deltas shard like their layer (ParallelLinear.shard_weight)
+    # After TP: its deltas must shard like their layer (until they do, LoRA refuses TP).
+    "lora": "vllm_omni.lora.feature:LoraFeature",
     "cpu_offload": "vllm_omni.offload.offload:OffloadFeature",
     "sequence_parallel": "vllm_omni.distributed.sequence_parallel:SequenceParallelFeature",
     "cfg_parallel": "vllm_omni.distributed.cfg_parallel:CFGParallelFeature",

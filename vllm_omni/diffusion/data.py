@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,7 +60,15 @@ class OmniEngineConfig:
     # Weights off the device until they run: whole components, or the denoisers' blocks.
     enable_cpu_offload: bool = False
     enable_layerwise_offload: bool = False
+    # LoRA (vLLM's flags): an adapter applied to every request, named adapters (name -> path),
+    # how many are active at once (least recently used evicted) and kept in host memory, and
+    # the directories request paths may name. enable_lora alone allows registered names only.
     lora_path: str | None = None
+    lora_modules: dict[str, str] = field(default_factory=dict)
+    max_loras: int = 1
+    max_cpu_loras: int | None = None
+    allowed_lora_dirs: list[str] = field(default_factory=list)
+    enable_lora: bool = False
     default_seed: int | None = None
     # Compatible waiting requests run together, up to this many (vLLM's --max-num-seqs).
     max_num_seqs: int = 1
@@ -77,6 +86,33 @@ class OmniEngineConfig:
     max_request_memory: int | str | None = None
     # What runs the workers (vLLM's --distributed-executor-backend): "mp", processes here.
     distributed_executor_backend: str = "mp"
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self.enable_lora or self.lora_path or self.lora_modules)
+
+    def _check_lora(self) -> None:
+        from vllm_omni.lora import NAME
+
+        for name in ("max_loras", "max_cpu_loras"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be at least max_loras "
+                             f"({self.max_loras}), as in vLLM")
+        for name in self.lora_modules:
+            if not isinstance(name, str) or not NAME.fullmatch(name):
+                raise ValueError(f"LoRA module name {name!r}: use 1-64 letters, digits, '.', '_' "
+                                 "or '-'")
+            if name in self.served_model_names:
+                raise ValueError(f"LoRA module name {name!r} is the served model's name")
+        for d in self.allowed_lora_dirs:
+            if not os.path.isdir(d):
+                raise ValueError(f"allowed_lora_dirs: {d!r} is not a directory")
+        if self.lora_path is not None and self.max_loras < 2 and self.lora_modules:
+            raise ValueError("lora_path is active on every request, so a named adapter needs "
+                             "max_loras >= 2 (--max-loras 2)")
 
     def __post_init__(self) -> None:
         if isinstance(self.cache_config, str):
@@ -114,6 +150,7 @@ class OmniEngineConfig:
                 self.max_request_memory = parse_memory_size(self.max_request_memory)
             except ValueError as e:
                 raise ValueError(f"max_request_memory: {e}") from None
+        self._check_lora()
         from vllm_omni.executor.base import check_backend
 
         check_backend(self.distributed_executor_backend)
@@ -138,15 +175,6 @@ class OmniEngineConfig:
             raise ValueError("enable_cpu_offload and enable_layerwise_offload are two granularities "
                              "of one feature; choose one (--enable-cpu-offload moves whole "
                              "components, --enable-layerwise-offload the transformer's blocks)")
-        not_yet = {
-            "lora_path": self.lora_path is not None,
-        }
-        asked = [k for k, v in not_yet.items() if v]
-        if asked:
-            raise ValueError(
-                f"{', '.join(asked)}: not available in this release of vllm_omni; "
-                "remove the option to serve without it"
-            )
 
     @property
     def world_size(self) -> int:

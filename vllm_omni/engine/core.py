@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import queue
@@ -27,11 +28,17 @@ logger = logging.getLogger(__name__)
 IDLE_POLL_S = 0.2
 
 
+def batch_key(adapter, req):
+    """The adapter's key plus the request's LoRA adapters: one call runs one adapter set."""
+    key = adapter.batch_key(req)
+    return None if key is None else (key, req.loras)
+
+
 class EngineCore:
     def __init__(self, config: OmniEngineConfig):
         self.config = config
         adapter = load_model_spec(config.model).adapter
-        self.scheduler = Scheduler(config.max_num_seqs, adapter.batch_key
+        self.scheduler = Scheduler(config.max_num_seqs, functools.partial(batch_key, adapter)
                                    if config.max_num_seqs > 1 else None)
         self.executor_class = Executor.get_class(config.distributed_executor_backend)
         self.executor: Executor | None = self.executor_class(config)

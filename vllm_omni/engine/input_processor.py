@@ -22,9 +22,13 @@ REQUEST_FIELDS = ("negative_prompt", "true_cfg_scale", "guidance_scale")
 
 class InputProcessor:
     def __init__(self, spec: ModelSpec, seed: int | None = None,
-                 caps: dict[str, tuple[float, str]] | None = None):
-        """``caps``: the server's limits on options, name -> (most, flag) (``--max-*``)."""
+                 caps: dict[str, tuple[float, str]] | None = None, loras=None):
+        """``caps``: the server's limits on options, name -> (most, flag) (``--max-*``);
+        ``loras``: the server's ``lora.LoraRegistry`` (None: no LoRA)."""
+        from vllm_omni.lora import LoraRegistry
+
         self.spec = spec
+        self.loras = loras or LoraRegistry()
         self.common = cap({o.name: o for o in COMMON if o.name in (caps or {})}, caps or {})
         self.schema = cap(spec.adapter.schema(), caps or {})
         # A server started with --seed draws per-request seeds from a seeded stream: runs are
@@ -35,13 +39,15 @@ class InputProcessor:
 
     def process(self, prompt: str | None, params: OmniDiffusionSamplingParams,
                 request_id: str | None = None, images: list | None = None,
-                mask=None) -> DiffusionRequest:
-        """``images``/``mask``: decoded PIL inputs (edit and layered models)."""
+                mask=None, model_adapter: str | None = None) -> DiffusionRequest:
+        """``images``/``mask``: decoded PIL inputs (edit and layered models);
+        ``model_adapter``: a LoRA name the request gave as its model."""
         spec, adapter = self.spec, self.spec.adapter
         values = params.options()
         for name, option in self.common.items():  # the model-independent ones, checked as built
             option.check(getattr(params, name))
         adapter.check_options(values, self.schema)
+        loras = self.loras.resolve(params.lora, model_adapter)
         captioned = "auto_caption" in adapter.schema()
         if prompt is None and captioned and values.get("auto_caption"):
             prompt = ""
@@ -72,6 +78,7 @@ class InputProcessor:
             images=images,
             mask=mask,
             options=options,
+            loras=loras,
         )
         adapter.validate(req, given)
         return req

@@ -39,6 +39,8 @@ class DiffusionRequest:
     mask: Any = None  # PIL mask image (white = repaint), for models that inpaint
     # Model-specific options the adapter declared and validated (e.g. layers, resolution).
     options: dict[str, Any] = field(default_factory=dict)
+    # LoRA adapters active for it (lora.LoraRef: name, weight file, scale), resolved and allowed.
+    loras: tuple = ()
     arrival_time: float = field(default_factory=time.monotonic)
     scheduled_time: float | None = None  # when the scheduler handed it to the executor
 

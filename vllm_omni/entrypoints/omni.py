@@ -67,6 +67,11 @@ class Omni:
         enable_cpu_offload: bool = False,
         enable_layerwise_offload: bool = False,
         lora_path: str | None = None,
+        lora_modules: dict[str, str] | None = None,
+        max_loras: int = 1,
+        max_cpu_loras: int | None = None,
+        allowed_lora_dirs: list[str] | None = None,
+        enable_lora: bool = False,
         load_timeout_s: float = 1800.0,
         max_num_seqs: int = 1,
         max_request_memory: int | str | None = None,
@@ -81,12 +86,17 @@ class Omni:
             quantization=quantization, quantization_config=quantization_config,
             enable_cpu_offload=enable_cpu_offload,
             enable_layerwise_offload=enable_layerwise_offload,
-            lora_path=lora_path, default_seed=seed, load_timeout_s=load_timeout_s,
+            lora_path=lora_path, lora_modules=dict(lora_modules or {}), max_loras=max_loras,
+            max_cpu_loras=max_cpu_loras, allowed_lora_dirs=list(allowed_lora_dirs or []),
+            enable_lora=enable_lora, default_seed=seed, load_timeout_s=load_timeout_s,
             max_num_seqs=max_num_seqs, max_request_memory=max_request_memory,
         )
         self.spec = load_model_spec(model_dir)
         self.spec.adapter.check_engine(self.config)
-        self._inputs = InputProcessor(self.spec, seed)
+        from vllm_omni.lora import LoraRegistry
+
+        self._inputs = InputProcessor(self.spec, seed,
+                                      loras=LoraRegistry.from_config(self.config))
         self._engine = EngineCore(self.config)
         self._counter = 0
 

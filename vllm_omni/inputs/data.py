@@ -48,6 +48,9 @@ class OmniDiffusionSamplingParams:
     enable_prompt_rewrite: bool | None = None
     auto_caption: bool | None = None
     prior_token_ids: list[int] | None = None
+    # LoRA adapters for this request: {"name", "path", "scale"} or a list of them (a name
+    # registered with lora_modules, or a path under allowed_lora_dirs).
+    lora: dict[str, Any] | list[dict[str, Any]] | None = None
     # Any other option of the served model, by name (as vLLM's ``SamplingParams.extra_args``).
     extra_args: dict[str, Any] | None = None
 
@@ -62,7 +65,7 @@ class OmniDiffusionSamplingParams:
     def options(self) -> dict[str, Any]:
         """The model options set, by name, for the served model's schema to check."""
         given = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _COMMON
-                 and f.name != "extra_args" and getattr(self, f.name) is not None}
+                 and f.name not in ("extra_args", "lora") and getattr(self, f.name) is not None}
         for name in set(self.extra_args or ()) & set(given):
             raise InvalidRequestError(f"{name} is set twice (field and extra_args)", param=name)
         return {k: v for k, v in {**given, **(self.extra_args or {})}.items() if v is not None}

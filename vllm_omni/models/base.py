@@ -58,10 +58,9 @@ FEATURES = {
     "vae_patch_parallel": "VAE-Patch-Parallel",
     "fp8": "FP8",
 }
-# The ones this release has. Adapters also declare their cells for the others (LoRA), which the
-# engine refuses for every model until they land.
+# The columns this release has (each adapter declares its own cells; the engine refuses the rest).
 RELEASED = ("tea_cache", "cache_dit", "sequence_parallel", "cfg_parallel", "tensor_parallel",
-            "cpu_offload", "vae_patch_parallel", "fp8")
+            "cpu_offload", "lora", "vae_patch_parallel", "fp8")
 
 
 class ModelAdapter:

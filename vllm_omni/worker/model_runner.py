@@ -306,6 +306,8 @@ class ModelRunner:
             uses_cfg = self.adapter.uses_cfg(kwargs)
             self.groups.reset_counters()
             for feature in self.features:
+                feature.prepare_call(reqs)
+            for feature in self.features:
                 feature.begin_request(reqs[0].num_inference_steps, uses_cfg)
             # Per-request generators, in image order: each image's noise is what it would be alone.
             generators = [g for r in reqs for g in make_generators(r.seed, r.num_images_per_prompt)]

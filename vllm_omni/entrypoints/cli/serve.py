@@ -30,6 +30,7 @@ HONOURED = {
     "disable_uvicorn_access_log", "root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
     "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials", "config",
     "max_num_seqs", "distributed_executor_backend", "quantization_config",
+    "lora_modules", "max_loras", "max_cpu_loras", "enable_lora",
 }
 
 
@@ -74,7 +75,13 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
                        help="Stream the transformer's blocks to the GPU one at a time, the next "
                             "prefetched while one runs; the rest stays on the GPU. On a CPU: "
                             "the blocks are read from a temporary file when they run."),
-        g.add_argument("--lora-path", type=str, default=None, help="LoRA adapter directory."),
+        g.add_argument("--lora-path", type=str, default=None,
+                       help="A LoRA adapter (a .safetensors file or a directory holding one) "
+                            "applied to every request, beside any the request names."),
+        g.add_argument("--allowed-lora-dirs", nargs="+", default=[], metavar="DIR",
+                       help="Directories request-given LoRA paths may lie in (after resolving "
+                            "symlinks and '..'). None by default: requests may name only the "
+                            "adapters of --lora-modules."),
         g.add_argument("--model-load-timeout", type=float, default=1800.0,
                        help="Seconds the workers may take to load the model."),
         g.add_argument("--max-queue-len", type=int, default=64,
@@ -179,6 +186,19 @@ def unsupported_flags(serve_parser, args: argparse.Namespace) -> list[str]:
     return bad
 
 
+def lora_modules(given) -> dict[str, str]:
+    """vLLM's --lora-modules (``name=path`` or its JSON form) as name -> path."""
+    modules: dict[str, str] = {}
+    for m in given or []:
+        if m.base_model_name is not None:
+            raise ValueError(f"--lora-modules {m.name}: base_model_name is not supported (the "
+                             "adapter applies to the served model)")
+        if m.name in modules:
+            raise ValueError(f"--lora-modules: {m.name!r} is given twice")
+        modules[m.name] = m.path
+    return modules
+
+
 def config_from_args(args: argparse.Namespace, serve_parser):
     """The engine config and the model's spec, checked against each other; ValueError if not."""
     from vllm_omni.models.registry import load_model_spec, resolve_model_dir
@@ -204,6 +224,9 @@ def config_from_args(args: argparse.Namespace, serve_parser):
         quantization_config=args.quantization_config,
         enable_cpu_offload=args.enable_cpu_offload,
         enable_layerwise_offload=args.enable_layerwise_offload, lora_path=args.lora_path,
+        lora_modules=lora_modules(args.lora_modules), max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras, allowed_lora_dirs=args.allowed_lora_dirs,
+        enable_lora=bool(args.enable_lora),
         default_seed=args.seed, load_timeout_s=args.model_load_timeout,
         max_num_seqs=args.max_num_seqs or 1, max_request_memory=args.max_request_memory,
         heartbeat_timeout_s=args.worker_heartbeat_timeout,
@@ -212,6 +235,9 @@ def config_from_args(args: argparse.Namespace, serve_parser):
     )
     spec = load_model_spec(config.model)
     spec.adapter.check_engine(config)
+    from vllm_omni.lora import LoraRegistry
+
+    LoraRegistry.from_config(config)  # the adapters' files: a missing or pickle one fails now
     return config, spec
 
 
@@ -311,6 +337,7 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=
     from vllm_omni.entrypoints.openai.api_server import build_app
     from vllm_omni.entrypoints.openai.connections import guarded_protocol
     from vllm_omni.entrypoints.openai.limits import ServingLimits
+    from vllm_omni.lora import LoraRegistry
 
     limits = limits or ServingLimits()
 
@@ -331,7 +358,8 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=
         app = build_app(engine, spec, config.served_model_names, model_root=config.model,
                         api_keys=_api_keys(args.api_key),
                         seed=args.seed, root_path=args.root_path or "", limits=limits,
-                        public_url=args.public_url, job_store=job_store)
+                        public_url=args.public_url, job_store=job_store,
+                        loras=LoraRegistry.from_config(config))
         if args.allowed_origins != ["*"] or args.allow_credentials:
             from fastapi.middleware.cors import CORSMiddleware
 

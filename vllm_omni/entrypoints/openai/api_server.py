@@ -167,8 +167,12 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
               model_root: str, api_keys: list[str] | None = None, seed: int | None = None,
               root_path: str = "", limits: ServingLimits | None = None,
               metrics: ServerMetrics | None = None, public_url: str | None = None,
-              job_store=None) -> FastAPI:
-    """``job_store``: a video model's ``video_jobs.JobStore``."""
+              job_store=None, loras=None) -> FastAPI:
+    """``job_store``: a video model's ``video_jobs.JobStore``; ``loras``: the server's
+    ``lora.LoraRegistry``."""
+    from vllm_omni.lora import LoraRegistry
+
+    loras = loras or LoraRegistry()
     limits = limits or ServingLimits()
     metrics = metrics or ServerMetrics(served_model_names[0])
     decoder = InputDecoder(spec)
@@ -178,15 +182,16 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
         from vllm_omni.entrypoints.openai import serving_videos
 
         serving = serving_videos.ServingVideos(engine, spec, served_model_names, seed,
-                                               job_store, limits, metrics)
+                                               job_store, limits, metrics, loras)
     elif spec.adapter.output == "audio":
         from vllm_omni.entrypoints.openai import serving_audio
 
         serving = serving_audio.ServingAudio(engine, spec, served_model_names, seed, limits,
-                                             metrics)
+                                             metrics, loras)
     else:
         store = ImageStore()
-        serving = ServingImages(engine, spec, served_model_names, seed, store, limits, metrics)
+        serving = ServingImages(engine, spec, served_model_names, seed, store, limits, metrics,
+                                loras)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -267,10 +272,14 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
     @app.get("/v1/models")
     async def models():
+        # LoRA adapters are models whose parent is the base, as vLLM lists them.
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "vllm-omni",
              "root": model_root, "parent": None, "task": spec.adapter.task}
-            for name in served_model_names]}
+            for name in served_model_names] + [
+            {"id": name, "object": "model", "created": created, "owned_by": "vllm-omni",
+             "root": path, "parent": served_model_names[0], "task": spec.adapter.task}
+            for name, path in loras.modules.items()]}
 
     if spec.adapter.output == "video":
         serving_videos.add_routes(app, serving, decoder, limits)

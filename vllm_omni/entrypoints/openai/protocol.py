@@ -11,6 +11,24 @@ from vllm_omni.models.base import ModelSpec
 from vllm_omni.models.options import MAX_SEED
 
 
+# A request's LoRA adapters: {"name", "path", "scale"} or a list of them; in a multipart form,
+# the same as a JSON string (checked by lora.LoraRegistry.resolve).
+LoraField = Optional[dict[str, Any] | list[dict[str, Any]] | str]
+
+
+def lora_entries(value: Any) -> Any:
+    """The ``lora`` field with a form's JSON string decoded."""
+    if not isinstance(value, str):
+        return value
+    import json
+
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise OpenAIError(400, "lora must be an object {name, path, scale}, a list of them, or "
+                          "(in a form) their JSON", param="lora", code="invalid_value") from None
+
+
 class OpenAIError(Exception):
     """Raised anywhere in a handler; rendered as ``{"error": {...}}`` with ``status``."""
 
@@ -62,6 +80,7 @@ class ImageRequestBase(BaseModel):
     # Diffusion extensions (top level, so the OpenAI SDK's extra_body reaches them).
     num_inference_steps: int | None = Field(None, ge=1)  # bounded by --max-inference-steps
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    lora: LoraField = Field(None, description="LoRA adapters: {name, path, scale} or a list")
 
     # OpenAI fields we accept only at their neutral values, and why the others are refused.
     neutral: ClassVar[dict[str, tuple]] = {"quality": (None, "auto"),

@@ -73,23 +73,30 @@ def extension(req: DiffusionRequest, out: DiffusionOutput) -> dict[str, Any]:
 class Serving:
     def __init__(self, engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str],
                  seed: int | None, limits: ServingLimits | None = None,
-                 metrics: ServerMetrics | None = None):
+                 metrics: ServerMetrics | None = None, loras=None):
+        """``loras``: the server's ``lora.LoraRegistry`` (None: no LoRA)."""
+        from vllm_omni.lora import LoraRegistry
+
         self.engine = engine
+        self.loras = loras or LoraRegistry()
         self.spec = spec
         self.served_model_names = served_model_names
         self.limits = limits or ServingLimits()
-        self.inputs = InputProcessor(spec, seed, self.limits.caps)
+        self.inputs = InputProcessor(spec, seed, self.limits.caps, self.loras)
         self.metrics = metrics
         self.in_flight = 0  # admitted, not yet answered (the event loop is single-threaded)
         self._latency_s = 0.0  # moving average of engine time per request, for Retry-After
 
     def process(self, prompt: str | None, request_id: str, images: list | None = None,
-                mask=None, **params) -> DiffusionRequest:
+                mask=None, model: str | None = None, **params) -> DiffusionRequest:
         """The engine request for ``prompt`` and sampling ``params`` after the one validation
-        pass and the server's pixel limit; a bad one answers 400."""
+        pass and the server's pixel limit; a bad one answers 400. ``model``: the request's
+        (checked by ``check_model``); a LoRA adapter's name selects that adapter."""
+        adapter = model if model in self.loras.modules else None
         try:
             req = self.inputs.process(prompt, OmniDiffusionSamplingParams(**params),
-                                      request_id=request_id, images=images, mask=mask)
+                                      request_id=request_id, images=images, mask=mask,
+                                      model_adapter=adapter)
         except InvalidRequestError as e:
             raise openai_error(e) from None
         except ValueError as e:
@@ -154,7 +161,9 @@ class Serving:
                 task.cancel()
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.served_model_names:
+        """The served model, or one of its LoRA adapters (vLLM's ``--lora-modules`` names)."""
+        if model is not None and model not in self.served_model_names \
+                and model not in self.loras.modules:
             raise OpenAIError(404, f"The model `{model}` does not exist. This server serves "
                               f"{', '.join(self.served_model_names)}.", param="model",
                               code="model_not_found")

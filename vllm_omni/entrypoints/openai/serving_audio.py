@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from vllm_omni.engine.request import DiffusionRequest
 from vllm_omni.entrypoints.openai.encoders import AUDIO_FORMATS, encode_audio
-from vllm_omni.entrypoints.openai.protocol import OpenAIError
+from vllm_omni.entrypoints.openai.protocol import LoraField, OpenAIError, lora_entries
 from vllm_omni.entrypoints.openai.serving import (
     ClientDisconnected,
     Serving,
@@ -52,6 +52,7 @@ class AudioRequestBase(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1)  # bounded by --max-inference-steps
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     user: str | None = Field(None, max_length=256)
+    lora: LoraField = Field(None, description="LoRA adapters: {name, path, scale} or a list")
     # vLLM-Omni's speech-style fields, accepted at the only values a diffusion model honours.
     speed: float | None = Field(None, description="Playback speed: 1.0 only")
     stream_format: Literal["audio"] | None = Field(None, description="'audio' only: the clip "
@@ -89,8 +90,9 @@ class ServingAudio(Serving):
         if body.audio_length is not None:
             options["audio_end_in_s"] = start + body.audio_length
         request_id = f"audio-{uuid.uuid4().hex}"
-        req = self.process(body.input, request_id, num_inference_steps=body.num_inference_steps,
-                           seed=body.seed, extra_args=options)
+        req = self.process(body.input, request_id, model=body.model,
+                           num_inference_steps=body.num_inference_steps, seed=body.seed,
+                           lora=lora_entries(body.lora), extra_args=options)
         window = adapter.window(req)
         logger.info("request %s: %.2f-%.2f s, %d steps, seed=%d, format=%s, user=%s", request_id,
                     *window, req.num_inference_steps, req.seed, body.response_format,

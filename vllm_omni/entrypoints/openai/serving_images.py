@@ -17,7 +17,12 @@ from vllm_omni.entrypoints.openai.encoders import encode_image
 from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
-from vllm_omni.entrypoints.openai.protocol import ImageRequestBase, OpenAIError, parse_size
+from vllm_omni.entrypoints.openai.protocol import (
+    ImageRequestBase,
+    OpenAIError,
+    lora_entries,
+    parse_size,
+)
 from vllm_omni.entrypoints.openai.serving import (
     Serving,
     extension,
@@ -33,8 +38,8 @@ logger = logging.getLogger("vllm_omni.api")
 class ServingImages(Serving):
     def __init__(self, engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str],
                  seed: int | None, store: ImageStore, limits: ServingLimits | None = None,
-                 metrics: ServerMetrics | None = None):
-        super().__init__(engine, spec, served_model_names, seed, limits, metrics)
+                 metrics: ServerMetrics | None = None, loras=None):
+        super().__init__(engine, spec, served_model_names, seed, limits, metrics, loras)
         self.store = store
 
     def prepare(self, body: ImageRequestBase, images: list | None = None,
@@ -56,10 +61,10 @@ class ServingImages(Serving):
         request_id = f"img-{uuid.uuid4().hex}"
         # The body's model (protocol.request_models) has exactly this model's options.
         options = body.model_dump(include=set(adapter.schema()), exclude_none=True)
-        req = self.process(body.prompt, request_id, images, mask,
+        req = self.process(body.prompt, request_id, images, mask, model=body.model,
                            num_inference_steps=body.num_inference_steps, width=width,
                            height=height, seed=body.seed, num_images_per_prompt=body.n,
-                           extra_args=options)
+                           lora=lora_entries(body.lora), extra_args=options)
         req.partial_images = body.partial_images or 0
         logger.info("request %s: %dx%d, %d steps, n=%d, seed=%d, inputs=%d, stream=%s, user=%s",
                     request_id, req.width, req.height, req.num_inference_steps,

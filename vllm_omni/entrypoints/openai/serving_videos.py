@@ -29,7 +29,12 @@ from vllm_omni.engine.request import DiffusionRequest, Video
 from vllm_omni.entrypoints.openai.encoders import encode_image, encode_video
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
-from vllm_omni.entrypoints.openai.protocol import OpenAIError, parse_size
+from vllm_omni.entrypoints.openai.protocol import (
+    LoraField,
+    OpenAIError,
+    lora_entries,
+    parse_size,
+)
 from vllm_omni.entrypoints.openai.serving import (
     ClientDisconnected,
     Serving,
@@ -61,6 +66,7 @@ class VideoRequestBase(BaseModel):
     num_inference_steps: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     user: str | None = Field(None, max_length=256)
+    lora: LoraField = Field(None, description="LoRA adapters: {name, path, scale} or a list")
 
 
 def video_request_model(spec: ModelSpec) -> type[VideoRequestBase]:
@@ -87,8 +93,8 @@ def reference_source(value: Any) -> Any:
 class ServingVideos(Serving):
     def __init__(self, engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str],
                  seed: int | None, store: JobStore, limits: ServingLimits | None = None,
-                 metrics: ServerMetrics | None = None):
-        super().__init__(engine, spec, served_model_names, seed, limits, metrics)
+                 metrics: ServerMetrics | None = None, loras=None):
+        super().__init__(engine, spec, served_model_names, seed, limits, metrics, loras)
         self.store = store
         self.request_model = video_request_model(spec)
         self.tasks: dict[str, asyncio.Task] = {}
@@ -114,9 +120,10 @@ class ServingVideos(Serving):
             options["num_frames"] = adapter.frames_for_seconds(float(body.seconds),
                                                                options.get("fps"))
         return self.process(body.prompt, request_id,
-                            [reference] if reference is not None else [],
+                            [reference] if reference is not None else [], model=body.model,
                             num_inference_steps=body.num_inference_steps, width=width,
-                            height=height, seed=body.seed, extra_args=options)
+                            height=height, seed=body.seed, lora=lora_entries(body.lora),
+                            extra_args=options)
 
     def _describe(self, req: DiffusionRequest) -> tuple[str, str]:
         """(size, seconds) as the job object shows them."""

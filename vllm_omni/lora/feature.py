@@ -1,0 +1,142 @@
+"""LoRA in the worker: adapters loaded with diffusers' loaders (every format they convert:
+diffusers, peft, kohya keys), kept unfused, and activated per pipeline call with
+``set_adapters`` and each request's scales, so switching adapters changes no base weight.
+
+At most ``max_loras`` adapters sit in the model; loading another evicts the least recently used
+(``delete_adapters``). Their state dicts stay in host memory, up to ``max_cpu_loras``, so an
+evicted adapter comes back without reading its file again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+from vllm_omni.engine.request import InvalidRequestError
+from vllm_omni.features import Feature
+
+logger = logging.getLogger(__name__)
+
+
+class LoraFeature(Feature):
+    name = "lora"
+
+    @classmethod
+    def check(cls, adapter, config) -> None:
+        # Proven exact so far alone and with the step caches; the rest is refused until it is.
+        others = [flag for flag, on in (
+            ("a parallel layout", config.parallel.world_size > 1),
+            ("CPU offload", config.enable_cpu_offload or config.enable_layerwise_offload),
+            ("FP8", config.quantization == "fp8")) if on]
+        if others:
+            raise ValueError(f"LoRA with {', '.join(others)} is not available yet; serve the "
+                             "adapters on one process without it")
+
+    def apply(self, pipe, groups) -> None:
+        self.pipe, self.groups = pipe, groups
+        self.loaded: OrderedDict[str, Any] = OrderedDict()  # key -> LoraRef, least recent first
+        self.host: OrderedDict[str, dict] = OrderedDict()  # key -> state dict
+        self.max_host = self.config.max_cpu_loras or self.config.max_loras
+        self.active: tuple = ()
+        self.switch_s = 0.0
+        self.by_pipeline = hasattr(pipe, "load_lora_weights")
+
+    # -- per call --------------------------------------------------------------------------------
+    def prepare_call(self, reqs) -> None:
+        refs = reqs[0].loras  # a batch shares its adapters (the batch key includes them)
+        wanted = tuple((r.key, r.scale) for r in refs)
+        if wanted == self.active:
+            self.switch_s = 0.0
+            return
+        t0 = time.perf_counter()
+        for ref in refs:
+            self._load(ref, keep={r.key for r in refs})
+        if refs:
+            self._set([k for k, _ in wanted], [s for _, s in wanted])
+        elif self.loaded:
+            self._disable()
+        self.active = wanted
+        self.switch_s = time.perf_counter() - t0
+
+    def stats(self) -> dict[str, Any]:
+        return {"lora_adapters": len(self.active), "lora_switch_s": self.switch_s}
+
+    # -- loading ---------------------------------------------------------------------------------
+    def _load(self, ref, keep: set[str]) -> None:
+        if ref.key in self.loaded:
+            self.loaded.move_to_end(ref.key)
+            return
+        while len(self.loaded) >= self.config.max_loras:
+            old = next(k for k in self.loaded if k not in keep)
+            logger.info("evicting LoRA %s (--max-loras %d)", self.loaded[old].name,
+                        self.config.max_loras)
+            self._delete(old)
+            self.active = ()
+        state = self._state_dict(ref)
+        try:
+            self._load_state(dict(state), ref.key)  # the loaders pop from the dict they get
+        except Exception as e:  # shapes or keys that do not fit this model
+            self._delete(ref.key, missing_ok=True)
+            raise InvalidRequestError(f"LoRA {ref.name!r} does not fit {self.adapter.spec.pipeline_class}:"
+                                      f" {type(e).__name__}: {str(e)[:300]}", param="lora") from None
+        if ref.key not in self._names():
+            raise InvalidRequestError(f"LoRA {ref.name!r} matches no layer of "
+                                      f"{self.adapter.spec.pipeline_class}'s transformer",
+                                      param="lora")
+        self.loaded[ref.key] = ref
+
+    def _state_dict(self, ref) -> dict:
+        if ref.key in self.host:
+            self.host.move_to_end(ref.key)
+            return self.host[ref.key]
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(ref.path)
+        except Exception as e:
+            raise InvalidRequestError(f"LoRA {ref.name!r} could not be read: "
+                                      f"{type(e).__name__}: {str(e)[:200]}", param="lora") from None
+        self.host[ref.key] = state
+        while len(self.host) > self.max_host:
+            self.host.popitem(last=False)
+        return state
+
+    # -- diffusers ---------------------------------------------------------------------------------
+    def _load_state(self, state: dict, key: str) -> None:
+        pipe = self.pipe
+        if self.by_pipeline:
+            extra = {}
+            if getattr(pipe, "transformer_2", None) is not None:
+                extra["load_into_transformer_2"] = True  # Wan2.2 A14B: both experts
+            pipe.load_lora_weights(state, adapter_name=key, **extra)
+        else:  # a pipeline without a loader mixin: diffusers' model-level loader
+            pipe.transformer.load_lora_adapter(state, prefix="transformer", adapter_name=key)
+
+    def _names(self) -> set[str]:
+        if self.by_pipeline:
+            return {n for names in self.pipe.get_list_adapters().values() for n in names}
+        return set(getattr(self.pipe.transformer, "peft_config", {}) or {})
+
+    def _set(self, keys: list[str], scales: list[float]) -> None:
+        if self.by_pipeline:
+            self.pipe.enable_lora()
+            self.pipe.set_adapters(keys, adapter_weights=scales)
+        else:
+            self.pipe.transformer.enable_lora()
+            self.pipe.transformer.set_adapters(keys, weights=scales)
+
+    def _disable(self) -> None:
+        (self.pipe if self.by_pipeline else self.pipe.transformer).disable_lora()
+
+    def _delete(self, key: str, missing_ok: bool = False) -> None:
+        if missing_ok and key not in self._names():
+            return
+        (self.pipe if self.by_pipeline else self.pipe.transformer).delete_adapters(key)
+        self.loaded.pop(key, None)
+
+    def remove(self) -> None:
+        for key in list(self.loaded):
+            self._delete(key)
+        self.active = ()
