@@ -1,0 +1,213 @@
+"""LoRA adapters: which files load (safetensors under the allowed directories, however the path
+is spelled), composition and hot swap offline, eviction under --max-loras, batching, and a real
+`vllm serve` with named adapters, request paths and refusals. (Every model against diffusers'
+own loader: tests/test_model_features.py.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import Server
+
+GEN = "/v1/images/generations"
+
+
+@pytest.fixture(scope="module")
+def loras(tiny_qwen_image, tmp_path_factory):
+    """Two adapters for the tiny Qwen-Image: an allowed directory holding one as a file and one
+    as a diffusers directory, plus the traps around it."""
+    from vllm_omni.testing.tiny_lora import build
+
+    root = tmp_path_factory.mktemp("loras")
+    allowed, outside = root / "allowed", root / "outside"
+    (allowed / "ink").mkdir(parents=True)
+    outside.mkdir()
+    a = build(tiny_qwen_image, str(allowed / "ghibli.safetensors"), seed=1)
+    b = build(tiny_qwen_image, str(allowed / "ink" / "pytorch_lora_weights.safetensors"), seed=2)
+    secret = str(shutil.copy(a, outside / "secret.safetensors"))
+    os.symlink(secret, allowed / "link.safetensors")  # a file link out of the directory
+    os.symlink(outside, allowed / "dirlink")  # a directory link out of it
+    (allowed / "evil.bin").write_bytes(b"\x80\x04pickle")
+    (allowed / "pickles").mkdir()
+    (allowed / "pickles" / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    return {"allowed": str(allowed), "ghibli": a, "ink": os.path.dirname(b), "secret": secret}
+
+
+def _params(**kw):
+    from vllm_omni import OmniDiffusionSamplingParams
+
+    return OmniDiffusionSamplingParams(**{"num_inference_steps": 2, "width": 64, "height": 64,
+                                          "seed": 3, "output_type": "np", **kw})
+
+
+# -- which files load ------------------------------------------------------------------------------
+def test_request_paths_stay_in_the_allowed_directories(loras, tiny_qwen_image):
+    from vllm_omni.diffusion.data import OmniEngineConfig
+    from vllm_omni.engine.errors import InvalidRequestError
+    from vllm_omni.lora import LoraRegistry
+
+    def registry(**kw):
+        return LoraRegistry.from_config(OmniEngineConfig(
+            model=tiny_qwen_image, model_name="m", **{"max_loras": 4, **kw}))
+
+    reg = registry(allowed_lora_dirs=[loras["allowed"]], lora_modules={"ghibli": loras["ghibli"]})
+    allowed = loras["allowed"]
+    ok = reg.resolve([{"path": os.path.join(allowed, "ink"), "scale": 0.5},
+                      {"name": "ghibli"}])
+    assert [(r.name, r.scale) for r in ok] == [("pytorch_lora_weights.safetensors", 0.5),
+                                               ("ghibli", 1.0)]
+    refused = {
+        "outside": loras["secret"],
+        "dotdot": os.path.join(allowed, "..", "outside", "secret.safetensors"),
+        "file link": os.path.join(allowed, "link.safetensors"),
+        "dir link": os.path.join(allowed, "dirlink", "secret.safetensors"),
+        "missing": os.path.join(allowed, "nope.safetensors"),
+        "pickle": os.path.join(allowed, "evil.bin"),
+        "pickle dir": os.path.join(allowed, "pickles"),
+        "prefix trick": allowed + "-other/x.safetensors",
+    }
+    for what, path in refused.items():
+        with pytest.raises(InvalidRequestError) as e:
+            reg.resolve({"path": path})
+        assert e.value.param == "lora", what
+        expected = {"missing": "does not exist", "pickle": "pickle", "pickle dir": "pickle"}
+        assert expected.get(what, "outside the directories") in e.value.message, (what, e.value)
+    for bad, match in [({"name": "nobody"}, "no LoRA adapter named 'nobody'"),
+                       ({"name": "ghibli", "scale": float("nan")}, "finite"),
+                       ({"name": "ghibli", "weight": 1}, "unknown lora field"),
+                       ({}, "needs a name or a path"),
+                       ([{"name": "ghibli"}, {"path": loras["ghibli"]}], "given twice"),
+                       ("ghibli", "must be an object")]:
+        with pytest.raises(InvalidRequestError, match=match):
+            reg.resolve(bad)
+    with pytest.raises(InvalidRequestError, match="at most 1 at once"):
+        registry(lora_modules={"a": loras["ghibli"], "b": loras["ink"]}, max_loras=1).resolve(
+            [{"name": "a"}, {"name": "b"}])
+    # No allowed directory: request paths are refused outright; a server without LoRA refuses
+    # any adapter.
+    with pytest.raises(InvalidRequestError, match="none is set"):
+        registry(enable_lora=True).resolve({"path": loras["ghibli"]})
+    with pytest.raises(InvalidRequestError, match="runs without LoRA"):
+        registry().resolve({"name": "ghibli"})
+    # Operator-given files are checked at start-up.
+    with pytest.raises(ValueError, match=r"lora_modules\['x'\] \(--lora-modules\): .*pickle"):
+        registry(lora_modules={"x": os.path.join(allowed, "evil.bin")})
+
+
+# -- offline -----------------------------------------------------------------------------------------
+def test_hot_swap_composition_eviction_and_batching(loras, tiny_qwen_image, omni):
+    """With --max-loras 1 every switch evicts; each output is what it is the first time, and
+    base requests are untouched by what ran before them."""
+    from vllm_omni import Omni
+
+    base = omni.generate("a fox", _params(), use_tqdm=False)[0].images[0]
+    modules = {"ghibli": loras["ghibli"], "ink": loras["ink"]}
+    with Omni(model=tiny_qwen_image, lora_modules=modules, max_loras=2, max_cpu_loras=2,
+              max_num_seqs=2) as engine:
+        def run(*lora_sets):
+            outs = engine.generate(["a fox"] * len(lora_sets),
+                                   [_params(lora=s) for s in lora_sets], use_tqdm=False)
+            return [o.images[0] for o in outs], outs
+
+        (g,), _ = run({"name": "ghibli"})
+        (gi,), _ = run([{"name": "ghibli", "scale": 0.5}, {"name": "ink", "scale": 0.5}])
+        # Different adapter sets never share a call; equal ones do, each as it is alone.
+        (a, b, c), outs = run({"name": "ink"}, None, {"name": "ink"})
+        assert [o.metrics["batch_size"] for o in outs] == [2, 1, 2]
+        assert np.abs(b - base).max() <= 1e-5  # the adapters are off again
+        assert np.abs(a - c).max() <= 1e-5 and np.abs(a - g).max() > 1e-3
+        assert np.abs(gi - g).max() > 1e-3 and np.abs(gi - a).max() > 1e-3
+    with Omni(model=tiny_qwen_image, lora_modules=modules, max_loras=1) as engine:
+        for lora, want in [({"name": "ghibli"}, g), ({"name": "ink"}, a), (None, base),
+                           ({"name": "ghibli"}, g)]:
+            out = engine.generate("a fox", _params(lora=lora), use_tqdm=False)[0]
+            assert np.abs(out.images[0] - want).max() <= 1e-5, lora
+        # Two adapters cannot be active at once here.
+        with pytest.raises(ValueError, match="--max-loras"):
+            engine.generate("a fox", _params(lora=[{"name": "ghibli"}, {"name": "ink"}]),
+                            use_tqdm=False)
+
+
+def test_lora_path_applies_to_every_request(loras, tiny_qwen_image):
+    from vllm_omni import Omni
+
+    with Omni(model=tiny_qwen_image, lora_path=loras["ghibli"],
+              lora_modules={"ink": loras["ink"]}, max_loras=2) as engine:
+        [static] = engine.generate("a fox", _params(), use_tqdm=False)
+        [both] = engine.generate("a fox", _params(lora={"name": "ink"}), use_tqdm=False)
+        assert static.metrics["lora_adapters"] == 1 and both.metrics["lora_adapters"] == 2
+    with Omni(model=tiny_qwen_image, lora_modules={"ghibli": loras["ghibli"]}) as engine:
+        [named] = engine.generate("a fox", _params(lora={"name": "ghibli"}), use_tqdm=False)
+    assert np.abs(static.images[0] - named.images[0]).max() <= 1e-5
+
+
+def test_an_adapter_that_does_not_fit_the_model_is_refused(loras, video_models,
+                                                           tiny_qwen_image):
+    """A Wan adapter on Qwen-Image: refused naming it, and the model serves on unchanged."""
+    from vllm_omni import Omni
+    from vllm_omni.testing.tiny_lora import build
+
+    wrong = build(video_models["wan2.2-ti2v"], os.path.join(loras["allowed"], "wan.safetensors"))
+    with Omni(model=tiny_qwen_image, allowed_lora_dirs=[loras["allowed"]],
+              lora_modules={"ghibli": loras["ghibli"]}) as engine:
+        with pytest.raises(ValueError, match=r"LoRA 'wan.safetensors' (does not fit|matches no "
+                                             r"layer of) QwenImagePipeline"):
+            engine.generate("a fox", _params(lora={"path": wrong}), use_tqdm=False)
+        [out] = engine.generate("a fox", _params(lora={"name": "ghibli"}), use_tqdm=False)
+        assert out.metrics["lora_adapters"] == 1
+
+
+# -- the server ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lora_server(loras, tiny_qwen_image, tmp_path_factory):
+    s = Server(tiny_qwen_image, "--served-model-name", "base",
+               "--lora-modules", f"ghibli={loras['ghibli']}", f"ink={loras['ink']}",
+               "--max-loras", "2", "--allowed-lora-dirs", loras["allowed"],
+               log_path=str(tmp_path_factory.mktemp("logs") / "lora.log"))
+    yield s
+    s.stop()
+
+
+def _image(r) -> np.ndarray:
+    from conftest import decode
+
+    assert r.status_code == 200, r.text
+    return np.asarray(decode(r.json()["data"][0]["b64_json"]), dtype=np.float32)
+
+
+def test_served_adapters_by_model_name_field_and_path(lora_server, loras, server):
+    url = lora_server.url + GEN
+    body = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 2, "seed": 3}
+    models = requests.get(lora_server.url + "/v1/models", timeout=10).json()["data"]
+    assert [(m["id"], m["parent"]) for m in models] == [("base", None), ("ghibli", "base"),
+                                                        ("ink", "base")]
+    base = _image(requests.post(url, json=body, timeout=60))
+    by_model = _image(requests.post(url, json={**body, "model": "ghibli"}, timeout=60))
+    by_field = _image(requests.post(url, json={**body, "lora": {"name": "ghibli"}}, timeout=60))
+    by_path = _image(requests.post(url, json={**body, "lora": [
+        {"name": "g", "path": loras["ghibli"], "scale": 1.0}]}, timeout=60))
+    assert np.array_equal(by_model, by_field) and np.array_equal(by_field, by_path)
+    assert np.abs(by_model - base).max() > 1
+    assert np.array_equal(_image(requests.post(url, json=body, timeout=60)), base)
+    for lora, what in [({"path": loras["secret"]}, "outside the directories"),
+                       ({"path": os.path.join(loras["allowed"], "..", "outside",
+                                              "secret.safetensors")}, "outside the directories"),
+                       ({"path": os.path.join(loras["allowed"], "link.safetensors")},
+                        "outside the directories"),
+                       ({"path": os.path.join(loras["allowed"], "evil.bin")}, "pickle"),
+                       ({"name": "nobody"}, "no LoRA adapter named"),
+                       ([{"name": "ghibli"}, {"name": "ink"}, {"path": loras["ghibli"]}],
+                        "given twice")]:
+        r = requests.post(url, json={**body, "lora": lora}, timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "lora" and what in r.json()["error"]["message"]
+    r = requests.post(url, json={**body, "model": "nobody"}, timeout=60)
+    assert r.status_code == 404
+    # A server started without LoRA refuses an adapter instead of ignoring it.
+    r = requests.post(server.url + GEN, json={**body, "lora": {"name": "ghibli"}}, timeout=60)
+    assert r.status_code == 400 and "without LoRA" in r.json()["error"]["message"], r.text
