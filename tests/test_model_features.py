@@ -294,3 +294,92 @@ def test_lora_equals_diffusers_own_loader(family, feature_models, singles, tmp_p
     for a, b, base in zip(ours, theirs, singles(family)):
         assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max() <= 1e-5
         assert np.abs(np.asarray(a, np.float32) - np.asarray(base, np.float32)).max() > 1e-3
+
+
+def _lora_request(spec, config, family: str, scale: float = 0.7):
+    from vllm_omni.engine.input_processor import InputProcessor
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams
+    from vllm_omni.lora import LoraRegistry
+
+    r = REQUESTS[family]
+    params = OmniDiffusionSamplingParams(num_inference_steps=_steps(family), seed=SEED,
+                                         output_type="np", lora={"name": "tiny", "scale": scale},
+                                         **r.get("params", {}))
+    return InputProcessor(spec, loras=LoraRegistry.from_config(config)).process(
+        PROMPT, params, images=INPUTS[:r.get("inputs", 0)])
+
+
+def _lora_generate(config, family, rank=0, groups=None):
+    from vllm_omni.worker.model_runner import ModelRunner
+
+    runner = ModelRunner(config, rank, torch.device("cpu"), groups)
+    runner.load()
+    out = runner.execute([_lora_request(runner.spec, config, family)])[0]
+    assert out.error is None, out.error
+    return [np.asarray(im) for im in out.images or [v.frames for v in out.videos]], out.metrics
+
+
+def _lora_rank(rank, world, config, family):
+    from vllm_omni.distributed.groups import torch_groups
+
+    return _lora_generate(config, family, rank, torch_groups(config.parallel.layout))[0]
+
+
+@pytest.mark.parametrize("family,layouts", [("qwen-image-2512", ["U2", "CFG2"]),
+                                            ("wan2.2-t2v", ["U2"])])
+def test_lora_under_parallel_layouts_and_caches_reproduces_one_process(family, layouts,
+                                                                       feature_models, tmp_path):
+    """The adapter loads on every rank and each layout gives the one-process output; a step
+    cache at threshold 0 changes nothing under it either."""
+    from vllm_omni.testing.tiny_lora import build
+
+    model = feature_models[family]
+    lora = build(model, str(tmp_path / "tiny.safetensors"))
+    want, _ = _lora_generate(_config(model, lora_modules={"tiny": lora}), family)
+    for name in layouts:
+        config = _config(model, parse_layout_name(name), lora_modules={"tiny": lora})
+        for images in run_ranks(_lora_rank, config.world_size, config, family, timeout=300):
+            for got, w in zip(images, want):
+                assert np.abs(got - w).max() < TOL, (family, name)
+    spec = _spec(model)
+    backend = "tea_cache" if spec.adapter.teacache_coefficients else "cache_dit"
+    cache_config = ({"rel_l1_thresh": 0.0} if backend == "tea_cache"
+                    else {"residual_diff_threshold": 0.0})
+    cached, metrics = _lora_generate(_config(model, cache_backend=backend,
+                                             cache_config=cache_config,
+                                             lora_modules={"tiny": lora}), family)
+    assert metrics["transformer_calls_skipped"] == 0
+    for got, w in zip(cached, want):
+        assert np.abs(got - w).max() < TOL, (family, backend)
+
+
+def test_lora_over_fp8_weights_equals_the_dequantized_model(feature_models, tmp_path):
+    """FP8 (weight-only on the CPU) with an adapter: the adapter computes in the model's dtype
+    over the FP8 layer, as diffusers' loader does over the same weights dequantized."""
+    from diffusers import DiffusionPipeline
+
+    from vllm_omni.quantization.fp8 import dequantize, quantize_rows, targets
+    from vllm_omni.testing.tiny_lora import build
+    from vllm_omni.worker.model_runner import make_generators
+
+    family = "qwen-image-2512"
+    model = feature_models[family]
+    lora = build(model, str(tmp_path / "tiny.safetensors"))
+    config = _config(model, quantization="fp8", lora_modules={"tiny": lora})
+    ours, metrics = _lora_generate(config, family)
+    assert metrics["fp8_mode"] and metrics["lora_adapters"] == 1
+
+    spec = _spec(model)
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    plan = spec.adapter.parallel_plan()
+    with torch.no_grad():
+        for name in targets(pipe.transformer, plan.fp8_layers, plan.fp8_ignore):
+            layer = pipe.transformer.get_submodule(name)
+            layer.weight.copy_(dequantize(*quantize_rows(layer.weight), layer.weight.dtype))
+    pipe.load_lora_weights(lora, adapter_name="x")
+    pipe.set_adapters(["x"], adapter_weights=[0.7])
+    req = _lora_request(spec, config, family)
+    theirs = pipe(**spec.adapter.pipeline_kwargs(req), output_type="np",
+                  generator=make_generators(SEED, 1)).images
+    assert np.abs(np.asarray(ours[0]) - np.asarray(theirs[0])).max() <= 1e-5

@@ -25,11 +25,12 @@ class LoraFeature(Feature):
 
     @classmethod
     def check(cls, adapter, config) -> None:
-        # Proven exact so far alone and with the step caches; the rest is refused until it is.
+        # Proven exact with sequence, CFG and VAE-patch parallelism, the step caches and FP8;
+        # TP needs the deltas sharded with their layers, offload to place the adapters.
         others = [flag for flag, on in (
-            ("a parallel layout", config.parallel.world_size > 1),
-            ("CPU offload", config.enable_cpu_offload or config.enable_layerwise_offload),
-            ("FP8", config.quantization == "fp8")) if on]
+            ("tensor parallelism", config.parallel.tensor_parallel_size > 1),
+            ("CPU offload", config.enable_cpu_offload or config.enable_layerwise_offload))
+            if on]
         if others:
             raise ValueError(f"LoRA with {', '.join(others)} is not available yet; serve the "
                              "adapters on one process without it")

@@ -102,6 +102,9 @@ class Fp8Linear(torch.nn.Linear):
         self.weight_scale = torch.nn.Parameter(scale, requires_grad=False)
         self.bias = full.bias
         self.w8a8 = w8a8 and gemm_shape_ok(self.out_features, self.in_features)
+        # What it computes in; peft reads it (as for bitsandbytes layers) to give a LoRA adapter
+        # on this layer that dtype instead of the weight's float8.
+        self.compute_dtype = full.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.weight_scale, self.bias, self.w8a8)
