@@ -165,10 +165,16 @@ def test_an_adapter_that_does_not_fit_the_model_is_refused(loras, video_models,
 # -- the server ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def lora_server(loras, tiny_qwen_image, tmp_path_factory):
-    s = Server(tiny_qwen_image, "--served-model-name", "base",
-               "--lora-modules", f"ghibli={loras['ghibli']}", f"ink={loras['ink']}",
-               "--max-loras", "2", "--allowed-lora-dirs", loras["allowed"],
-               log_path=str(tmp_path_factory.mktemp("logs") / "lora.log"))
+    """One adapter active at a time (each switch evicts), run-time updates allowed (vLLM's
+    VLLM_ALLOW_RUNTIME_LORA_UPDATING)."""
+    os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
+    try:
+        s = Server(tiny_qwen_image, "--served-model-name", "base",
+                   "--lora-modules", f"ghibli={loras['ghibli']}", f"ink={loras['ink']}",
+                   "--max-loras", "1", "--allowed-lora-dirs", loras["allowed"],
+                   log_path=str(tmp_path_factory.mktemp("logs") / "lora.log"))
+    finally:
+        del os.environ["VLLM_ALLOW_RUNTIME_LORA_UPDATING"]
     yield s
     s.stop()
 
@@ -194,6 +200,11 @@ def test_served_adapters_by_model_name_field_and_path(lora_server, loras, server
     assert np.array_equal(by_model, by_field) and np.array_equal(by_field, by_path)
     assert np.abs(by_model - base).max() > 1
     assert np.array_equal(_image(requests.post(url, json=body, timeout=60)), base)
+    # --max-loras 1: switching evicts, and coming back reloads the same adapter.
+    ink = _image(requests.post(url, json={**body, "model": "ink"}, timeout=60))
+    assert np.array_equal(_image(requests.post(url, json={**body, "model": "ghibli"},
+                                               timeout=60)), by_model)
+    assert np.abs(ink - by_model).max() > 1 and "evicting LoRA" in lora_server.logs()
     for lora, what in [({"path": loras["secret"]}, "outside the directories"),
                        ({"path": os.path.join(loras["allowed"], "..", "outside",
                                               "secret.safetensors")}, "outside the directories"),
@@ -211,3 +222,36 @@ def test_served_adapters_by_model_name_field_and_path(lora_server, loras, server
     # A server started without LoRA refuses an adapter instead of ignoring it.
     r = requests.post(server.url + GEN, json={**body, "lora": {"name": "ghibli"}}, timeout=60)
     assert r.status_code == 400 and "without LoRA" in r.json()["error"]["message"], r.text
+
+
+def test_runtime_load_and_unload(lora_server, loras, server):
+    url = lora_server.url
+    body = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 2, "seed": 3}
+
+    def load(**kw):
+        return requests.post(url + "/v1/load_lora_adapter", json=kw, timeout=30)
+
+    r = load(lora_name="late", lora_path=loras["ink"])
+    assert r.status_code == 200 and r.text.startswith("Success"), r.text
+    models = requests.get(url + "/v1/models", timeout=10).json()["data"]
+    assert ("late", "base") in [(m["id"], m["parent"]) for m in models]
+    late = _image(requests.post(url + GEN, json={**body, "model": "late"}, timeout=60))
+    ink = _image(requests.post(url + GEN, json={**body, "lora": {"name": "ink"}}, timeout=60))
+    assert np.array_equal(late, ink)  # the same file: the same adapter in the model
+    for kw, param in [(dict(lora_name="late", lora_path=loras["ink"]), "lora_name"),
+                      (dict(lora_name="x", lora_path=loras["secret"]), "lora_path"),
+                      (dict(lora_name="x", lora_path=os.path.join(loras["allowed"], "evil.bin")),
+                       "lora_path"),
+                      (dict(lora_name="../x", lora_path=loras["ink"]), "lora_name")]:
+        r = load(**kw)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert load(lora_name="late", lora_path=loras["ghibli"], load_inplace=True).status_code == 200
+    r = requests.post(url + "/v1/unload_lora_adapter", json={"lora_name": "late"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert requests.post(url + GEN, json={**body, "model": "late"}, timeout=60).status_code == 404
+    r = requests.post(url + "/v1/unload_lora_adapter", json={"lora_name": "late"}, timeout=30)
+    assert r.status_code == 404
+    # Without VLLM_ALLOW_RUNTIME_LORA_UPDATING the routes do not exist.
+    r = requests.post(server.url + "/v1/load_lora_adapter",
+                      json={"lora_name": "x", "lora_path": loras["ink"]}, timeout=30)
+    assert r.status_code == 404

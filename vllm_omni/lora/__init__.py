@@ -74,6 +74,10 @@ class LoraRegistry:
     static: LoraRef | None = None
     allowed_dirs: tuple[str, ...] = ()  # real paths
     max_loras: int = 1
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING): names added at run time, their paths allowed as a
+    # request's would be.
+    runtime_updates: bool = False
 
     @classmethod
     def from_config(cls, config) -> "LoraRegistry":
@@ -92,6 +96,26 @@ class LoraRegistry:
         return cls(enabled=config.lora_enabled, modules=modules, static=static,
                    allowed_dirs=tuple(os.path.realpath(d) for d in config.allowed_lora_dirs),
                    max_loras=config.max_loras)
+
+    # -- run-time updates --------------------------------------------------------------------------
+    def add(self, name: str, path: str, replace: bool = False) -> None:
+        """Registers ``name`` for ``path`` (a 400 ``InvalidRequestError`` if it may not load)."""
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise InvalidRequestError("lora_name must be 1-64 letters, digits, '.', '_' or '-', "
+                                      f"got {name!r}", param="lora_name")
+        if name in self.modules and not replace:
+            raise InvalidRequestError(f"The lora adapter {name!r} has already been loaded; "
+                                      "unload it first or set load_inplace", param="lora_name")
+        try:
+            ref = self._entry({"path": path})
+        except InvalidRequestError as e:
+            raise InvalidRequestError(e.message, param="lora_path") from None
+        self.modules[name] = ref.path
+
+    def remove(self, name: str) -> None:
+        if name not in self.modules:
+            raise KeyError(name)
+        del self.modules[name]
 
     def resolve(self, entries: Any, model_adapter: str | None = None) -> tuple[LoraRef, ...]:
         """A request's adapters: ``model_adapter`` (the name it gave as ``model``), then its

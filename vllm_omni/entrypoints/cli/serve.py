@@ -199,6 +199,22 @@ def lora_modules(given) -> dict[str, str]:
     return modules
 
 
+def lora_registry(config: OmniEngineConfig):
+    """The server's adapters; run-time updates as vLLM allows them
+    (VLLM_ALLOW_RUNTIME_LORA_UPDATING), which need LoRA on from the start."""
+    from vllm import envs
+
+    from vllm_omni.lora import LoraRegistry
+
+    registry = LoraRegistry.from_config(config)
+    if envs.VLLM_ALLOW_RUNTIME_LORA_UPDATING:
+        if not config.lora_enabled:
+            raise ValueError("VLLM_ALLOW_RUNTIME_LORA_UPDATING is set but LoRA is off: add "
+                             "--enable-lora (and --allowed-lora-dirs for the adapters' paths)")
+        registry.runtime_updates = True
+    return registry
+
+
 def config_from_args(args: argparse.Namespace, serve_parser):
     """The engine config and the model's spec, checked against each other; ValueError if not."""
     from vllm_omni.models.registry import load_model_spec, resolve_model_dir
@@ -235,9 +251,7 @@ def config_from_args(args: argparse.Namespace, serve_parser):
     )
     spec = load_model_spec(config.model)
     spec.adapter.check_engine(config)
-    from vllm_omni.lora import LoraRegistry
-
-    LoraRegistry.from_config(config)  # the adapters' files: a missing or pickle one fails now
+    lora_registry(config)  # the adapters' files: a missing or pickle one fails now
     return config, spec
 
 
@@ -337,7 +351,6 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=
     from vllm_omni.entrypoints.openai.api_server import build_app
     from vllm_omni.entrypoints.openai.connections import guarded_protocol
     from vllm_omni.entrypoints.openai.limits import ServingLimits
-    from vllm_omni.lora import LoraRegistry
 
     limits = limits or ServingLimits()
 
@@ -359,7 +372,7 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=
                         api_keys=_api_keys(args.api_key),
                         seed=args.seed, root_path=args.root_path or "", limits=limits,
                         public_url=args.public_url, job_store=job_store,
-                        loras=LoraRegistry.from_config(config))
+                        loras=lora_registry(config))
         if args.allowed_origins != ["*"] or args.allow_credentials:
             from fastapi.middleware.cors import CORSMiddleware
 

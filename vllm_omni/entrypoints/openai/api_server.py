@@ -14,6 +14,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
 from starlette._utils import get_route_path
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -281,6 +282,8 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
              "root": path, "parent": served_model_names[0], "task": spec.adapter.task}
             for name, path in loras.modules.items()]}
 
+    if loras.runtime_updates:
+        _lora_routes(app, loras)
     if spec.adapter.output == "video":
         serving_videos.add_routes(app, serving, decoder, limits)
     elif spec.adapter.output == "audio":
@@ -289,6 +292,50 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
         base_url = functools.partial(_base_url, public_url, root_path)
         _image_routes(app, serving, decoder, store, limits, request_models(spec), base_url)
     return app
+
+
+class LoadLoraAdapterRequest(BaseModel):
+    """vLLM's body for POST /v1/load_lora_adapter."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str
+    lora_path: str
+    load_inplace: bool = False
+
+
+class UnloadLoraAdapterRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    lora_name: str
+    lora_int_id: int | None = None  # vLLM's; names identify adapters here
+
+
+def _lora_routes(app: FastAPI, loras) -> None:
+    """vLLM's run-time adapter routes (VLLM_ALLOW_RUNTIME_LORA_UPDATING): they change which
+    names requests may use; the workers load an adapter when a request first uses it and drop
+    it when --max-loras needs the room."""
+    from vllm_omni.engine.errors import InvalidRequestError
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: LoadLoraAdapterRequest):
+        try:
+            # A few stat calls: run here, so that /v1/models never sees the dict change mid-read.
+            loras.add(body.lora_name, body.lora_path, body.load_inplace)
+        except InvalidRequestError as e:
+            raise OpenAIError(400, e.message, param=e.param, code="invalid_value") from None
+        logger.info("LoRA adapter %s registered (%s)", log_safe(body.lora_name),
+                    loras.modules[body.lora_name])
+        return Response(f"Success: LoRA adapter '{body.lora_name}' added successfully.",
+                        media_type="text/plain")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: UnloadLoraAdapterRequest):
+        try:
+            loras.remove(body.lora_name)
+        except KeyError:
+            raise OpenAIError(404, f"The lora adapter '{body.lora_name}' cannot be found.",
+                              param="lora_name", code="not_found") from None
+        return Response(f"Success: LoRA adapter '{body.lora_name}' removed successfully.",
+                        media_type="text/plain")
 
 
 def _base_url(public_url: str | None, root_path: str, request: Request) -> str:
