@@ -98,6 +98,33 @@ def test_offline_equals_diffusers_and_batches_like_alone(audio_model):
                 omni.generate("rain", _params(**bad), use_tqdm=False)
 
 
+def test_lora_equals_diffusers_model_level_loader(audio_model, tmp_path):
+    """StableAudioDiTModel has no adapter loader of its own: the worker gives it diffusers'
+    PeftAdapterMixin, and the clip equals that loader's on a direct pipeline."""
+    import torch
+    from diffusers import StableAudioPipeline
+    from safetensors.torch import load_file
+
+    from vllm_omni import Omni
+    from vllm_omni.lora.feature import with_adapter_loader
+    from vllm_omni.testing.tiny_lora import build
+
+    lora = build(audio_model, str(tmp_path / "audio-lora.safetensors"))
+    with Omni(model=audio_model, lora_modules={"rain": lora}) as omni:
+        [out] = omni.generate("rain", _params(lora={"name": "rain", "scale": 0.7}),
+                              use_tqdm=False)
+        [plain] = omni.generate("rain", _params(), use_tqdm=False)
+    pipe = StableAudioPipeline.from_pretrained(audio_model)
+    pipe.set_progress_bar_config(disable=True)
+    with_adapter_loader(pipe.transformer)
+    pipe.transformer.load_lora_adapter(load_file(lora), prefix="transformer", adapter_name="x")
+    pipe.transformer.set_adapters(["x"], weights=[0.7])
+    want = pipe("rain", num_inference_steps=4, audio_end_in_s=0.25,
+                generator=[torch.Generator().manual_seed(7)]).audios[0].numpy()
+    np.testing.assert_allclose(out.audios[0].samples, want, atol=1e-5)
+    assert np.abs(out.audios[0].samples - plain.audios[0].samples).max() > 1e-3
+
+
 def _estimate(model: str, n: int) -> int:
     from vllm_omni.models.registry import load_model_spec
     from vllm_omni.testing.memory_probe import request

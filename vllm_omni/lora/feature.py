@@ -43,6 +43,8 @@ class LoraFeature(Feature):
         self.active: tuple = ()
         self.switch_s = 0.0
         self.by_pipeline = hasattr(pipe, "load_lora_weights")
+        if not self.by_pipeline:
+            with_adapter_loader(pipe.transformer)
 
     # -- per call --------------------------------------------------------------------------------
     def prepare_call(self, reqs) -> None:
@@ -141,3 +143,14 @@ class LoraFeature(Feature):
         for key in list(self.loaded):
             self._delete(key)
         self.active = ()
+
+
+def with_adapter_loader(model) -> None:
+    """Gives ``model`` diffusers' model-level adapter API (``PeftAdapterMixin``:
+    ``load_lora_adapter``, ``set_adapters``, ...) where its class lacks it (StableAudioDiTModel):
+    the instance becomes a subclass with the mixin, so the loading is still diffusers' own."""
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    cls = type(model)
+    if not issubclass(cls, PeftAdapterMixin):
+        model.__class__ = type(cls.__name__, (PeftAdapterMixin, cls), {"__module__": cls.__module__})

@@ -37,9 +37,7 @@ class StableAudioAdapter(ImageAdapter):
     task = "text-to-audio"
     output = "audio"
     pipeline_classes = ("StableAudioPipeline",)
-    # The seed's AudioGen row has LoRA; StableAudioDiTModel has no diffusers adapter loader
-    # (PeftAdapterMixin) yet, so it waits for a peft-level loader.
-    features = frozenset()
+    features = frozenset({"lora"})  # the seed's AudioGen row
     options = (AUDIO_START, AUDIO_END)
     sized = False
     cfg_default = RELEASED["guidance_scale"]
