@@ -325,12 +325,14 @@ def _lora_rank(rank, world, config, family):
     return _lora_generate(config, family, rank, torch_groups(config.parallel.layout))[0]
 
 
-@pytest.mark.parametrize("family,layouts", [("qwen-image-2512", ["U2", "CFG2"]),
-                                            ("wan2.2-t2v", ["U2"])])
+@pytest.mark.parametrize("family,layouts", [("qwen-image-2512", ["U2", "CFG2", "TP2"]),
+                                            ("wan2.2-t2v", ["U2", "TP2"]),
+                                            ("flux.1-dev", ["TP2"])])
 def test_lora_under_parallel_layouts_and_caches_reproduces_one_process(family, layouts,
                                                                        feature_models, tmp_path):
-    """The adapter loads on every rank and each layout gives the one-process output; a step
-    cache at threshold 0 changes nothing under it either."""
+    """The adapter loads on every rank and each layout gives the one-process output (under
+    tensor parallelism its factors are cut like their layers: FLUX's packed QKV+MLP blocks on
+    their own); a step cache at threshold 0 changes nothing under it either."""
     from vllm_omni.testing.tiny_lora import build
 
     model = feature_models[family]

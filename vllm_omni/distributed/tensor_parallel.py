@@ -78,6 +78,10 @@ class ParallelLinear(Sharded, torch.nn.Linear):
         """A tensor over output features (the bias, FP8 scales)."""
         return self.shard_weight(full, 0)
 
+    def shard_lora(self, tensor: torch.Tensor, factor: str) -> torch.Tensor:
+        """This rank's part of a LoRA factor on this layer ("A": rank x in, "B": out x rank)."""
+        raise NotImplementedError
+
     def local(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.weight_scale is None:
             return F.linear(x, self.weight, bias)
@@ -87,6 +91,10 @@ class ParallelLinear(Sharded, torch.nn.Linear):
 class ColumnParallelLinear(ParallelLinear):
     split_dim = 0  # its output stays split: the next row-parallel layer consumes it as is
 
+    def shard_lora(self, tensor: torch.Tensor, factor: str) -> torch.Tensor:
+        # B's rows are output features: the delta comes out split like the layer's output.
+        return self.shard_weight(tensor, 0) if factor == "B" else tensor
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.local(x, self.bias)
 
@@ -94,12 +102,59 @@ class ColumnParallelLinear(ParallelLinear):
 class RowParallelLinear(ParallelLinear):
     split_dim = 1
 
+    def shard_lora(self, tensor: torch.Tensor, factor: str) -> torch.Tensor:
+        # A's columns are input features: each rank projects its slice of the input, and
+        # ``ReducedLinear`` sums the rank-r products before B.
+        return self.shard_weight(tensor, 1) if factor == "A" else tensor
+
     def shard_bias(self, full: torch.Tensor) -> torch.Tensor:
         return full.clone()  # whole: added once, after the all-reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.comm.all_reduce(self.local(x, None))
         return out if self.bias is None else out + self.bias  # the bias once, not once per rank
+
+
+class ReducedLinear(torch.nn.Linear):
+    """A LoRA A factor over a row-parallel layer's slice of the input: its (tokens x rank)
+    products are all-reduced, so B sees A applied to the whole input. peft keeps calling it as
+    its ``lora_A`` Linear (same weight)."""
+
+    def __init__(self, local: torch.nn.Linear, comm: GroupComm):
+        torch.nn.Module.__init__(self)
+        self.in_features, self.out_features = local.in_features, local.out_features
+        self.weight, self.bias, self.comm = local.weight, local.bias, comm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_reduce(F.linear(x, self.weight, self.bias))
+
+
+def shard_lora_state(state: dict[str, torch.Tensor], model: torch.nn.Module,
+                     prefix: str = "transformer.") -> dict[str, torch.Tensor]:
+    """A diffusers-format LoRA state dict (``<prefix><module>.lora_A.weight`` / ``lora_B``) with
+    the factors of ``model``'s parallel layers cut to this rank's parts."""
+    modules = dict(model.named_modules())
+    out = {}
+    for key, tensor in state.items():
+        for suffix, factor in ((".lora_A.weight", "A"), (".lora_B.weight", "B")):
+            if key.startswith(prefix) and key.endswith(suffix):
+                layer = modules.get(key[len(prefix):-len(suffix)])
+                if isinstance(layer, ParallelLinear):
+                    tensor = layer.shard_lora(tensor, factor)
+        out[key] = tensor
+    return out
+
+
+def reduce_lora_inputs(model: torch.nn.Module) -> None:
+    """After peft loaded adapters over ``model``'s parallel layers: the A factors over
+    row-parallel layers all-reduce their products (see ``ReducedLinear``)."""
+    for module in model.modules():
+        base = getattr(module, "base_layer", None)
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(base, RowParallelLinear) and isinstance(lora_a, torch.nn.ModuleDict):
+            for key, factor in lora_a.items():
+                if not isinstance(factor, ReducedLinear):
+                    lora_a[key] = ReducedLinear(factor, base.comm)
 
 
 class ShardedRMSNorm(Sharded, torch.nn.Module):

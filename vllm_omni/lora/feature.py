@@ -25,11 +25,10 @@ class LoraFeature(Feature):
 
     @classmethod
     def check(cls, adapter, config) -> None:
-        # Proven exact with sequence, CFG and VAE-patch parallelism, the step caches and FP8;
-        # TP needs the deltas sharded with their layers, offload to place the adapters.
+        # Proven exact with every parallel layout, the step caches and FP8; offload would have
+        # to place the adapters' weights with the blocks'.
         others = [flag for flag, on in (
-            ("tensor parallelism", config.parallel.tensor_parallel_size > 1),
-            ("CPU offload", config.enable_cpu_offload or config.enable_layerwise_offload))
+            ("CPU offload", config.enable_cpu_offload or config.enable_layerwise_offload),)
             if on]
         if others:
             raise ValueError(f"LoRA with {', '.join(others)} is not available yet; serve the "
@@ -79,7 +78,7 @@ class LoraFeature(Feature):
             self.active = ()
         state = self._state_dict(ref)
         try:
-            self._load_state(dict(state), ref.key)  # the loaders pop from the dict they get
+            self._load_state(self._for_ranks(state, ref), ref.key)
         except Exception as e:  # shapes or keys that do not fit this model
             self._delete(ref.key, missing_ok=True)
             raise InvalidRequestError(f"LoRA {ref.name!r} does not fit {self.adapter.spec.pipeline_class}:"
@@ -88,7 +87,33 @@ class LoraFeature(Feature):
             raise InvalidRequestError(f"LoRA {ref.name!r} matches no layer of "
                                       f"{self.adapter.spec.pipeline_class}'s transformer",
                                       param="lora")
+        if self.config.parallel.tensor_parallel_size > 1:
+            from vllm_omni.distributed.tensor_parallel import reduce_lora_inputs
+
+            for denoiser in self.denoisers(self.pipe):
+                reduce_lora_inputs(denoiser)
         self.loaded[ref.key] = ref
+
+    def _for_ranks(self, state: dict, ref) -> dict:
+        """A copy of ``state`` (the loaders pop from the dict they get) with the factors of
+        tensor-parallel layers cut to this rank's parts."""
+        tp = self.config.parallel.tensor_parallel_size > 1
+        if not tp:
+            return dict(state)
+        from vllm_omni.distributed.tensor_parallel import shard_lora_state
+
+        if self.by_pipeline and not all(k.startswith("transformer.") for k in state):
+            converted = self.pipe.lora_state_dict(dict(state))
+            if isinstance(converted, tuple):
+                state, alphas = converted[0], converted[1:]
+                if any(a for a in alphas if a):
+                    raise InvalidRequestError(
+                        f"LoRA {ref.name!r}: adapters with network alphas (kohya format) are "
+                        "not supported under tensor parallelism; convert it to diffusers' "
+                        "format", param="lora")
+            else:
+                state = converted
+        return shard_lora_state(state, self.pipe.transformer)
 
     def _state_dict(self, ref) -> dict:
         if ref.key in self.host:
