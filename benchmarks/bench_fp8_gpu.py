@@ -1,8 +1,8 @@
 """The full-size Qwen-Image transformer (random weights, bf16) on one GPU: first its Linear shapes
 alone (bf16 against W8A8 with the Triton activation quantizer and with the eager reference, which
-must give the same bytes), then a denoising step at 1024x1024 in bf16, FP8 W8A8 (the model's default ignored layers, then every block Linear), FP8
-weight-only, then layerwise and model-level offload of the FP8 model; peak device memory and the
-FP8 output's error. Needs torch and diffusers only (the GPU machine has no vLLM); prints JSON.
+must give the same bytes), then a denoising step at 1024x1024 in bf16, FP8 W8A8 (the model's
+default ignored layers, then every block Linear), FP8 weight-only, then layerwise and model-level
+offload of the FP8 model; peak device memory and the FP8 output's error. Needs torch and diffusers only (the GPU machine has no vLLM); prints JSON.
 
     python benchmarks/bench_fp8_gpu.py            # a GPU: the real config, 1024x1024
     python benchmarks/bench_fp8_gpu.py --tiny     # a CPU: the code paths on a 2-layer model

@@ -1,4 +1,4 @@
-"""Serving overhead: HTTP end-to-end latency through ``vllm serve --omni`` vs a direct diffusers call.
+"""Serving overhead: HTTP end-to-end latency through ``vllm serve --omni`` vs direct diffusers.
 
 Same model directory, prompt, seed, shape and steps: images through /v1/images/generations,
 audio through /v1/audio/generate (the wav bytes, encoding included). Runs are interleaved

@@ -32,7 +32,7 @@ def model_and_params(args: argparse.Namespace):
     return model, params
 
 
-# -- a served model ---------------------------------------------------------------------------------
+# -- a served model --------------------------------------------------------------------------------
 def start_server(model_dir: str, log_path: str, *extra: str, wait: bool = True):
     """``vllm serve MODEL --omni`` on a free port: (process, URL, launch time (monotonic)),
     once healthy unless ``wait`` is False."""

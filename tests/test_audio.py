@@ -44,7 +44,7 @@ def _params(**kw):
     return OmniDiffusionSamplingParams(**{"num_inference_steps": 4, "seed": 7, **kw})
 
 
-# -- offline ----------------------------------------------------------------------------------------
+# -- offline ---------------------------------------------------------------------------------------
 def test_offline_equals_diffusers_and_batches_like_alone(audio_model):
     import torch
     from diffusers import StableAudioPipeline
@@ -149,7 +149,7 @@ def test_saved_files_decode_to_the_clip(tmp_path):
     assert np.abs(data.T - clip.samples).max() < 1e-4  # 16-bit
 
 
-# -- the server -------------------------------------------------------------------------------------
+# -- the server ------------------------------------------------------------------------------------
 def _decode(data: bytes, fmt: str) -> tuple[np.ndarray, int]:
     """(samples x channels, rate) of an encoded response."""
     import soundfile

@@ -64,7 +64,7 @@ def test_general_plugin_entry_point_is_registered():
 
 
 def test_refuses_features_outside_the_models_support_matrix(tiny_models):
-    # FLUX.1-dev: Cache-DiT and tensor parallel only (README model table).
+    # FLUX.1-dev: Cache-DiT, tensor parallel and LoRA only (README model table).
     r = run("serve", tiny_models["flux.1-dev"], "--omni", "--cache-backend", "tea_cache")
     assert r.returncode == 2 and "does not support TeaCache" in r.stderr, r.stderr
-    assert "Supported with this model: Cache-DiT, Tensor Parallel\n" in r.stderr
+    assert "Supported with this model: Cache-DiT, Tensor Parallel, LoRA\n" in r.stderr

@@ -99,7 +99,7 @@ def test_request_paths_stay_in_the_allowed_directories(loras, tiny_qwen_image):
         registry(lora_modules={"x": os.path.join(allowed, "evil.bin")})
 
 
-# -- offline -----------------------------------------------------------------------------------------
+# -- offline ---------------------------------------------------------------------------------------
 def test_hot_swap_composition_eviction_and_batching(loras, tiny_qwen_image, omni):
     """With --max-loras 1 every switch evicts; each output is what it is the first time, and
     base requests are untouched by what ran before them."""

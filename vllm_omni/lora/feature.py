@@ -53,6 +53,9 @@ class LoraFeature(Feature):
             self.switch_s = 0.0
             return
         t0 = time.perf_counter()
+        # Unknown until the set below is in place: a load that fails half-way (diffusers may
+        # have activated what it loaded) must not leave the next call trusting the old set.
+        self.active = None
         for ref in refs:
             self._load(ref, keep={r.key for r in refs})
         if refs:
@@ -79,10 +82,13 @@ class LoraFeature(Feature):
         state = self._state_dict(ref)
         try:
             self._load_state(self._for_ranks(state, ref), ref.key)
+        except InvalidRequestError:
+            raise
         except Exception as e:  # shapes or keys that do not fit this model
             self._delete(ref.key, missing_ok=True)
-            raise InvalidRequestError(f"LoRA {ref.name!r} does not fit {self.adapter.spec.pipeline_class}:"
-                                      f" {type(e).__name__}: {str(e)[:300]}", param="lora") from None
+            raise InvalidRequestError(f"LoRA {ref.name!r} does not fit "
+                                      f"{self.adapter.spec.pipeline_class}: "
+                                      f"{type(e).__name__}: {str(e)[:300]}", param="lora") from None
         if ref.key not in self._names():
             raise InvalidRequestError(f"LoRA {ref.name!r} matches no layer of "
                                       f"{self.adapter.spec.pipeline_class}'s transformer",
@@ -125,7 +131,8 @@ class LoraFeature(Feature):
             state = load_file(ref.path)
         except Exception as e:
             raise InvalidRequestError(f"LoRA {ref.name!r} could not be read: "
-                                      f"{type(e).__name__}: {str(e)[:200]}", param="lora") from None
+                                      f"{type(e).__name__}: {str(e)[:200]}",
+                                      param="lora") from None
         self.host[ref.key] = state
         while len(self.host) > self.max_host:
             self.host.popitem(last=False)
@@ -178,4 +185,5 @@ def with_adapter_loader(model) -> None:
 
     cls = type(model)
     if not issubclass(cls, PeftAdapterMixin):
-        model.__class__ = type(cls.__name__, (PeftAdapterMixin, cls), {"__module__": cls.__module__})
+        model.__class__ = type(cls.__name__, (PeftAdapterMixin, cls),
+                               {"__module__": cls.__module__})
