@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -103,6 +104,8 @@ def main() -> None:
     out["dit_100_steps_s"] = round(100 * out["dit_step_s"], 3)
     del dit
     cost = memory.vae_cost({"_class_name": "AutoencoderOobleck", **vae_config})
+    if device.type == "cuda":  # what the worker's estimate uses there
+        cost = replace(cost, decode_units=cost.cuda_decode_units)
     hop = 1
     for r in vae_config["downsampling_ratios"]:
         hop *= r

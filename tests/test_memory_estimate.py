@@ -105,31 +105,42 @@ def test_released_vae_configs():
         memory.vae_cost({"_class_name": "AutoencoderDC"})
 
 
+_OOBLECK_PROBE = """
+import json, sys, torch
+from diffusers import AutoencoderOobleck
+from vllm_omni.testing.memory_probe import peak_memory_of
+config = json.loads(sys.argv[1])
+torch.manual_seed(0)
+vae = AutoencoderOobleck(**config).eval()
+latents = torch.randn(1, config["decoder_input_channels"], 2**19 // vae.hop_length)
+with torch.inference_mode():
+    vae.decode(latents[..., :64])  # thread pools and kernel caches, once
+    print(peak_memory_of(lambda: vae.decode(latents).sample)[1])
+"""
+
+
 @pytest.mark.skipif(not memory_probe.supported(), reason="needs /proc/self/clear_refs and glibc")
 def test_audio_vae_decode_estimate_holds_and_scales_to_the_released_model():
-    """Stable Audio's Oobleck decoder, measured stand-alone at 2^19 samples (two widths), within
-    1-2x of the estimate; the released config (128 channels, 47.55 s at 44.1 kHz) costs about
-    7 GiB per waveform in fp32."""
-    import torch
-    from diffusers import AutoencoderOobleck
-
+    """Stable Audio's Oobleck decoder, measured stand-alone in a fresh process at 2^19 samples
+    (two widths; a first large decode, as a server's first request): the estimate is at least
+    the measured peak and within 3x of it. The released config (128 channels, 47.55 s at
+    44.1 kHz) is estimated at about 14 GiB per waveform in fp32 on the CPU."""
     for width in (16, 32):
         config = dict(encoder_hidden_size=16, downsampling_ratios=[2, 4, 4],
                       channel_multiples=[1, 2, 4], decoder_channels=width,
                       decoder_input_channels=8, audio_channels=2, sampling_rate=16000)
-        torch.manual_seed(0)
-        vae = AutoencoderOobleck(**config).eval()
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+        run = subprocess.run([sys.executable, "-c", _OOBLECK_PROBE, json.dumps(config)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        peak = int(run.stdout.split()[-1])
         cost = memory.vae_cost({"_class_name": "AutoencoderOobleck", **config})
-        samples = 2**19
-        latents = torch.randn(1, 8, samples // vae.hop_length)
-        with torch.inference_mode():
-            vae.decode(latents[..., :64])  # first calls allocate thread pools once
-            _, peak = memory_probe.peak_memory_of(lambda: vae.decode(latents).sample)
-        estimate = samples * 4 * cost.decode_units * cost.decode_width + cost.slack
-        assert 1.0 <= estimate / peak <= 2.0, (width, peak, estimate)
+        estimate = 2**19 * 4 * cost.decode_units * cost.decode_width + cost.slack
+        assert 1.0 <= estimate / peak <= 3.0, (width, peak, estimate)
     released = memory.vae_cost({"_class_name": "AutoencoderOobleck", "decoder_channels": 128})
     per_waveform = 1024 * 2048 * 4 * released.decode_units * released.decode_width
-    assert 6 * 2**30 < per_waveform < 8 * 2**30
+    assert 13 * 2**30 < per_waveform < 15 * 2**30
 
 
 def test_memory_sizes_parse():

@@ -85,10 +85,13 @@ QWEN_SLACK = 192 * MiB
 
 # AutoencoderOobleck (Stable Audio): the last decoder block runs at ``decoder_channels`` at the full
 # sample rate (an upsampling transposed convolution, three dilated residual units with Snake
-# activations, whose sin/pow/mul temporaries are full-size). Measured 5.7-6.8 units at 2^18-2^20
-# samples (widths 16 and 32, 3-5 blocks), 7.8-11 with the slack folded in at 2^18.
-OOBLECK_DECODE_UNITS = 7.0
-OOBLECK_SLACK = 64 * MiB
+# activations, whose sin/pow/mul temporaries are full-size). On the CPU the resident set grows by
+# 5.7-14.9 units at 2^18-2^20 samples (widths 16 and 32, 3-5 blocks), the most on a process's
+# first large decode (oneDNN's convolution buffers, heap growth: 244-476 MiB for the same decode
+# at 2^19 samples, width 16). On an H200 the tensors peak at 4.5 (fp32) to 5.5 (bf16) units.
+OOBLECK_DECODE_UNITS = 14.0
+OOBLECK_DECODE_UNITS_CUDA = 7.0
+OOBLECK_SLACK = 128 * MiB
 
 # The decoded batch (float RGB, then clamped) at the end of the decode, in bytes per pixel.
 DECODE_OUTPUT_BYTES_PER_PIXEL = 24
@@ -121,6 +124,7 @@ class VaeCost:
     encode_width: int
     encode_units: float
     slack: int
+    cuda_decode_units: float | None = None  # where CUDA's differs from the CPU's, measured
 
 
 def vae_cost(config: dict[str, Any]) -> VaeCost:
@@ -142,7 +146,7 @@ def vae_cost(config: dict[str, Any]) -> VaeCost:
     if cls == "AutoencoderOobleck":  # no encoder term: nothing is encoded from a request
         return VaeCost(kind=cls, decode_width=int(config.get("decoder_channels", 128)),
                        decode_units=OOBLECK_DECODE_UNITS, encode_width=0, encode_units=0,
-                       slack=OOBLECK_SLACK)
+                       slack=OOBLECK_SLACK, cuda_decode_units=OOBLECK_DECODE_UNITS_CUDA)
     raise ValueError(f"no memory model for VAE {cls or config!r}: it has neither base_dim nor "
                      "block_out_channels")
 
@@ -180,10 +184,14 @@ class ModelDims:
 
     @classmethod
     def from_model_dir(cls, model_dir: str, adapter: Any, spec: Any,
-                       element_size: int) -> "ModelDims":
+                       element_size: int, device_type: str = "cpu") -> "ModelDims":
+        from dataclasses import replace
+
         from vllm_omni.models.base import read_json
 
         vae = vae_cost(read_json(model_dir, "vae", "config.json"))
+        if device_type == "cuda" and vae.cuda_decode_units is not None:
+            vae = replace(vae, decode_units=vae.cuda_decode_units)
         hidden = transformer_hidden(read_json(model_dir, "transformer", "config.json"))
         vae_scale = getattr(adapter, "vae_scale", None)
         # Every served DiT takes one token per 2x2 latent patch (patch 2, or FLUX-style packing).

@@ -82,7 +82,8 @@ class ModelRunner:
         self._install_cancel_points()
         try:
             self.memory_dims = memory.ModelDims.from_model_dir(self.config.model, self.adapter,
-                                                               self.spec, dtype.itemsize)
+                                                               self.spec, dtype.itemsize,
+                                                               self.device.type)
         except ValueError as e:
             logger.warning("requests are not checked against free memory: %s", e)
         logger.info("rank %d loaded %s (%s, %s) in %.2fs", self.rank, self.spec.pipeline_class,
