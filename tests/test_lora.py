@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import Server
+from conftest import Server, metric
 
 GEN = "/v1/images/generations"
 
@@ -205,6 +205,8 @@ def test_served_adapters_by_model_name_field_and_path(lora_server, loras, server
     assert np.array_equal(_image(requests.post(url, json={**body, "model": "ghibli"},
                                                timeout=60)), by_model)
     assert np.abs(ink - by_model).max() > 1 and "evicting LoRA" in lora_server.logs()
+    assert metric(lora_server, "vllm_omni:lora_adapters_active") == 1
+    assert metric(lora_server, "vllm_omni:lora_switch_seconds_count") >= 4
     for lora, what in [({"path": loras["secret"]}, "outside the directories"),
                        ({"path": os.path.join(loras["allowed"], "..", "outside",
                                               "secret.safetensors")}, "outside the directories"),

@@ -13,7 +13,7 @@ import requests
 import torch
 from PIL import Image
 
-from conftest import Server
+from conftest import Server, metric
 from test_model_features import (  # noqa: F401  (fixtures)
     _config,
     _generate,
@@ -145,6 +145,12 @@ def test_fp8_and_layerwise_offload_served(tiny_qwen_image, tmp_path, feature_mod
         served = np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["data"][0]["b64_json"]))))
         logs = server.logs()
         assert "fp8 (weight-only)" in logs and "offload (layerwise)" in logs
+        # /metrics shows the modes and what the FP8 weights take.
+        assert metric(server, "vllm_omni:memory_feature", feature="fp8", mode="weight-only") == 1
+        assert metric(server, "vllm_omni:memory_feature", feature="offload",
+                      mode="layerwise") == 1
+        assert metric(server, "vllm_omni:fp8_weight_bytes") > 0
+        assert metric(server, "vllm_omni:peak_memory_bytes") > 0
     finally:
         server.stop()
     from vllm_omni.engine.input_processor import InputProcessor

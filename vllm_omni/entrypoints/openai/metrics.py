@@ -53,6 +53,17 @@ class ServerMetrics:
         self.peak_memory = Gauge("vllm_omni:peak_memory_bytes", "Peak device memory of rank 0 "
                                  "(CUDA allocator; on CPU the worker's peak resident set)", names,
                                  registry=r)
+        self.features = Gauge("vllm_omni:memory_feature", "1 for each memory feature the model "
+                              "runs with, by mode (offload: model or layerwise; fp8: w8a8 or "
+                              "weight-only)", [*names, "feature", "mode"], registry=r)
+        self.fp8_weight_bytes = Gauge("vllm_omni:fp8_weight_bytes", "Bytes of the FP8 layers' "
+                                      "weights and scales on rank 0", names, registry=r)
+        self.lora_active = Gauge("vllm_omni:lora_adapters_active", "LoRA adapters active in the "
+                                 "last call", names, registry=r)
+        self.lora_switch = Histogram("vllm_omni:lora_switch_seconds", "Time to put a call's "
+                                     "LoRA adapters in place (0 when they already were)", names,
+                                     buckets=(0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
+                                     registry=r)
         self.running = Gauge("vllm_omni:num_requests_in_flight", "Requests admitted and not yet "
                              "answered", names, registry=r)
         self.max_in_flight = Gauge("vllm_omni:max_requests_in_flight", "Admission limit "
@@ -104,6 +115,14 @@ class ServerMetrics:
             self.cache_skip_ratio.labels(**lab).observe(m["transformer_calls_skipped"] / calls)
         if "peak_memory_bytes" in m:
             self.peak_memory.labels(**lab).set(m["peak_memory_bytes"])
+        for feature in ("offload", "fp8"):
+            if isinstance(m.get(f"{feature}_mode"), str):
+                self.features.labels(**lab, feature=feature, mode=m[f"{feature}_mode"]).set(1)
+        if "fp8_weight_bytes" in m:
+            self.fp8_weight_bytes.labels(**lab).set(m["fp8_weight_bytes"])
+        if "lora_adapters" in m:
+            self.lora_active.labels(**lab).set(m["lora_adapters"])
+            self.lora_switch.labels(**lab).observe(m["lora_switch_s"])
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
