@@ -25,7 +25,7 @@ from vllm_omni.entrypoints.openai.connections import BodyDeadline
 from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
-from vllm_omni.entrypoints.openai.protocol import OpenAIError, request_models
+from vllm_omni.entrypoints.openai.protocol import FORM_LORA, OpenAIError, request_models
 from vllm_omni.entrypoints.openai.serving import ClientDisconnected, Serving
 from vllm_omni.entrypoints.openai.serving_images import ServingImages
 from vllm_omni.entrypoints.openai.uploads import InputDecoder, body_kind, validate_body
@@ -407,7 +407,7 @@ def edit_request_body(edit_model) -> dict[str, Any]:
     files = {"type": "array", "items": {"type": "string", "format": "binary"}}
     form = {**json_schema, "properties": {
         **json_schema["properties"], "image": files,
-        "mask": {"type": "string", "format": "binary"}}}
+        "mask": {"type": "string", "format": "binary"}, "lora": FORM_LORA}}
     return {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": form}, "application/json": {"schema": json_schema}}}}
 

@@ -16,6 +16,11 @@ from vllm_omni.models.options import MAX_SEED
 LoraField = Optional[dict[str, Any] | list[dict[str, Any]] | str]
 
 
+# How a multipart form carries ``lora`` (its JSON), for /openapi.json.
+FORM_LORA = {"type": "string", "description": "LoRA adapters as JSON: {name, path, scale} or a "
+             "list of them"}
+
+
 def lora_entries(value: Any) -> Any:
     """The ``lora`` field with a form's JSON string decoded."""
     if not isinstance(value, str):

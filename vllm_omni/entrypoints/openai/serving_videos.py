@@ -30,6 +30,7 @@ from vllm_omni.entrypoints.openai.encoders import encode_image, encode_video
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
 from vllm_omni.entrypoints.openai.protocol import (
+    FORM_LORA,
     LoraField,
     OpenAIError,
     lora_entries,
@@ -383,7 +384,7 @@ def add_routes(app, videos: ServingVideos, decoder, limits: ServingLimits) -> No
     model = videos.request_model
     schema = model.model_json_schema()
     form = {**schema, "properties": {**schema["properties"], "input_reference": {
-        "type": "string", "format": "binary"}}}
+        "type": "string", "format": "binary"}, "lora": FORM_LORA}}
     body_doc = {"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": form}, "application/json": {"schema": schema}}}}
 
