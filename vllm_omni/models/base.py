@@ -27,6 +27,22 @@ def read_json(model_dir: str, *parts: str) -> dict[str, Any]:
         raise ValueError(f"{model_dir} is not a diffusers pipeline directory: {path} is missing")
 
 
+def checkpoint_defaults(model_dir: str, released: dict[str, Any],
+                        keys: frozenset[str]) -> dict[str, Any]:
+    """``released`` settings overridden by the checkpoint's own ``generation_config.json`` (the
+    tiny test models carry one), which may set only ``keys``."""
+    values = dict(released)
+    path = os.path.join(model_dir, "generation_config.json")
+    if os.path.exists(path):
+        own = read_json(model_dir, "generation_config.json")
+        unknown = set(own) - keys
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; accepted: "
+                             + ", ".join(sorted(keys)))
+        values.update(own)
+    return values
+
+
 @dataclass
 class ModelSpec:
     """Static facts about one served model, read from its config files without loading it."""

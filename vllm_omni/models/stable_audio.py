@@ -11,11 +11,10 @@ seeded from each output's generator, so a seed still fixes the waveform.
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 from vllm_omni.engine.request import Audio, DiffusionRequest, InvalidRequestError
-from vllm_omni.models.base import ModelSpec, read_json
+from vllm_omni.models.base import ModelSpec, checkpoint_defaults, read_json
 from vllm_omni.models.image import ImageAdapter
 from vllm_omni.models.options import Option
 
@@ -47,15 +46,7 @@ class StableAudioAdapter(ImageAdapter):
         dit = read_json(model_dir, "transformer", "config.json")
         vae = read_json(model_dir, "vae", "config.json")
         projection = read_json(model_dir, "projection_model", "config.json")
-        defaults = dict(RELEASED)
-        path = os.path.join(model_dir, "generation_config.json")
-        if os.path.exists(path):
-            own = read_json(model_dir, "generation_config.json")
-            unknown = set(own) - DEFAULT_KEYS
-            if unknown:
-                raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; "
-                                 "accepted: " + ", ".join(sorted(DEFAULT_KEYS)))
-            defaults.update(own)
+        defaults = checkpoint_defaults(model_dir, RELEASED, DEFAULT_KEYS)
         rate = int(vae.get("sampling_rate", 44100))
         hop = math.prod(int(r) for r in vae.get("downsampling_ratios", [2, 4, 4, 8, 8]))
         longest = int(dit.get("sample_size", 1024)) * hop / rate

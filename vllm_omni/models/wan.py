@@ -16,11 +16,10 @@ latent frame after the first); ``fps`` only labels the output. Defaults are the 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, ClassVar
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError, Video
-from vllm_omni.models.base import ModelSpec, read_json
+from vllm_omni.models.base import ModelSpec, checkpoint_defaults, read_json
 from vllm_omni.models.image import ImageAdapter
 from vllm_omni.models.options import MAX_GUIDANCE_SCALE, Option
 
@@ -69,16 +68,7 @@ class VideoAdapter(ImageAdapter):
 
     def defaults(self, kind: str, model_dir: str) -> dict[str, Any]:
         """The released settings of ``kind``, overridden by the checkpoint's own."""
-        values = dict(RELEASED[kind])
-        path = os.path.join(model_dir, "generation_config.json")
-        if os.path.exists(path):
-            own = read_json(model_dir, "generation_config.json")
-            unknown = set(own) - DEFAULT_KEYS
-            if unknown:
-                raise ValueError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; accepted: "
-                                 + ", ".join(sorted(DEFAULT_KEYS)))
-            values.update(own)
-        return values
+        return checkpoint_defaults(model_dir, RELEASED[kind], DEFAULT_KEYS)
 
     # -- validation ------------------------------------------------------------------------------
     def num_frames(self, req: DiffusionRequest) -> int:
