@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import sync, timed  # noqa: E402
 from vllm_omni.worker import memory  # noqa: E402  (plain arithmetic; no vLLM)
 
 # stabilityai/stable-audio-open-1.0's transformer/config.json and vae/config.json.
@@ -39,22 +39,6 @@ TINY_VAE = dict(encoder_hidden_size=16, downsampling_ratios=[2, 4, 4], channel_m
                 decoder_channels=16, decoder_input_channels=8, audio_channels=2,
                 sampling_rate=16000)
 TEXT_TOKENS = 130  # T5's 128 padded tokens and the start and end seconds
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / repeats
 
 
 def decode_peak(vae, latents, device) -> int:

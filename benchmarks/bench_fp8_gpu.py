@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import sync, timed  # noqa: E402
 from vllm_omni.models.qwen_image import QwenImageAdapter  # noqa: E402  (plain data; no vLLM)
 from vllm_omni.offload.offload import Unit  # noqa: E402
 from vllm_omni.quantization.fp8 import (  # noqa: E402
@@ -30,22 +31,6 @@ from vllm_omni.quantization.fp8 import (  # noqa: E402
     quantize_rows,
     targets,
 )
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / repeats
 
 
 def peak(device, fn) -> int:

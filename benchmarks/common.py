@@ -82,3 +82,25 @@ def machine() -> str:
     import torch
 
     return f"{platform.machine()} {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}"
+
+
+# -- timing on a device --------------------------------------------------------------------------
+def sync(device) -> None:
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup: int, repeats: int) -> float:
+    """Mean seconds of ``fn()`` over ``repeats`` calls after ``warmup``, the device synced."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeats
