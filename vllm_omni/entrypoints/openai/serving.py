@@ -126,6 +126,18 @@ class Serving:
                               headers={"Retry-After": str(retry)})
         self.in_flight += 1
 
+    async def answer(self, req: DiffusionRequest, is_disconnected=None) -> DiffusionOutput:
+        """Admits ``req`` (429 past the queue limit), runs it, and returns its output or raises
+        its error as HTTP."""
+        self.admit()
+        try:
+            out = await self.run(req, is_disconnected or _never_disconnected)
+        finally:
+            self.in_flight -= 1
+        if out.error is not None:
+            raise openai_error(out.error)
+        return out
+
     async def run(self, req: DiffusionRequest, is_disconnected, on_partial=None,
                   on_progress=None) -> DiffusionOutput:
         """The engine's answer, cancelling the work if the client leaves or the deadline passes."""

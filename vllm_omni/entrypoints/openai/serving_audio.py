@@ -20,12 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from vllm_omni.engine.request import DiffusionRequest
 from vllm_omni.entrypoints.openai.encoders import AUDIO_FORMATS, encode_audio
 from vllm_omni.entrypoints.openai.protocol import LoraField, OpenAIError, lora_entries
-from vllm_omni.entrypoints.openai.serving import (
-    ClientDisconnected,
-    Serving,
-    _never_disconnected,
-    openai_error,
-)
+from vllm_omni.entrypoints.openai.serving import ClientDisconnected, Serving
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.models.options import MAX_SEED
 from vllm_omni.utils.text import log_safe
@@ -101,14 +96,7 @@ class ServingAudio(Serving):
 
     async def generate(self, body: AudioRequestBase, is_disconnected=None) -> Response:
         req = self.prepare(body)
-        self.admit()
-        try:
-            out = await self.run(req, is_disconnected or _never_disconnected)
-        finally:
-            self.in_flight -= 1
-        if out.error is not None:
-            raise openai_error(out.error)
-        audio = out.audios[0]
+        audio = (await self.answer(req, is_disconnected)).audios[0]
         data, media_type = await asyncio.to_thread(encode_audio, audio, body.response_format)
         return Response(data, media_type=media_type, headers={
             "X-Request-Id": req.request_id, "X-Seed": str(req.seed),

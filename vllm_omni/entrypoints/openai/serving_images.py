@@ -76,13 +76,7 @@ class ServingImages(Serving):
                        images: list | None = None, mask=None) -> dict[str, Any]:
         req = self.prepare(body, images, mask)
         request_id = req.request_id
-        self.admit()
-        try:
-            out = await self.run(req, is_disconnected or _never_disconnected)
-        finally:
-            self.in_flight -= 1
-        if out.error is not None:
-            raise openai_error(out.error)
+        out = await self.answer(req, is_disconnected)
 
         fmt = body.output_format
         encoded = await asyncio.to_thread(

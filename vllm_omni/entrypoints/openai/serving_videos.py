@@ -144,11 +144,7 @@ class ServingVideos(Serving):
                    is_disconnected) -> tuple[bytes, DiffusionRequest]:
         """``POST /v1/videos/sync``: the mp4 of one request, without a job."""
         req = self.prepare(body, reference, f"video-{uuid.uuid4().hex}")
-        self.admit()
-        try:
-            video = await self.generate(req, is_disconnected)
-        finally:
-            self.in_flight -= 1
+        video = (await self.answer(req, is_disconnected)).videos[0]
         data, _ = await asyncio.to_thread(encode_video, video)
         return data, req
 
