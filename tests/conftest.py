@@ -110,7 +110,8 @@ class Server:
         """``warmup_sizes``: None warms up at the model's defaults (an audio model has no
         size)."""
         if "--warmup-sizes" not in extra and warmup_sizes is not None:
-            # The tiny model's default size (1024x1024) warms up in seconds; tests need not.
+            # The tiny edit models warm up at 1024x1024 (their input's size) in seconds; tests
+            # need not.
             extra = (*extra, "--warmup-sizes", warmup_sizes)
         self.model, self.extra, self.log_path = model, extra, log_path
         self._start()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
-from vllm_omni.models.base import ModelAdapter, ModelSpec, read_json
+from vllm_omni.models.base import ModelAdapter, ModelSpec, checkpoint_defaults, read_json
 from vllm_omni.models.options import CFG_OPTIONS, NEGATIVE_PROMPT, Option
 
 
@@ -46,14 +46,23 @@ class ImageAdapter(ModelAdapter):
         return (int(config.get("num_attention_heads", 1)),
                 int(config.get("num_layers", 1)) + int(config.get("num_single_layers", 0)))
 
+    def sample_size(self, model_dir: str) -> int:
+        """The pipeline's default output side in latent pixels."""
+        return self.default_sample_size
+
     def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
         config = self.transformer_config(model_dir)
         scale = self.vae_scale(model_dir)
         heads, blocks = self.heads_and_blocks(config)
-        side = self.default_sample_size * scale
+        side = self.sample_size(model_dir) * scale
+        # A checkpoint may serve at a size of its own (the tiny test models: 64x64, so that
+        # their warm-up and a request without a size take well under a second).
+        size = checkpoint_defaults(model_dir, {"width": side, "height": side},
+                                   frozenset({"width", "height"}))
         return ModelSpec(
             adapter=self, model_dir=model_dir, pipeline_class=pipeline_class,
-            default_width=side, default_height=side, default_steps=self.default_steps,
+            default_width=int(size["width"]), default_height=int(size["height"]),
+            default_steps=self.default_steps,
             size_multiple=scale * self.latent_multiple,
             has_guidance_embeds=bool(config.get("guidance_embeds", False)),
             num_heads=heads, num_blocks=blocks,

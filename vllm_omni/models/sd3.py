@@ -19,12 +19,9 @@ class StableDiffusion3Adapter(ImageAdapter):
     cfg_calls = "batched"  # the pipeline runs [uncond, cond] as one doubled batch
     has_preview = True
 
-    def load_spec(self, model_dir, pipeline_class):
-        spec = super().load_spec(model_dir, pipeline_class)
+    def sample_size(self, model_dir: str) -> int:
         # StableDiffusion3Pipeline.default_sample_size is the transformer's sample_size.
-        side = int(self.transformer_config(model_dir).get("sample_size", 128))
-        spec.default_width = spec.default_height = side * (spec.size_multiple // 2)
-        return spec
+        return int(self.transformer_config(model_dir).get("sample_size", 128))
 
     def cache_dit_target(self, transformer: Any) -> Any:
         # cache-dit registers SD3 by pipeline only; this is its own SD3 block description.

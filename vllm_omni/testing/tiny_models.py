@@ -669,9 +669,19 @@ FAMILIES = {
     "wan2.2-ti2v": lambda: build_wan22("ti2v"),
     "stable-audio": build_stable_audio,
 }
-# Serving defaults written beside a family's pipeline (see WAN_TINY_DEFAULTS).
-GENERATION_DEFAULTS = {"wan2.2-t2v": WAN_TINY_DEFAULTS, "wan2.2-i2v": WAN_TINY_DEFAULTS,
-                       "wan2.2-ti2v": WAN_TINY_DEFAULTS, "stable-audio": STABLE_AUDIO_TINY_DEFAULTS}
+# Serving defaults written beside a family's pipeline (``generation_config.json``): the tiny
+# text-to-image models default to 64x64, where their released pipelines' 1024x1024 would make a
+# server's warm-up, and a request that names no size, take seconds. Edit models default to their
+# input's size.
+IMAGE_TINY_DEFAULTS = dict(width=64, height=64)
+GENERATION_DEFAULTS = {
+    "qwen-image-bench": dict(width=256, height=256),  # the size the benchmarks serve
+    **{f: IMAGE_TINY_DEFAULTS for f in ("qwen-image", "qwen-image-2512",
+                                        "z-image-turbo", "flux.1-dev", "flux.2-klein-4b",
+                                        "flux.2-klein-base-4b", "sd3.5", "longcat-image",
+                                        "ovis-image", "glm-image")},
+    "wan2.2-t2v": WAN_TINY_DEFAULTS, "wan2.2-i2v": WAN_TINY_DEFAULTS,
+    "wan2.2-ti2v": WAN_TINY_DEFAULTS, "stable-audio": STABLE_AUDIO_TINY_DEFAULTS}
 
 
 def build(family: str, out_dir: str) -> str:

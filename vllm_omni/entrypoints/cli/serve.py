@@ -138,6 +138,9 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
                             "https://images.example.com/api), used in response_format=url "
                             "links. Default: the address the request came in on, plus "
                             "--root-path."),
+        g.add_argument("--disable-playground", action="store_true",
+                       help="Serve no playground page (GET / and /playground), for deployments "
+                            "that want the API alone."),
     ]
     return actions
 
@@ -342,6 +345,18 @@ def _api_keys(value) -> list[str]:
     return [env] if env else []
 
 
+def playground_url(args: argparse.Namespace, host: str) -> str:
+    """Where a browser on this machine finds the page (the --public-url's, when given)."""
+    if args.public_url:
+        return args.public_url.rstrip("/") + "/playground"
+    if host in ("0.0.0.0", "::", ""):
+        host = "localhost"
+    elif ":" in host:
+        host = f"[{host}]"
+    scheme = "https" if args.ssl_certfile else "http"
+    return f"{scheme}://{host}:{args.port}{(args.root_path or '').rstrip('/')}/playground"
+
+
 def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=None,
                job_store=None) -> None:
     import uvicorn
@@ -372,7 +387,9 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=
                         api_keys=_api_keys(args.api_key),
                         seed=args.seed, root_path=args.root_path or "", limits=limits,
                         public_url=args.public_url, job_store=job_store,
-                        loras=lora_registry(config))
+                        loras=lora_registry(config),
+                        playground_url=None if args.disable_playground else
+                        playground_url(args, host))
         if args.allowed_origins != ["*"] or args.allow_credentials:
             from fastapi.middleware.cors import CORSMiddleware
 

@@ -25,6 +25,7 @@ from vllm_omni.entrypoints.openai.connections import BodyDeadline
 from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
+from vllm_omni.entrypoints.openai import playground
 from vllm_omni.entrypoints.openai.protocol import FORM_LORA, OpenAIError, request_models
 from vllm_omni.entrypoints.openai.serving import ClientDisconnected, Serving
 from vllm_omni.entrypoints.openai.serving_images import ServingImages
@@ -93,11 +94,12 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-# Routes that answer without the API key (as in vLLM: probes, metrics, version, API docs). The
-# image content route checks its own signature instead. Every other path needs the key, whatever
-# --root-path is and whether or not the route exists.
+# Routes that answer without the API key (as in vLLM: probes, metrics, version, API docs; and the
+# playground's static page, which holds no data). The image content route checks its own
+# signature instead. Every other path needs the key, whatever --root-path is and whether or not
+# the route exists.
 PUBLIC_ROUTES = frozenset({"/health", "/metrics", "/version", "/docs", "/docs/oauth2-redirect",
-                           "/redoc", "/openapi.json"})
+                           "/redoc", "/openapi.json", *playground.ROUTES})
 SIGNED_ROUTE = re.compile(r"/v1/images/[^/]+/content")
 
 
@@ -168,9 +170,9 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
               model_root: str, api_keys: list[str] | None = None, seed: int | None = None,
               root_path: str = "", limits: ServingLimits | None = None,
               metrics: ServerMetrics | None = None, public_url: str | None = None,
-              job_store=None, loras=None) -> FastAPI:
+              job_store=None, loras=None, playground_url: str | None = None) -> FastAPI:
     """``job_store``: a video model's ``video_jobs.JobStore``; ``loras``: the server's
-    ``lora.LoraRegistry``."""
+    ``lora.LoraRegistry``; ``playground_url``: where the playground page is (None: no page)."""
     from vllm_omni.lora import LoraRegistry
 
     loras = loras or LoraRegistry()
@@ -198,7 +200,7 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
     async def lifespan(app: FastAPI):
         if spec.adapter.image_inputs[1]:
             await asyncio.to_thread(decoder.start)
-        tasks = [asyncio.create_task(_warm_up(serving, spec, limits, warm))]
+        tasks = [asyncio.create_task(_warm_up(serving, spec, limits, warm, playground_url))]
         if job_store is not None:
             resumed = serving.resume()
             if resumed:
@@ -271,17 +273,26 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
         return {"version": vllm_omni.__version__, "vllm_version": vllm.__version__}
 
+    adapter = spec.adapter
+    # What a client (the playground) needs to know to build a request beyond the request schema
+    # in /openapi.json: the output, how many input images, whether streams carry previews.
+    capabilities = {"output": adapter.output, "input_images": list(adapter.image_inputs),
+                    "previews": adapter.has_preview}
+
     @app.get("/v1/models")
     async def models():
         # LoRA adapters are models whose parent is the base, as vLLM lists them.
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "vllm-omni",
-             "root": model_root, "parent": None, "task": spec.adapter.task}
+             "root": model_root, "parent": None, "task": adapter.task,
+             "capabilities": capabilities}
             for name in served_model_names] + [
             {"id": name, "object": "model", "created": created, "owned_by": "vllm-omni",
              "root": path, "parent": served_model_names[0], "task": spec.adapter.task}
             for name, path in loras.modules.items()]}
 
+    if playground_url is not None:
+        playground.add_routes(app)
     if loras.runtime_updates:
         _lora_routes(app, loras)
     if spec.adapter.output == "video":
@@ -429,7 +440,7 @@ def warmup_params(spec: ModelSpec, steps: int, width: int, height: int):
 
 
 async def _warm_up(serving: Serving, spec: ModelSpec, limits: ServingLimits,
-                   warm: asyncio.Event) -> None:
+                   warm: asyncio.Event, playground_url: str | None = None) -> None:
     """Runs requests through the real path (input processing, engine, workers) before /health
     reports ready, so the first user request does not pay for first-call initialisation."""
     sizes = limits.warmup_sizes
@@ -455,3 +466,5 @@ async def _warm_up(serving: Serving, spec: ModelSpec, limits: ServingLimits,
             f"{w}x{h}" if w is not None else "the model's defaults" for w, h in sizes),
             time.perf_counter() - t0)
     warm.set()
+    if playground_url is not None:
+        logger.info("ready: try it at %s", playground_url)
