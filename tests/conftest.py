@@ -165,7 +165,46 @@ class Server:
 
 @pytest.fixture(scope="session")
 def server(tiny_qwen_image, tmp_path_factory):
+    # At the model's own defaults, as README command 1 starts it (test_playground checks them).
     s = Server(tiny_qwen_image, "--served-model-name", "tiny-qwen-image",
-               log_path=str(tmp_path_factory.mktemp("logs") / "server.log"))
+               log_path=str(tmp_path_factory.mktemp("logs") / "server.log"), warmup_sizes=None)
     yield s
     s.stop()
+
+
+# -- the playground, in a real browser ---------------------------------------------------------
+CHROMIUM = "/usr/bin/chromium"  # Debian's package (scripts/test.sh installs it)
+# Headless, and no calls home: this machine's closed network refuses them, many at a time.
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+# Set to a directory to keep each playground test's final screenshot there (docs/ uses them).
+SCREENSHOTS = os.environ.get("VLLM_OMNI_SCREENSHOTS")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: the playground tests drive Debian's chromium "
+                    "(scripts/test.sh installs it; or apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, request):
+    """A fresh tab; the test fails on any uncaught script error in it."""
+    context = browser.new_context(viewport={"width": 1100, "height": 760})
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.set_default_timeout(60_000)
+    yield tab
+    if SCREENSHOTS:
+        tab.screenshot(path=os.path.join(SCREENSHOTS, f"{request.node.name}.png"), full_page=True)
+    context.close()
+    assert not errors, errors
