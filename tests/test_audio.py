@@ -262,3 +262,32 @@ def test_deadline_and_disconnect_cancel(audio_server):
     # The worker is free again.
     r = requests.post(audio_server.url + ROUTE, timeout=30, json={"input": "rain", "seed": 1})
     assert r.status_code == 200, r.text
+
+
+def test_the_playground_plays_the_clip(audio_server, page):
+    """In headless Chromium: the audio panel sends the route's fields and plays the clip it gets,
+    byte for byte the API's answer to the same request."""
+    page.goto(audio_server.url + "/playground")
+    page.wait_for_selector("#field-audio_length")
+    assert page.text_content("#prompt-label") == "Text"
+    page.fill("#prompt", "rain on a tin roof")
+    page.fill("#field-audio_length", "0.125")
+    page.fill("#field-num_inference_steps", "3")
+    page.fill("#field-seed", "5")
+    played = []
+
+    def through(route):  # what the page gets, kept here too
+        answer = route.fetch()
+        played.append(answer.body())
+        route.fulfill(response=answer)
+    page.route("**" + ROUTE, through)
+    page.click("#run")
+    audio = page.wait_for_selector(".result audio", timeout=60_000)
+    assert page.is_hidden("#error"), page.text_content("#error")
+    page.wait_for_function("a => a.readyState >= 1", arg=audio)
+    assert audio.evaluate("a => a.duration") == pytest.approx(0.125, abs=1 / RATE)
+    r = requests.post(audio_server.url + ROUTE, json={
+        "input": "rain on a tin roof", "audio_length": 0.125, "num_inference_steps": 3,
+        "seed": 5}, timeout=60)
+    assert r.status_code == 200 and [r.content] == played
+    assert "seed 5" in page.text_content(".result figcaption")

@@ -93,6 +93,40 @@ def test_the_key_opens_routes_under_the_root_path(root_server):
         assert requests.get(root_server.url + path, timeout=10).status_code == 200, path
 
 
+def test_the_playground_asks_for_the_key_and_never_shows_it(root_server, page):
+    """The page is public (it holds nothing of the server's), under the root path too; every
+    API call it makes needs the key the user types, and its snippets name $OPENAI_API_KEY."""
+    for path in ("/api/playground", "/playground", "/api/playground.js"):
+        r = requests.get(root_server.url + path, timeout=10)
+        assert r.status_code == 200 and KEY not in r.text, path
+    page.goto(root_server.url + "/api/")  # redirected to /api/playground
+    assert page.url == root_server.url + "/api/playground"
+    page.wait_for_selector("#error:not([hidden])")
+    assert "401 invalid_api_key" in page.text_content("#error")
+    page.fill("#api-key", "wrong")
+    page.press("#api-key", "Enter")
+    page.wait_for_function("() => document.getElementById('error').textContent.includes("
+                           "'401') && document.getElementById('api-key').value === 'wrong'")
+    assert page.locator("#fields label").count() == 0
+    calls = []
+    page.on("request", lambda req: calls.append((req.url, req.headers.get("authorization"))))
+    page.fill("#api-key", KEY)
+    page.press("#api-key", "Enter")
+    page.wait_for_selector("#fields label")
+    page.fill("#prompt", "a fox")
+    page.fill("#field-size", "32x32")
+    page.fill("#field-num_inference_steps", "2")
+    page.click("#run")
+    page.wait_for_selector(".result img")
+    api_calls = [(url, a) for url, a in calls if "/v1/" in url]
+    assert api_calls and all(url.startswith(root_server.url + "/api/v1/") and a == f"Bearer {KEY}"
+                             for url, a in api_calls), api_calls
+    page.click(".result button:text('curl')")
+    curl = page.text_content(".snippet")
+    assert KEY not in curl and "$OPENAI_API_KEY" in curl
+    assert KEY not in page.content()
+
+
 def test_image_urls_are_signed_and_use_the_servers_own_address(root_server):
     r = requests.post(root_server.url + "/api" + GEN, timeout=60,
                       headers={**auth(), "Host": "evil.example.com"},

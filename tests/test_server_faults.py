@@ -13,7 +13,7 @@ KEY = "sk-test"
 
 @pytest.fixture(scope="module")
 def keyed_server(tiny_qwen_image, tmp_path_factory):
-    s = Server(tiny_qwen_image, "--api-key", KEY, "--seed", "1",
+    s = Server(tiny_qwen_image, "--api-key", KEY, "--seed", "1", "--disable-playground",
                log_path=str(tmp_path_factory.mktemp("logs") / "keyed.log"))
     yield s
     s.stop()
@@ -32,6 +32,15 @@ def test_api_key_protects_v1(keyed_server):
     r = requests.post(keyed_server.url + "/v1/images/generations", json=body, headers=auth(),
                       timeout=60)
     assert r.status_code == 200, r.text
+
+
+def test_disable_playground_serves_no_page(keyed_server):
+    for path in ("/", "/playground", "/playground.js", "/playground.css"):
+        for headers in ({}, auth()):
+            r = requests.get(keyed_server.url + path, headers=headers, timeout=10,
+                             allow_redirects=False)
+            assert r.status_code == 404, (path, r.status_code)
+    assert "try it at" not in open(keyed_server.log_path).read()
 
 
 def _worker(server) -> psutil.Process:

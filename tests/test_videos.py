@@ -308,3 +308,28 @@ def test_a_sequence_parallel_server_makes_the_same_video(t2v, video_models, tmp_
             for r in (usp, one))
     assert a.shape == b.shape == (9, 32, 64, 3)
     assert np.abs(a - b).max() <= 2
+
+
+def test_the_playground_runs_a_job_with_a_moving_progress_bar(t2v, page):
+    """In headless Chromium: the video panel starts a job, its progress bar moves through the
+    denoising steps, and the finished mp4 plays in the page."""
+    page.goto(t2v.url + "/playground")
+    page.wait_for_selector("#field-num_frames")  # the model's own options, from /openapi.json
+    assert page.text_content("#model-task") == "text-to-video"
+    # Samples the bar every 20 ms (the page polls the job every 250 ms).
+    page.evaluate("""() => { window.bar = []; const el = document.getElementById('progress');
+        setInterval(() => { if (!el.hidden) window.bar.push(el.value); }, 20); }""")
+    page.fill("#prompt", "a corgi surfing")
+    page.fill("#field-num_inference_steps", "150")  # about 3 s: several polls see it move
+    page.fill("#field-seed", "7")
+    page.click("#run")
+    video = page.wait_for_selector(".result video", timeout=120_000)
+    assert page.is_hidden("#error"), page.text_content("#error")
+    page.wait_for_function("v => v.readyState >= 1", arg=video)
+    assert video.evaluate("v => [v.videoWidth, v.videoHeight]") == [64, 64]
+    assert video.evaluate("v => v.duration") > 0
+    seen = page.evaluate("window.bar")
+    moving = sorted({v for v in seen if 0 < v < 100})
+    assert len(moving) >= 2 and seen[-1] == 100, seen
+    caption = page.text_content(".result figcaption")
+    assert "seed 7" in caption and "video_" in caption  # the job's id
