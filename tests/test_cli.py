@@ -22,9 +22,27 @@ def test_help_lists_omni_flags():
 
 
 def test_rejects_vllm_flags_it_would_ignore(tiny_qwen_image):
-    r = run("serve", tiny_qwen_image, "--omni", "--max-model-len", "128")
-    assert r.returncode == 2
-    assert "--max-model-len" in r.stderr and "no meaning for diffusion" in r.stderr
+    import psutil
+
+    # Its own session, so that whatever it started can be found afterwards.
+    p = subprocess.Popen([VLLM, "serve", tiny_qwen_image, "--omni", "--max-model-len", "128"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 2
+    assert "--max-model-len" in stderr and "no meaning for diffusion" in stderr
+    # The engine core it started before parsing (and that core's fork server, mid-import) went
+    # with it: nothing of that session is left running.
+    left = [q for q in psutil.process_iter(["pid", "status"])
+            if q.info["status"] != psutil.STATUS_ZOMBIE and _session(q) == p.pid]
+    assert not left, [q.cmdline() for q in left]
+
+
+def _session(proc) -> int | None:
+    try:
+        return os.getsid(proc.pid)
+    except OSError:
+        return None
 
 
 def test_rejects_impossible_layout_before_starting(tiny_qwen_image):

@@ -35,19 +35,54 @@ class _Listeners(NamedTuple):
     on_progress: Callable[[int, int], None] | None
 
 
+class EngineCoreProcess:
+    """The engine core process, started before its config is known (``start()``, then
+    ``AsyncOmniEngine(config, core)``): its workers' fork server then imports torch and diffusers
+    while the API server is still importing vLLM's argument parser, seconds of each."""
+
+    def __init__(self, config: OmniEngineConfig | None = None):
+        ctx = mp.get_context("spawn")
+        self.in_queue, self.out_queue = ctx.Queue(), ctx.Queue()
+        # Not a daemon: the core starts worker processes of its own.
+        self.proc = ctx.Process(target=run_engine_core, name="vllm_omni_engine_core",
+                                args=(config, self.in_queue, self.out_queue))
+        start_process(self.proc)
+        self.claimed = config is not None
+
+    @classmethod
+    def start(cls) -> "EngineCoreProcess":
+        return cls(None)
+
+    def configure(self, config: OmniEngineConfig) -> None:
+        assert not self.claimed, "an engine core serves one engine"
+        self.claimed = True
+        self.in_queue.put(m.Configure(config))
+
+    def stop(self) -> None:
+        """For a core never configured (the server did not start): it and its fork server go."""
+        if self.claimed:
+            return
+        self.claimed = True
+        self.in_queue.put(m.Shutdown())
+        self.proc.join(10)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(2)
+
+
 class AsyncOmniEngine:
     def __init__(self, config: OmniEngineConfig,
-                 on_output: Callable[[DiffusionOutput], None] | None = None):
+                 on_output: Callable[[DiffusionOutput], None] | None = None,
+                 core: EngineCoreProcess | None = None):
+        """``core``: one started early (``EngineCoreProcess.start``); default: a new one."""
         self.config = config
         # Sees every engine output, also those of requests nobody waits for any more (metrics).
         self.on_output = on_output
-        ctx = mp.get_context("spawn")
-        self._in = ctx.Queue()
-        self._out = ctx.Queue()
-        # Not a daemon: the core starts worker processes of its own.
-        self._proc = ctx.Process(target=run_engine_core, name="vllm_omni_engine_core",
-                                 args=(config, self._in, self._out))
-        start_process(self._proc)
+        if core is None:
+            core = EngineCoreProcess(config)
+        else:
+            core.configure(config)
+        self._in, self._out, self._proc = core.in_queue, core.out_queue, core.proc
         self.state = "starting"
         self.worker_pids: list[int] = []
         self._pending: dict[str, asyncio.Future] = {}

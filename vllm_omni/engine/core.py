@@ -134,14 +134,25 @@ def _cancelled(req: DiffusionRequest, reason: str, when: str) -> DiffusionOutput
     return DiffusionOutput(req.request_id, error=errors.cancelled(reason, when))
 
 
-def run_engine_core(config: OmniEngineConfig, in_queue, out_queue) -> None:
-    """Engine core process. In: ``AddRequest`` | ``AbortRequest`` | ``Shutdown``. Out:
-    ``EngineReady`` or ``EngineStartupFailed``, then ``DiffusionOutput``, ``Progress``,
-    ``PartialImage`` and ``EngineStatus`` (see engine/messages.py)."""
+def run_engine_core(config: OmniEngineConfig | None, in_queue, out_queue) -> None:
+    """Engine core process. In: (``Configure`` first when ``config`` is None) then
+    ``AddRequest`` | ``AbortRequest`` | ``Shutdown``. Out: ``EngineReady`` or
+    ``EngineStartupFailed``, then ``DiffusionOutput``, ``Progress``, ``PartialImage`` and
+    ``EngineStatus`` (see engine/messages.py)."""
     set_process_title("engine_core")
     logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
                         format="%(levelname)s %(asctime)s [engine_core] %(message)s")
     watch_parent()  # the API server died: exit; our workers then exit by the same watch
+    if config is None:
+        # Started early: the workers' fork server imports torch and diffusers while the API
+        # server is still parsing its flags.
+        from vllm_omni.executor.multiproc import start_fork_server
+
+        start_fork_server()
+        msg = in_queue.get()
+        if not isinstance(msg, m.Configure):
+            return  # Shutdown: the server did not start after all
+        config = msg.config
     try:
         core = EngineCore(config)
     except Exception as e:

@@ -18,6 +18,13 @@ CANCEL_REASONS = ("cancelled", "timeout")
 
 
 @dataclass
+class Configure:
+    """The config of an engine core started before it was known (``EngineCoreProcess``)."""
+
+    config: Any
+
+
+@dataclass
 class AddRequest:
     request: DiffusionRequest
 

@@ -47,6 +47,14 @@ def worker_context():
     return ctx
 
 
+def start_fork_server() -> None:
+    """Starts the fork server now rather than at the first worker (it preloads for seconds)."""
+    from multiprocessing import forkserver
+
+    worker_context()
+    forkserver.ensure_running()
+
+
 class MultiprocExecutor(Executor):
     def __init__(self, config: OmniEngineConfig):
         self.config = config

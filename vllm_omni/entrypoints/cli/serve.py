@@ -358,7 +358,8 @@ def playground_url(args: argparse.Namespace, host: str) -> str:
 
 
 def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=None,
-               job_store=None) -> None:
+               job_store=None, core=None) -> None:
+    """``core``: an ``EngineCoreProcess`` started early, for the engine (default: a new one)."""
     import uvicorn
     from vllm import envs
 
@@ -381,7 +382,7 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=
         raise SystemExit(f"cannot listen on {host}:{args.port}: {e}") from None
     sock.set_inheritable(False)
     logger.info("starting engine for %s (%s)", config.model_name, spec.pipeline_class)
-    engine = AsyncOmniEngine(config)
+    engine = AsyncOmniEngine(config, core=core)
     try:
         app = build_app(engine, spec, config.served_model_names, model_root=config.model,
                         api_keys=_api_keys(args.api_key),
