@@ -3,8 +3,9 @@
 Same model directory, prompt, seed, shape and steps: images through /v1/images/generations,
 audio through /v1/audio/generate (the wav bytes, encoding included). Runs are interleaved
 (diffusers, HTTP, diffusers, ...) so both sides see the same machine state, and the ratio of
-medians is reported. Also measures cold start: ``vllm serve`` launch until the first output is
-returned.
+medians is reported. Also measures cold start: ``vllm serve`` launch until ``/health`` answers 200
+(``healthy_s``, README command 1's wait) and until the first output is returned
+(``cold_start_s``).
 
     .venv/bin/python benchmarks/bench_overhead.py            # every case
     .venv/bin/python benchmarks/bench_overhead.py --models stable-audio --repeats 20
@@ -72,6 +73,20 @@ def audio_case(pipe, url: str, seconds: float, steps: int, seed: int):
     return direct, http
 
 
+def healthy(url: str, proc, timeout: float = 600) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("server exited during startup")
+        try:
+            if requests.get(url + "/health", timeout=5).status_code == 200:
+                return time.monotonic()
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError("not healthy before timeout")
+
+
 def first_output(url: str, proc, route: str, body: dict, timeout: float = 600) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -117,6 +132,7 @@ def main() -> None:
                             ("/v1/images/generations", {"prompt": "a red fox", "seed": 0,
                                                         "size": f"{shape}x{shape}",
                                                         "num_inference_steps": 2}))
+            healthy_s = healthy(url, proc) - launched
             cold_start_s = first_output(url, proc, route, probe) - launched
 
             pipe = DiffusionPipeline.from_pretrained(model_dir)
@@ -136,6 +152,7 @@ def main() -> None:
                     "http_median_s": round(statistics.median(h), 5),
                     "overhead_ratio": round(statistics.median(h) / statistics.median(d), 4),
                     "overhead_ms": round((statistics.median(h) - statistics.median(d)) * 1e3, 2),
+                    "healthy_s": round(healthy_s, 2),
                     "cold_start_s": round(cold_start_s, 2),
                 })
                 print(json.dumps(results[-1]), file=sys.stderr)

@@ -684,12 +684,18 @@ GENERATION_DEFAULTS = {
     "wan2.2-ti2v": WAN_TINY_DEFAULTS, "stable-audio": STABLE_AUDIO_TINY_DEFAULTS}
 
 
+# Raised when what a build writes changes (weights, configs, serving defaults), so that an older
+# build in the same directory is made again rather than served as if it were current.
+BUILD_VERSION = 2
+
+
 def build(family: str, out_dir: str) -> str:
     """Builds ``family`` into ``out_dir`` (skipped if a complete build is already there)."""
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
     marker = os.path.join(out_dir, ".vllm_omni_tiny")
-    if os.path.exists(marker) and open(marker).read() == family:
+    stamp = f"{family} {BUILD_VERSION}"
+    if os.path.exists(marker) and open(marker).read() == stamp:
         return out_dir
     pipe = FAMILIES[family]()
     pipe.save_pretrained(out_dir, safe_serialization=True)
@@ -697,7 +703,7 @@ def build(family: str, out_dir: str) -> str:
         with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
             json.dump(GENERATION_DEFAULTS[family], f, indent=2)
     with open(marker, "w") as f:
-        f.write(family)
+        f.write(stamp)
     return out_dir
 
 
