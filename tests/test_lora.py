@@ -257,3 +257,29 @@ def test_runtime_load_and_unload(lora_server, loras, server):
     r = requests.post(server.url + "/v1/load_lora_adapter",
                       json={"lora_name": "x", "lora_path": loras["ink"]}, timeout=30)
     assert r.status_code == 404
+
+
+def test_the_playground_offers_the_adapters(lora_server, page):
+    """In headless Chromium: the LoRA choice lists the server's adapters (from /v1/models), and
+    choosing one with a scale sends {name, scale}: the API's image for that request."""
+    page.goto(lora_server.url + "/playground")
+    page.wait_for_selector("#lora-row:not([hidden])")
+    options = page.eval_on_selector_all("#lora option", "os => os.map(o => o.value)")
+    assert options[:3] == ["", "ghibli", "ink"]
+    page.fill("#prompt", "a fox")
+    page.fill("#field-size", "64x64")
+    page.fill("#field-num_inference_steps", "2")
+    page.fill("#field-seed", "3")
+    page.select_option("#lora", "ink")
+    page.fill("#lora-scale", "0.5")
+    page.click("#run")
+    img = page.wait_for_selector(".result img")
+    assert page.is_hidden("#error"), page.text_content("#error")
+    from conftest import decode
+
+    shown = np.asarray(decode(img.get_attribute("src").split(",", 1)[1]), dtype=np.float32)
+    body = {"prompt": "a fox", "size": "64x64", "num_inference_steps": 2, "seed": 3}
+    half = _image(requests.post(lora_server.url + GEN, timeout=60,
+                                json={**body, "lora": {"name": "ink", "scale": 0.5}}))
+    full = _image(requests.post(lora_server.url + GEN, timeout=60, json={**body, "model": "ink"}))
+    assert np.array_equal(shown, half) and not np.array_equal(shown, full)
