@@ -148,7 +148,10 @@ def run_engine_core(config: OmniEngineConfig | None, in_queue, out_queue) -> Non
         # server is still parsing its flags.
         from vllm_omni.executor.multiproc import start_fork_server
 
-        start_fork_server()
+        try:
+            start_fork_server()
+        except Exception as e:  # the first worker starts it then; only the head start is lost
+            logger.warning("could not start the fork server early: %s", e)
         msg = in_queue.get()
         if not isinstance(msg, m.Configure):
             return  # Shutdown: the server did not start after all

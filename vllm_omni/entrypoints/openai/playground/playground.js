@@ -179,7 +179,13 @@ function collect() {
     if (raw === "") continue;
     const kind = input.dataset.kind;
     if (name === "seed") body.seed = raw;  // kept as text: seeds go past 2**53
-    else if (kind === "json" || kind === "array") body[name] = JSON.parse(raw);
+    else if (kind === "json" || kind === "array") {
+      try {
+        body[name] = JSON.parse(raw);
+      } catch (_) {
+        throw new Error(`${name}: not valid JSON (${raw})`);
+      }
+    }
     else if (kind === "integer" || kind === "number") body[name] = Number(raw);
     else body[name] = raw;
   }
