@@ -182,29 +182,28 @@ CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-q
 SCREENSHOTS = os.environ.get("VLLM_OMNI_SCREENSHOTS")
 
 
-@pytest.fixture(scope="session")
-def browser():
+@pytest.fixture
+def page(request):
+    """A fresh headless Chromium tab; the test fails on any uncaught script error in it.
+
+    Per test, not per session: Playwright's sync API keeps an event loop running in this thread
+    while it is open, and other tests call asyncio.run()."""
     if not os.path.exists(CHROMIUM):
         pytest.fail(f"{CHROMIUM} is missing: the playground tests drive Debian's chromium "
                     "(scripts/test.sh installs it; or apt-get install chromium)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser, request):
-    """A fresh tab; the test fails on any uncaught script error in it."""
-    context = browser.new_context(viewport={"width": 1100, "height": 760})
-    tab = context.new_page()
-    errors: list[str] = []
-    tab.on("pageerror", lambda e: errors.append(str(e)))
-    tab.set_default_timeout(60_000)
-    yield tab
-    if SCREENSHOTS:
-        tab.screenshot(path=os.path.join(SCREENSHOTS, f"{request.node.name}.png"), full_page=True)
-    context.close()
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        tab = browser.new_page(viewport={"width": 1100, "height": 760})
+        errors: list[str] = []
+        tab.on("pageerror", lambda e: errors.append(str(e)))
+        tab.set_default_timeout(60_000)
+        try:
+            yield tab
+            if SCREENSHOTS:
+                tab.screenshot(path=os.path.join(SCREENSHOTS, f"{request.node.name}.png"),
+                               full_page=True)
+        finally:
+            browser.close()
     assert not errors, errors
