@@ -12,20 +12,29 @@ CACHE_BACKENDS = ("none", "tea_cache", "cache_dit")
 
 @dataclass
 class DiffusionParallelConfig:
-    """How the denoiser is spread over ranks. World size = ulysses x ring x cfg x tp."""
+    """How the denoiser is spread over ranks. World size = ulysses x ring x cfg x tp.
+
+    ``data_parallel_size`` replicas of that world (vLLM's name) serve requests side by side,
+    each with its own engine core and workers; ``data_parallel_rank`` is one replica's index.
+    """
 
     ulysses_degree: int = 1
     ring_degree: int = 1
     cfg_parallel_size: int = 1
     tensor_parallel_size: int = 1
     vae_patch_parallel_size: int = 1
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
 
     def __post_init__(self) -> None:
         for name in ("ulysses_degree", "ring_degree", "cfg_parallel_size",
-                     "tensor_parallel_size", "vae_patch_parallel_size"):
+                     "tensor_parallel_size", "vae_patch_parallel_size", "data_parallel_size"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ValueError(f"data_parallel_rank must be in [0, {self.data_parallel_size}), got "
+                             f"{self.data_parallel_rank!r}")
 
         self.layout  # refuses impossible combinations now, not in the workers
 
@@ -39,8 +48,13 @@ class DiffusionParallelConfig:
 
     @property
     def world_size(self) -> int:
-        """Ranks to start: ulysses x ring x cfg x tp (VAE patch parallelism reuses them)."""
+        """Ranks of one replica: ulysses x ring x cfg x tp (VAE patch parallelism reuses them)."""
         return self.layout.world_size
+
+    def replica(self, rank: int) -> "DiffusionParallelConfig":
+        import dataclasses
+
+        return dataclasses.replace(self, data_parallel_rank=rank)
 
 
 @dataclass

@@ -80,7 +80,7 @@ class AsyncOmniEngine:
         self.on_output = on_output
         if core is None:
             core = EngineCoreProcess(config)
-        else:
+        elif not core.claimed:
             core.configure(config)
         self._in, self._out, self._proc = core.in_queue, core.out_queue, core.proc
         self.state = "starting"
@@ -94,6 +94,11 @@ class AsyncOmniEngine:
         self._wait_ready()
         self._reader = threading.Thread(target=self._read_outputs, name="engine-output", daemon=True)
         self._reader.start()
+
+    @property
+    def replicas(self) -> list["AsyncOmniEngine"]:
+        """The data-parallel replicas (``DataParallelEngine`` has several)."""
+        return [self]
 
     @property
     def core_pid(self) -> int:

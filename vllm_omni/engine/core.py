@@ -156,6 +156,8 @@ def run_engine_core(config: OmniEngineConfig | None, in_queue, out_queue) -> Non
         if not isinstance(msg, m.Configure):
             return  # Shutdown: the server did not start after all
         config = msg.config
+    if config.parallel.data_parallel_size > 1:
+        set_process_title(f"engine_core_dp{config.parallel.data_parallel_rank}")
     try:
         core = EngineCore(config)
     except Exception as e:

@@ -78,6 +78,10 @@ class Omni:
     ):
         from vllm_omni.engine.core import EngineCore
 
+        if parallel_config is not None and parallel_config.data_parallel_size > 1:
+            raise ValueError("data_parallel_size > 1: replicas serve requests side by side behind "
+                             "`vllm serve --omni --data-parallel-size N`; offline, Omni runs one "
+                             "engine (call generate with a list of prompts to batch)")
         model_dir = resolve_model_dir(model)
         self.config = OmniEngineConfig(
             model=model_dir, model_name=model, served_model_names=[model], dtype=dtype,

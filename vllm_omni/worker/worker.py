@@ -48,17 +48,21 @@ class Worker:
         # messages arrive, read by the runner at its cancel points.
         self.cancelled: dict[str, str] = {}
         self.failed = False  # set by a call that may have left this rank out of step
+        parallel = config.parallel
         if config.device:
             device = torch.device(config.device)
         elif torch.cuda.is_available():
-            device = torch.device("cuda", rank)
+            # Replica r takes the r-th run of world_size devices.
+            device = torch.device("cuda", parallel.data_parallel_rank * config.world_size + rank)
         else:
             device = torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         elif "OMP_NUM_THREADS" not in os.environ:
-            # Ranks share the host's cores; more threads than cores makes every rank spin-wait.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
+            # Ranks (of every replica) share the host's cores; more threads than cores makes
+            # every rank spin-wait.
+            ranks = config.world_size * parallel.data_parallel_size
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
         groups = _init_distributed(rank, config, init_method, device.type)
         self.runner = ModelRunner(config, rank, device, groups, self.cancelled)
         self.runner.load()
@@ -92,7 +96,9 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str, work_queu
     ``WorkerLoadFailed``, then an ``RpcResult`` per call from every rank (and, from rank 0,
     ``Progress`` and ``PartialImage`` while a batch runs)."""
     # Title first: setproctitle finds its memory next to the original environment block.
-    set_process_title(f"worker_rank{rank}")
+    dp = config.parallel
+    set_process_title(f"worker_dp{dp.data_parallel_rank}_rank{rank}"
+                      if dp.data_parallel_size > 1 else f"worker_rank{rank}")
     if environ is not None:  # the engine's environment now, not the fork server's at its start
         os.environ.clear()
         os.environ.update(environ)

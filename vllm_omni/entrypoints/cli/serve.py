@@ -30,7 +30,7 @@ HONOURED = {
     "disable_uvicorn_access_log", "root_path", "ssl_keyfile", "ssl_certfile", "ssl_ca_certs",
     "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials", "config",
     "max_num_seqs", "distributed_executor_backend", "quantization_config",
-    "lora_modules", "max_loras", "max_cpu_loras", "enable_lora",
+    "lora_modules", "max_loras", "max_cpu_loras", "enable_lora", "data_parallel_size",
 }
 
 
@@ -234,7 +234,8 @@ def config_from_args(args: argparse.Namespace, serve_parser):
         ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree,
         cfg_parallel_size=args.cfg_parallel_size,
         tensor_parallel_size=args.tensor_parallel_size,
-        vae_patch_parallel_size=args.vae_patch_parallel_size)
+        vae_patch_parallel_size=args.vae_patch_parallel_size,
+        data_parallel_size=args.data_parallel_size)
     config = OmniEngineConfig(
         model=resolve_model_dir(model, args.revision), model_name=model,
         served_model_names=list(args.served_model_name or [model]),
@@ -267,7 +268,7 @@ def limits_from_args(args: argparse.Namespace, spec, config: OmniEngineConfig | 
 
     limits = ServingLimits(
         max_queue_len=args.max_queue_len, max_num_seqs=args.max_num_seqs or 1,
-        request_timeout_s=args.request_timeout,
+        data_parallel_size=args.data_parallel_size, request_timeout_s=args.request_timeout,
         max_images_per_request=args.max_images_per_request,
         max_inference_steps=args.max_inference_steps, max_pixels=args.max_pixels,
         max_body_bytes=int(args.max_upload_mb * 2**20),
@@ -363,7 +364,7 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=
     import uvicorn
     from vllm import envs
 
-    from vllm_omni.engine.async_engine import AsyncOmniEngine
+    from vllm_omni.engine.data_parallel import start_engine
     from vllm_omni.entrypoints.openai.api_server import build_app
     from vllm_omni.entrypoints.openai.connections import guarded_protocol
     from vllm_omni.entrypoints.openai.limits import ServingLimits
@@ -382,7 +383,7 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=
         raise SystemExit(f"cannot listen on {host}:{args.port}: {e}") from None
     sock.set_inheritable(False)
     logger.info("starting engine for %s (%s)", config.model_name, spec.pipeline_class)
-    engine = AsyncOmniEngine(config, core=core)
+    engine = start_engine(config, core)
     try:
         app = build_app(engine, spec, config.served_model_names, model_root=config.model,
                         api_keys=_api_keys(args.api_key),

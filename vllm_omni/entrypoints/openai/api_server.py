@@ -264,7 +264,8 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
     @app.get("/metrics")
     async def prometheus_metrics():
-        metrics.set_state(in_flight=serving.in_flight, healthy=engine.healthy and warm.is_set())
+        metrics.set_state(in_flight=serving.in_flight, healthy=engine.healthy and warm.is_set(),
+                          replicas=[r.healthy for r in engine.replicas])
         return Response(content=metrics.render(), media_type=metrics.content_type)
 
     @app.get("/version")
@@ -451,10 +452,12 @@ async def _warm_up(serving: Serving, spec: ModelSpec, limits: ServingLimits,
         what = f"{width}x{height}" if width is not None else "the model's defaults"
         try:
             params, inputs = warmup_params(spec, limits.warmup_steps, width, height)
-            req = serving.inputs.process("warm-up", params, request_id=f"warmup-{width}x{height}",
-                                         images=inputs)
-            out = await serving.engine.generate(req)
-            error = out.error.message if out.error is not None else None
+            # Every data-parallel replica, side by side: each has its own first calls to make.
+            outs = await asyncio.gather(*(
+                replica.generate(serving.inputs.process(
+                    "warm-up", params, request_id=f"warmup-{width}x{height}-{r}", images=inputs))
+                for r, replica in enumerate(serving.engine.replicas)))
+            error = next((o.error.message for o in outs if o.error is not None), None)
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
         if error is not None:

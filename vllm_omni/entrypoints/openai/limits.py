@@ -26,6 +26,7 @@ class ServingLimits:
     # Requests that may wait beyond the running batch; more get 429 with Retry-After.
     max_queue_len: int = 64
     max_num_seqs: int = 1  # requests run together (the scheduler's batch)
+    data_parallel_size: int = 1  # replicas, each running a batch of its own
     request_timeout_s: float | None = None  # deadline per request; None: none
     max_images_per_request: int = 10  # OpenAI's own limit on n
     max_inference_steps: int = 1000
@@ -40,7 +41,8 @@ class ServingLimits:
     max_connections: int = 512
 
     def __post_init__(self) -> None:
-        for name in ("max_queue_len", "max_num_seqs", "max_images_per_request",
+        for name in ("max_queue_len", "max_num_seqs", "data_parallel_size",
+                     "max_images_per_request",
                      "max_inference_steps", "max_body_bytes", "warmup_steps", "max_connections"):
             v = getattr(self, name)
             lo = 0 if name in ("max_queue_len", "warmup_steps") else 1
@@ -64,4 +66,6 @@ class ServingLimits:
 
     @property
     def max_in_flight(self) -> int:
-        return self.max_queue_len + self.max_num_seqs
+        """Requests admitted at once: the running batches and --max-queue-len waiting, for the
+        whole server (replicas share one queue limit)."""
+        return self.max_queue_len + self.max_num_seqs * self.data_parallel_size

@@ -3,7 +3,8 @@
 
 HTTP outcomes are counted where the answer is sent; engine-side figures (queue wait, denoise and
 VAE time, steps, batch size, cache skips, peak memory) come from every engine output, including
-those of requests whose client has gone (a cancelled request's steps show up here).
+those of requests whose client has gone (a cancelled request's steps show up here), labelled by
+the data-parallel ``replica`` that ran it.
 """
 
 from __future__ import annotations
@@ -25,43 +26,44 @@ class ServerMetrics:
         labels = {"model_name": model_name}
         self._labels = labels
         names = ["model_name"]
+        engine = [*names, "replica"]  # series fed by engine outputs
         self.requests = Counter("vllm_omni:requests", "HTTP requests answered, by route and "
                                 "status code", [*names, "route", "status"], registry=r)
         self.engine_outcomes = Counter("vllm_omni:engine_requests", "Requests the engine "
                                        "finished, by outcome (ok, cancelled, timed_out, error)",
-                                       [*names, "outcome"], registry=r)
+                                       [*engine, "outcome"], registry=r)
         self.rejected = Counter("vllm_omni:requests_rejected", "Requests refused before reaching "
                                 "the engine, by reason", [*names, "reason"], registry=r)
         self.queue_wait = Histogram("vllm_omni:queue_wait_seconds", "Time from arrival to the "
-                                    "start of execution", names, buckets=_SECONDS, registry=r)
+                                    "start of execution", engine, buckets=_SECONDS, registry=r)
         self.denoise = Histogram("vllm_omni:denoise_seconds", "Denoising loop time per request",
-                                 names, buckets=_SECONDS, registry=r)
-        self.vae = Histogram("vllm_omni:vae_decode_seconds", "VAE decode time per request", names,
+                                 engine, buckets=_SECONDS, registry=r)
+        self.vae = Histogram("vllm_omni:vae_decode_seconds", "VAE decode time per request", engine,
                              buckets=_SECONDS, registry=r)
         self.e2e = Histogram("vllm_omni:e2e_request_latency_seconds", "Arrival to result, in the "
-                             "engine", names, buckets=_SECONDS, registry=r)
+                             "engine", engine, buckets=_SECONDS, registry=r)
         self.steps = Counter("vllm_omni:denoise_steps", "Denoising steps completed (cancelled "
-                             "requests count the steps they ran)", names, registry=r)
+                             "requests count the steps they ran)", engine, registry=r)
         self.steps_per_request = Histogram(
-            "vllm_omni:request_denoise_steps", "Denoising steps completed per request", names,
+            "vllm_omni:request_denoise_steps", "Denoising steps completed per request", engine,
             buckets=(1, 2, 4, 8, 16, 20, 28, 30, 40, 50, 75, 100, 250, 500, 1000), registry=r)
         self.batch_size = Histogram("vllm_omni:batch_size", "Size of the batch each request ran "
-                                    "in", names, buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+                                    "in", engine, buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.cache_skip_ratio = Histogram(
             "vllm_omni:cache_skip_ratio", "Share of transformer calls served from the step cache",
-            names, buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
+            engine, buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
         self.peak_memory = Gauge("vllm_omni:peak_memory_bytes", "Peak device memory of rank 0 "
-                                 "(CUDA allocator; on CPU the worker's peak resident set)", names,
+                                 "(CUDA allocator; on CPU the worker's peak resident set)", engine,
                                  registry=r)
         self.features = Gauge("vllm_omni:memory_feature", "1 for each memory feature the model "
                               "runs with, by mode (offload: model or layerwise; fp8: w8a8 or "
-                              "weight-only)", [*names, "feature", "mode"], registry=r)
+                              "weight-only)", [*engine, "feature", "mode"], registry=r)
         self.fp8_weight_bytes = Gauge("vllm_omni:fp8_weight_bytes", "Bytes of the FP8 layers' "
-                                      "weights and scales on rank 0", names, registry=r)
+                                      "weights and scales on rank 0", engine, registry=r)
         self.lora_active = Gauge("vllm_omni:lora_adapters_active", "LoRA adapters active in the "
-                                 "last call", names, registry=r)
+                                 "last call", engine, registry=r)
         self.lora_switch = Histogram("vllm_omni:lora_switch_seconds", "Time to put a call's "
-                                     "LoRA adapters in place (0 when they already were)", names,
+                                     "LoRA adapters in place (0 when they already were)", engine,
                                      buckets=(0, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5),
                                      registry=r)
         self.running = Gauge("vllm_omni:num_requests_in_flight", "Requests admitted and not yet "
@@ -69,15 +71,21 @@ class ServerMetrics:
         self.max_in_flight = Gauge("vllm_omni:max_requests_in_flight", "Admission limit "
                                    "(--max-queue-len plus one running batch)", names, registry=r)
         self.healthy = Gauge("vllm_omni:healthy", "1 when /health answers 200", names, registry=r)
+        self.replica_ready = Gauge("vllm_omni:replica_ready", "1 while a data-parallel replica "
+                                   "takes requests (0 while its workers restart)", engine,
+                                   registry=r)
 
     def set_limit(self, max_in_flight: int) -> None:
         self.max_in_flight.labels(**self._labels).set(max_in_flight)
 
-    def set_state(self, in_flight: int | None = None, healthy: bool | None = None) -> None:
+    def set_state(self, in_flight: int | None = None, healthy: bool | None = None,
+                  replicas: list[bool] | None = None) -> None:
         if in_flight is not None:
             self.running.labels(**self._labels).set(in_flight)
         if healthy is not None:
             self.healthy.labels(**self._labels).set(1 if healthy else 0)
+        for r, ready in enumerate(replicas or ()):
+            self.replica_ready.labels(**self._labels, replica=str(r)).set(1 if ready else 0)
 
     def answered(self, route: str, status: int) -> None:
         self.requests.labels(**self._labels, route=route, status=str(status)).inc()
@@ -85,9 +93,9 @@ class ServerMetrics:
     def reject(self, reason: str) -> None:
         self.rejected.labels(**self._labels, reason=reason).inc()
 
-    def observe(self, out: DiffusionOutput) -> None:
-        """One engine output (success, error or cancellation)."""
-        m, lab = out.metrics, self._labels
+    def observe(self, out: DiffusionOutput, replica: int = 0) -> None:
+        """One engine output (success, error or cancellation) of data-parallel ``replica``."""
+        m, lab = out.metrics, {**self._labels, "replica": str(replica)}
         if out.error is None:
             outcome = "ok"
         elif out.error.code == "cancelled":

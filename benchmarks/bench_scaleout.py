@@ -1,0 +1,102 @@
+"""Data-parallel replicas: throughput of ``--data-parallel-size 2`` (one CPU thread per replica)
+against one replica (two threads), same model, requests and concurrency, in one run.
+
+Each arm is a real ``vllm serve MODEL --omni`` process; clients keep ``--concurrency`` requests
+in flight until ``--requests`` have been answered (distinct seeds, b64 PNG responses). The
+replicas' share of the requests comes from the server's own metrics.
+
+    .venv/bin/python benchmarks/bench_scaleout.py
+    .venv/bin/python benchmarks/bench_scaleout.py --model qwen-image-bench --size 256x256
+
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+import tempfile
+import time
+
+import requests
+
+from common import machine, start_server, stop_server
+
+
+def served_by_replica(url: str) -> dict[str, float]:
+    text = requests.get(url + "/metrics", timeout=10).text
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("vllm_omni:engine_requests_total{") and 'outcome="ok"' in line:
+            replica = line.split('replica="', 1)[1].split('"', 1)[0]
+            counts[replica] = counts.get(replica, 0) + float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def arm(model_dir: str, flags: list[str], args: argparse.Namespace) -> dict:
+    log = os.path.join(tempfile.gettempdir(), f"bench_scaleout_{len(flags)}.log")
+    proc, url, _ = start_server(model_dir, log, "--max-num-seqs", str(args.max_num_seqs), *flags)
+    try:
+        body = {"prompt": "a lighthouse on a rocky coast at dusk", "size": args.size,
+                "num_inference_steps": args.steps}
+
+        def one(seed: int) -> float:
+            t = time.perf_counter()
+            r = requests.post(url + "/v1/images/generations", json={**body, "seed": seed},
+                              timeout=600)
+            r.raise_for_status()
+            return time.perf_counter() - t
+
+        with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+            list(pool.map(one, range(args.concurrency)))  # warm both replicas' first calls
+            before = served_by_replica(url)
+            t0 = time.perf_counter()
+            latencies = list(pool.map(one, range(1000, 1000 + args.requests)))
+            wall = time.perf_counter() - t0
+        after = served_by_replica(url)
+        latencies.sort()
+        return {"flags": " ".join(flags) or "(one replica)",
+                "images_per_s": round(args.requests / wall, 3),
+                "p50_s": round(latencies[len(latencies) // 2], 3),
+                "p99_s": round(latencies[min(len(latencies) - 1,
+                                             round(0.99 * (len(latencies) - 1)))], 3),
+                "requests_by_replica": {r: after[r] - before.get(r, 0) for r in sorted(after)}}
+    finally:
+        stop_server(proc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="qwen-image", help="tiny family to build, or a dir")
+    ap.add_argument("--size", default="128x128")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=48)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-num-seqs", type=int, default=1)
+    args = ap.parse_args()
+
+    from vllm_omni.testing.tiny_models import FAMILIES, build
+
+    model = args.model
+    if model in FAMILIES:
+        model = build(model, os.path.join(tempfile.gettempdir(), "vllm_omni_bench", model))
+    cores = os.cpu_count() or 2
+    # The same cores in both arms: one replica with all of them, or two with half each (the
+    # workers split the host's cores among all ranks of all replicas).
+    one = arm(model, [], args)
+    two = arm(model, ["--data-parallel-size", "2"], args)
+    print(json.dumps({
+        "benchmark": "bench_scaleout",
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "machine": machine(), "cores": cores, "model": args.model, "size": args.size,
+        "steps": args.steps, "concurrency": args.concurrency, "requests": args.requests,
+        "one_replica": one, "two_replicas": two,
+        "throughput_ratio": round(two["images_per_s"] / one["images_per_s"], 3),
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
