@@ -23,7 +23,7 @@ import time
 
 import requests
 
-from common import machine, start_server, stop_server
+from common import machine, model_dir, start_server, stop_server
 
 
 def served_by_replica(url: str) -> dict[str, float]:
@@ -78,11 +78,7 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=1)
     args = ap.parse_args()
 
-    from vllm_omni.testing.tiny_models import FAMILIES, build
-
-    model = args.model
-    if model in FAMILIES:
-        model = build(model, os.path.join(tempfile.gettempdir(), "vllm_omni_bench", model))
+    model = model_dir(args.model)
     cores = os.cpu_count() or 2
     # The same cores in both arms: one replica with all of them, or two with half each (the
     # workers split the host's cores among all ranks of all replicas).

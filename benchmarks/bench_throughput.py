@@ -78,7 +78,7 @@ async def load(url: str, concurrency: int, n: int, size: str, steps: int):
 
 def main() -> None:
     sys.path.insert(0, os.path.dirname(__file__))
-    from common import add_model_args  # noqa: E402
+    from common import add_model_args, model_dir  # noqa: E402
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # The tiny model at 32x32 spends its time in the transformer steps, which batching shares;
@@ -92,12 +92,9 @@ def main() -> None:
     ap.set_defaults(model="qwen-image")
     args = ap.parse_args()
 
-    from vllm_omni.testing.tiny_models import FAMILIES, build
     from vllm_omni.utils.proc import free_port
 
-    model = args.model
-    if model in FAMILIES:
-        model = build(model, os.path.join(tempfile.gettempdir(), "vllm_omni_bench", model))
+    model = model_dir(args.model)
     width, height = (int(v) for v in args.size.split("x"))
 
     base_ips = diffusers_baseline(model, width, height, args.steps, args.requests)

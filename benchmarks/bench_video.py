@@ -25,7 +25,7 @@ import time
 
 import requests
 
-from common import machine, start_server, stop_server
+from common import machine, model_dir, start_server, stop_server
 
 PROMPT = "a corgi surfing a wave at sunset"
 # Between retrievals of a running job: each costs the server a little CPU, which on a small
@@ -63,11 +63,7 @@ def main() -> None:
     import torch
     from diffusers import DiffusionPipeline
 
-    from vllm_omni.testing.tiny_models import FAMILIES, build
-
-    model = args.model
-    if model in FAMILIES:
-        model = build(model, os.path.join(tempfile.gettempdir(), "vllm_omni_bench", model))
+    model = model_dir(args.model)
     width, height = (int(v) for v in args.size.split("x"))
     seed = 1234
     body = {"prompt": PROMPT, "size": args.size, "num_frames": args.frames,

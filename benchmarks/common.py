@@ -16,15 +16,21 @@ def add_model_args(ap: argparse.ArgumentParser, steps: int, size: str = "256x256
     ap.add_argument("--repeats", type=int, default=3)
 
 
+def model_dir(model: str) -> str:
+    """``model`` itself, or for a tiny family's name its build (made once per machine)."""
+    from vllm_omni.testing.tiny_models import FAMILIES, build
+
+    if model in FAMILIES:
+        return build(model, os.path.join(tempfile.gettempdir(), "vllm_omni_bench", model))
+    return model
+
+
 def model_and_params(args: argparse.Namespace):
     """The model directory (building a tiny family once) and the request: seed 0, true CFG 4,
     float output."""
     from vllm_omni import OmniDiffusionSamplingParams
-    from vllm_omni.testing.tiny_models import FAMILIES, build
 
-    model = args.model
-    if model in FAMILIES:
-        model = build(model, os.path.join(tempfile.gettempdir(), "vllm_omni_bench", model))
+    model = model_dir(args.model)
     width, height = (int(v) for v in args.size.split("x"))
     params = OmniDiffusionSamplingParams(num_inference_steps=args.steps, width=width,
                                          height=height, seed=0, true_cfg_scale=4.0,
