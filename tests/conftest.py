@@ -106,14 +106,15 @@ class Server:
     """A real ``vllm serve DIR --omni`` process on a free port."""
 
     def __init__(self, model: str, *extra: str, log_path: str, wait: bool = True,
-                 warmup_sizes: str | None = "64x64"):
+                 warmup_sizes: str | None = "64x64", env: dict[str, str] | None = None):
         """``warmup_sizes``: None warms up at the model's defaults (an audio model has no
-        size)."""
+        size). ``env``: set for the server, over this process's environment."""
         if "--warmup-sizes" not in extra and warmup_sizes is not None:
             # The tiny edit models warm up at 1024x1024 (their input's size) in seconds; tests
             # need not.
             extra = (*extra, "--warmup-sizes", warmup_sizes)
         self.model, self.extra, self.log_path = model, extra, log_path
+        self.env = {**os.environ, **(env or {})}
         self._start()
         if wait:
             self.wait_healthy(180)
@@ -125,7 +126,7 @@ class Server:
         self.proc = subprocess.Popen(
             [os.path.join(VENV_BIN, "vllm"), "serve", self.model, "--omni", "--host", "127.0.0.1",
              "--port", str(self.port), *self.extra],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env)
 
     def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

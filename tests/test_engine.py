@@ -24,8 +24,16 @@ def test_collective_rpc_calls_a_worker_method_on_every_rank(omni):
                          use_tqdm=False)[0].images
 
 
-def test_only_the_mp_executor_is_offered(tiny_qwen_image):
-    with pytest.raises(ValueError, match="'ray' is not available.*use mp"):
+def test_executor_backends_are_checked_at_the_edge(tiny_qwen_image, monkeypatch):
+    with pytest.raises(ValueError, match="must be one of mp, ray.*got 'uni'"):
+        OmniEngineConfig(model=tiny_qwen_image, model_name="m", distributed_executor_backend="uni")
+    # Without Ray installed, asking for it says what to install (not an ImportError later).
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ValueError, match=r"pip install 'vllm-omni\[ray\]'"):
         OmniEngineConfig(model=tiny_qwen_image, model_name="m", distributed_executor_backend="ray")
 
 

@@ -208,7 +208,7 @@ def test_rank_failing_alone_does_not_hang_the_group(tiny_qwen_image, single_rank
     from vllm_omni.testing.faults import FAULT_MARKER
 
     monkeypatch.setenv("VLLM_OMNI_TEST_FAIL_RANK", "1")
-    monkeypatch.setattr("vllm_omni.executor.multiproc.DESYNC_GRACE_S", 3.0)
+    monkeypatch.setattr("vllm_omni.executor.base.DESYNC_GRACE_S", 3.0)
     params = OmniDiffusionSamplingParams(num_inference_steps=2, width=64, height=48, seed=1)
     with Omni(model=tiny_qwen_image,
               parallel_config=DiffusionParallelConfig(ulysses_degree=2)) as engine:

@@ -98,7 +98,8 @@ class OmniEngineConfig:
     # Largest estimated peak memory (bytes, or e.g. "8GiB") one batch may take beyond the loaded
     # model; the device's free memory limits it in any case. None: only free memory; 0: no check.
     max_request_memory: int | str | None = None
-    # What runs the workers (vLLM's --distributed-executor-backend): "mp", processes here.
+    # What runs the workers (vLLM's --distributed-executor-backend): "mp", processes on this
+    # host, or "ray", actors placed on a Ray cluster (executor/ray.py).
     distributed_executor_backend: str = "mp"
 
     @property

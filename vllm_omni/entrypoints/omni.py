@@ -75,6 +75,7 @@ class Omni:
         load_timeout_s: float = 1800.0,
         max_num_seqs: int = 1,
         max_request_memory: int | str | None = None,
+        distributed_executor_backend: str = "mp",
     ):
         from vllm_omni.engine.core import EngineCore
 
@@ -94,6 +95,7 @@ class Omni:
             max_cpu_loras=max_cpu_loras, allowed_lora_dirs=list(allowed_lora_dirs or []),
             enable_lora=enable_lora, default_seed=seed, load_timeout_s=load_timeout_s,
             max_num_seqs=max_num_seqs, max_request_memory=max_request_memory,
+            distributed_executor_backend=distributed_executor_backend,
         )
         self.spec = load_model_spec(model_dir)
         self.spec.adapter.check_engine(self.config)

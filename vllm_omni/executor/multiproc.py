@@ -6,7 +6,6 @@ a ``WorkerDiedError`` within ``POLL_S`` instead of a hang.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import multiprocessing as mp
 import os
@@ -20,7 +19,6 @@ from typing import Any
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine.errors import WorkerDiedError
 from vllm_omni.engine import messages as m
-from vllm_omni.engine.request import PartialFn, ProgressFn
 from vllm_omni.executor.base import Executor, WorkerStartupError
 from vllm_omni.utils.proc import start_process
 from vllm_omni.worker.worker import worker_main
@@ -28,10 +26,6 @@ from vllm_omni.worker.worker import worker_main
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2
-
-# After a rank reports a failed call, how long its peers get to finish before the parallel
-# group is declared out of step and the workers are restarted.
-DESYNC_GRACE_S = float(os.environ.get("VLLM_OMNI_DESYNC_GRACE_S", "30"))
 
 
 def worker_context():
@@ -57,7 +51,7 @@ def start_fork_server() -> None:
 
 class MultiprocExecutor(Executor):
     def __init__(self, config: OmniEngineConfig):
-        self.config = config
+        super().__init__(config)
         ctx = worker_context()
         self.result_queue = ctx.Queue()
         self.work_queues = [ctx.Queue() for _ in range(config.world_size)]
@@ -68,7 +62,6 @@ class MultiprocExecutor(Executor):
         # Each rank's last heartbeat (time.monotonic, which is system-wide on Linux), written
         # by a thread of the worker every HEARTBEAT_S, also while it computes.
         self.heartbeats = ctx.RawArray("d", [time.monotonic()] * config.world_size)
-        self._call_ids = itertools.count()
         self.workers = []
         for rank in range(config.world_size):
             p = ctx.Process(
@@ -111,17 +104,7 @@ class MultiprocExecutor(Executor):
                 return self.result_queue.get(timeout=POLL_S)
             except queue.Empty:
                 pass
-            if poll is not None:
-                poll()
-            why = self.unhealthy()
-            if why:
-                raise WorkerDiedError(why)
-            if self.stop_by is not None and time.monotonic() > self.stop_by:
-                raise WorkerDiedError(
-                    f"the workers did not stop within {self.config.cancel_grace_s:g}s of the "
-                    "request being cancelled")
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("timed out waiting for workers")
+            self._check(deadline, poll)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.load_timeout_s
@@ -149,47 +132,8 @@ class MultiprocExecutor(Executor):
         for q in self.work_queues:
             q.put(msg)
 
-    def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
-                       timeout: float | None = None, poll: Callable[[], None] | None = None,
-                       on_progress: ProgressFn | None = None,
-                       on_partial: PartialFn | None = None) -> list[Any]:
-        if method.startswith("_"):
-            raise ValueError(f"{method!r} is not a public worker method")
-        call = m.CollectiveRpc(next(self._call_ids), method, tuple(args), dict(kwargs or {}))
+    def _post(self, call: m.CollectiveRpc) -> None:
         self.send_all(call)
-        results: dict[int, m.RpcResult] = {}
-        failed: list[int] = []
-        end = None if timeout is None else time.monotonic() + timeout
-        grace_end = None
-        while len(results) < len(self.workers):
-            deadline = min((t for t in (end, grace_end) if t is not None), default=None)
-            try:
-                msg = self._recv(deadline, poll)
-            except TimeoutError:
-                stuck = sorted(set(range(len(self.workers))) - set(results))
-                if grace_end is None:
-                    raise TimeoutError(f"{method}: rank(s) {stuck} did not answer within "
-                                       f"{timeout:g}s") from None
-                raise WorkerDiedError(
-                    f"rank(s) {failed} failed mid-request and rank(s) {stuck} did not finish "
-                    f"within {DESYNC_GRACE_S:.0f}s (blocked in a collective with the failed "
-                    "rank)") from None
-            if isinstance(msg, m.RpcResult) and msg.call_id == call.call_id:
-                results[msg.rank] = msg
-                if msg.failed:
-                    failed.append(msg.rank)
-            elif isinstance(msg, m.Progress) and on_progress is not None:
-                on_progress(msg.request_ids, msg.step, msg.total)
-            elif isinstance(msg, m.PartialImage) and on_partial is not None:
-                on_partial(msg.request_id, msg.index, msg.image)
-            if poll is not None:
-                poll()
-            if failed and grace_end is None and len(self.workers) > 1:
-                grace_end = time.monotonic() + DESYNC_GRACE_S
-        errors = [r for r in results.values() if r.error is not None]
-        if errors:
-            raise RuntimeError(f"{method} failed on rank {errors[0].rank}:\n{errors[0].error}")
-        return [results[rank].value for rank in range(len(self.workers))]
 
     def shutdown(self, timeout: float = 5.0) -> None:
         for q, p in zip(self.work_queues, self.workers):

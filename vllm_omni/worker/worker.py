@@ -19,8 +19,10 @@ from vllm_omni.utils.proc import set_process_title, watch_parent
 logger = logging.getLogger(__name__)
 
 
-def _init_distributed(rank: int, config: OmniEngineConfig, init_method: str, device_type: str):
-    """Joins vLLM's world group and cuts this rank's ulysses/ring/cfg/tp/vae groups from it."""
+def _init_distributed(rank: int, config: OmniEngineConfig, init_method: str, device_type: str,
+                      local_rank: int):
+    """Joins vLLM's world group and cuts this rank's ulysses/ring/cfg/tp/vae groups from it.
+    ``init_method``: a file on this host (``mp``) or ``tcp://`` rank 0's node (``ray``)."""
     from vllm.distributed import parallel_state
 
     from vllm_omni.distributed.groups import vllm_groups
@@ -28,7 +30,7 @@ def _init_distributed(rank: int, config: OmniEngineConfig, init_method: str, dev
     backend = "nccl" if device_type == "cuda" else "gloo"
     parallel_state.init_distributed_environment(
         world_size=config.world_size, rank=rank, distributed_init_method=init_method,
-        local_rank=rank, backend=backend,
+        local_rank=local_rank, backend=backend,
     )
     return vllm_groups(config.parallel.layout, rank, backend)
 
@@ -37,7 +39,11 @@ class Worker:
     """A rank's model runner and the methods callable on every rank. A public method is all it
     takes to make something callable through ``Executor.collective_rpc``."""
 
-    def __init__(self, rank: int, config: OmniEngineConfig, init_method: str, out_queue):
+    def __init__(self, rank: int, config: OmniEngineConfig, init_method: str, out_queue,
+                 local_rank: int | None = None):
+        """``out_queue``: where rank 0 puts ``Progress`` and ``PartialImage`` while a batch runs.
+        ``local_rank``: this rank's CUDA device index among those it sees (None: the r-th run of
+        ``world_size`` devices for replica r, as the ``mp`` executor starts all on one host)."""
         import torch
 
         from vllm_omni.worker.model_runner import ModelRunner
@@ -52,8 +58,9 @@ class Worker:
         if config.device:
             device = torch.device(config.device)
         elif torch.cuda.is_available():
-            # Replica r takes the r-th run of world_size devices.
-            device = torch.device("cuda", parallel.data_parallel_rank * config.world_size + rank)
+            if local_rank is None:
+                local_rank = parallel.data_parallel_rank * config.world_size + rank
+            device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
         if device.type == "cuda":
@@ -63,7 +70,8 @@ class Worker:
             # every rank spin-wait.
             ranks = config.world_size * parallel.data_parallel_size
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks))
-        groups = _init_distributed(rank, config, init_method, device.type)
+        groups = _init_distributed(rank, config, init_method, device.type,
+                                   rank if local_rank is None else local_rank)
         self.runner = ModelRunner(config, rank, device, groups, self.cancelled)
         self.runner.load()
 
@@ -88,6 +96,17 @@ class Worker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def run(self, call: m.CollectiveRpc) -> m.RpcResult:
+        """One ``collective_rpc`` call on this rank; a method that raises is answered with its
+        traceback, and the rank keeps serving."""
+        self.failed = False
+        try:
+            value = getattr(self, call.method)(*call.args, **call.kwargs)
+            return m.RpcResult(call.call_id, self.rank, value, failed=self.failed)
+        except Exception:
+            logger.error("%s failed:\n%s", call.method, traceback.format_exc())
+            return m.RpcResult(call.call_id, self.rank, error=traceback.format_exc(), failed=True)
 
 
 def worker_main(rank: int, config: OmniEngineConfig, init_method: str, work_queue, out_queue,
@@ -137,11 +156,4 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str, work_queu
         msg = calls.get()
         if isinstance(msg, m.Shutdown):
             return
-        worker.failed = False
-        try:
-            value = getattr(worker, msg.method)(*msg.args, **msg.kwargs)
-            result = m.RpcResult(msg.call_id, rank, value, failed=worker.failed)
-        except Exception:
-            logger.error("%s failed:\n%s", msg.method, traceback.format_exc())
-            result = m.RpcResult(msg.call_id, rank, error=traceback.format_exc(), failed=True)
-        out_queue.put(result)
+        out_queue.put(worker.run(msg))
