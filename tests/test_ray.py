@@ -6,6 +6,7 @@ fails its request within seconds and the next request is served by new actors.""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import shutil
@@ -20,7 +21,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import VENV_BIN, Server, decode
+from conftest import VENV_BIN, Server, decode, metric
 from vllm_omni.utils.proc import free_port
 
 # Ray refuses 127.0.0.1 for a cluster (it swaps in the host's address); the rest of
@@ -156,7 +157,8 @@ def test_serve_with_the_ray_backend(ray_cluster, tiny_qwen_image, mp_output, tmp
     # Unpinned this time: PACK places the two bundles on the two one-CPU nodes, and the ranks
     # are ordered by node.
     server = Server(tiny_qwen_image, "--distributed-executor-backend", "ray", "--usp", "2",
-                    log_path=str(tmp_path / "ray.log"), env={"RAY_ADDRESS": ray_cluster})
+                    "--max-inference-steps", "100000", log_path=str(tmp_path / "ray.log"),
+                    env={"RAY_ADDRESS": ray_cluster})
     body = {"prompt": PROMPT["prompt"], "negative_prompt": PROMPT["negative_prompt"],
             "size": "80x48", "num_inference_steps": 2, "seed": 11, "true_cfg_scale": 3.0}
     url = server.url + "/v1/images/generations"
@@ -165,9 +167,19 @@ def test_serve_with_the_ray_backend(ray_cluster, tiny_qwen_image, mp_output, tmp
         assert r.status_code == 200, r.text
         got = np.asarray(decode(r.json()["data"][0]["b64_json"]).convert("RGB"), np.int16)
         assert np.abs(got - np.round(mp_output * 255).astype(np.int16)).max() <= 1
-        # An actor that dies while the server is idle is replaced before the next request.
+        # A client that leaves cancels its request on both actors: they stop at the next step
+        # and keep serving (a cancel that did not reach them would restart them after the
+        # 10 s grace).
         actors = _actor_pids()
         assert len(actors) == 2
+        with pytest.raises(requests.Timeout):
+            requests.post(url, json={**body, "num_inference_steps": 50000}, timeout=3)
+        deadline = time.monotonic() + 8
+        while metric(server, "vllm_omni:engine_requests_total", outcome="cancelled") < 1:
+            assert time.monotonic() < deadline, server.logs()
+            time.sleep(0.2)
+        assert _actor_pids() == actors
+        # An actor that dies while the server is idle is replaced before the next request.
         os.kill(min(actors), signal.SIGKILL)
         deadline = time.monotonic() + 60
         while not (len(_actor_pids() - actors) == 2) and time.monotonic() < deadline:
@@ -183,3 +195,26 @@ def test_serve_with_the_ray_backend(ray_cluster, tiny_qwen_image, mp_output, tmp
     while _actor_pids() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _actor_pids()
+
+
+def test_replicas_on_ray(ray_cluster, tiny_qwen_image, tmp_path):
+    """--data-parallel-size 2 with the Ray backend: each replica's engine core places its own
+    one-rank group (one per one-CPU node), and both take requests."""
+    server = Server(tiny_qwen_image, "--distributed-executor-backend", "ray",
+                    "--data-parallel-size", "2", log_path=str(tmp_path / "dp.log"),
+                    env={"RAY_ADDRESS": ray_cluster})
+    try:
+        assert len(_actor_pids()) == 2
+        body = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 2}
+
+        def post(seed):
+            return requests.post(server.url + "/v1/images/generations",
+                                 json={**body, "seed": seed}, timeout=120).status_code
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(post, range(8))) == [200] * 8
+        served = [metric(server, "vllm_omni:engine_requests_total", replica=str(r),
+                         outcome="ok") for r in (0, 1)]
+        assert sum(served) >= 8 and min(served) > 0, served
+    finally:
+        server.stop()
