@@ -7,6 +7,11 @@ replicas' share of the requests comes from the server's own metrics.
 
     .venv/bin/python benchmarks/bench_scaleout.py
     .venv/bin/python benchmarks/bench_scaleout.py --model qwen-image-bench --size 256x256
+    .venv/bin/python benchmarks/bench_scaleout.py --ray   # and the two replicas as Ray actors
+
+With ``--ray`` a third arm runs the two replicas' workers as Ray actors on a one-node Ray
+cluster the script starts (``ray start --head``, one CPU per replica) and stops, against the
+same replicas as worker processes: the cost of the Ray executor.
 
 Prints one JSON object.
 """
@@ -17,6 +22,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -76,6 +82,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-num-seqs", type=int, default=1)
+    ap.add_argument("--ray", action="store_true", help="also the two replicas on Ray")
     args = ap.parse_args()
 
     model = model_dir(args.model)
@@ -84,13 +91,27 @@ def main() -> None:
     # workers split the host's cores among all ranks of all replicas).
     one = arm(model, [], args)
     two = arm(model, ["--data-parallel-size", "2"], args)
+    extra = {}
+    if args.ray:
+        ray_bin = os.path.join(os.path.dirname(sys.executable), "ray")
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+        subprocess.run([ray_bin, "start", "--head", "--num-cpus", "2",
+                        "--include-dashboard=false"], env=env, check=True,
+                       capture_output=True)
+        try:
+            on_ray = arm(model, ["--data-parallel-size", "2", "--distributed-executor-backend",
+                                 "ray"], args)
+        finally:
+            subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+        extra = {"two_replicas_on_ray": on_ray,
+                 "ray_vs_processes": round(on_ray["images_per_s"] / two["images_per_s"], 3)}
     print(json.dumps({
         "benchmark": "bench_scaleout",
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "machine": machine(), "cores": cores, "model": args.model, "size": args.size,
         "steps": args.steps, "concurrency": args.concurrency, "requests": args.requests,
         "one_replica": one, "two_replicas": two,
-        "throughput_ratio": round(two["images_per_s"] / one["images_per_s"], 3),
+        "throughput_ratio": round(two["images_per_s"] / one["images_per_s"], 3), **extra,
     }, indent=2))
 
 

@@ -38,6 +38,7 @@ PING_S = 1.0  # how often an idle rank is asked whether it is alive
 STRATEGY_ENV = "VLLM_OMNI_RAY_PLACEMENT_STRATEGY"
 BUNDLES_ENV = "VLLM_OMNI_RAY_BUNDLE_RESOURCES"
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+CALL_DONE = "vllm_omni:call-done"  # what rank 0's actor puts after each call's messages
 # What the actors take from the engine's environment. Not all of it: PATH, HOME and the like
 # belong to each node.
 ENV_PREFIXES = ("VLLM_", "HF_", "HUGGINGFACE_", "TRANSFORMERS_", "DIFFUSERS_", "TORCH_",
@@ -81,7 +82,12 @@ class RankActor:
             ids = {r.request_id for r in call.args[0]}
             for stale in set(self.worker.cancelled) - ids:
                 self.worker.cancelled.pop(stale, None)
-        return self.worker.run(call)
+        try:
+            return self.worker.run(call)
+        finally:
+            # Ends the drain that is waiting, so the driver has this call's last messages as
+            # soon as its result, not a poll interval later.
+            self.messages.put(CALL_DONE)
 
     def cancel(self, request_id: str, reason: str) -> None:
         if self.worker is not None:
@@ -161,6 +167,7 @@ class RayExecutor(Executor):
         self._calls: dict[Any, int] = {}  # running call -> rank
         self._inbox: collections.deque = collections.deque()
         self._drain = None
+        self._calls_done = 0  # end markers drained whose call's result is not yet taken
         self._pings: list[tuple[Any, float]] = []  # per rank: (pending ping or None, when)
         world = config.world_size
         gpu = config.device != "cpu" and (
@@ -301,21 +308,28 @@ class RayExecutor(Executor):
             ready, _ = ray.wait([*self._calls, self._drain], num_returns=1, timeout=POLL_S)
             for ref in ready:
                 if ref == self._drain:
-                    self._inbox.extend(self._get(ref, 0))
-                    self._drain = self._control(0, "drain", POLL_S)
+                    self._take_drain()
                     continue
                 rank = self._calls.pop(ref)
                 result = self._get(ref, rank)
                 if rank == 0:
                     # Rank 0's messages of this call come before its result, as through the
-                    # single queue of the mp executor.
-                    self._inbox.extend(self._get(self._drain, 0))
-                    self._inbox.extend(self._get(self._control(0, "drain", 0.0), 0))
-                    self._drain = self._control(0, "drain", POLL_S)
+                    # single queue of the mp executor: drain up to the call's end marker.
+                    while not self._calls_done:
+                        self._take_drain()
+                    self._calls_done -= 1
                 self._inbox.append(result)
             if not self._inbox:
                 self._check(deadline, poll)
         return self._inbox.popleft()
+
+    def _take_drain(self) -> None:
+        for msg in self._get(self._drain, 0):
+            if msg == CALL_DONE:
+                self._calls_done += 1
+            else:
+                self._inbox.append(msg)
+        self._drain = self._control(0, "drain", POLL_S)
 
     def send_all(self, msg: Any) -> None:
         if not isinstance(msg, m.Cancel):
