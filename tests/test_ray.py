@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -33,12 +34,23 @@ PARAMS = dict(num_inference_steps=2, seed=11, output_type="np", width=80, height
 PROMPT = {"prompt": "a red fox", "negative_prompt": "blurry watercolour"}
 
 
+# Token authentication, as a cluster should run (Ray turns it on by itself for a new cluster
+# once ~/.ray/auth_token exists, and refuses a node that joins without the token): every node
+# and driver reads the token from one file (filled in by ray_cluster).
+AUTH: dict[str, str] = {}
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray_bin = os.path.join(VENV_BIN, "ray")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     # Ray's socket paths must stay under 108 bytes: a short directory, not pytest's tmp_path.
     temp = tempfile.mkdtemp(prefix="omni-ray-", dir="/tmp")
+    token = os.path.join(temp, "auth_token")
+    with open(token, "w") as f:
+        f.write(secrets.token_hex(32))
+    AUTH.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=token)
+    env.update(AUTH)
     address = f"{NODE_IP}:{free_port()}"
     common = ["--node-ip-address", NODE_IP, "--num-cpus", "1", "--disable-usage-stats"]
 
@@ -61,10 +73,12 @@ def ray_cluster():
 @pytest.fixture
 def on_cluster(ray_cluster, monkeypatch):
     """This process joins the cluster (offline ``Omni`` is the Ray driver) and leaves after."""
-    import ray
-
     monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
     monkeypatch.setenv("VLLM_OMNI_RAY_BUNDLE_RESOURCES", BUNDLES)
+    for k, v in AUTH.items():  # before Ray is imported: it reads its settings once
+        monkeypatch.setenv(k, v)
+    import ray
+
     yield ray_cluster
     if ray.is_initialized():
         ray.shutdown()
@@ -158,7 +172,7 @@ def test_serve_with_the_ray_backend(ray_cluster, tiny_qwen_image, mp_output, tmp
     # are ordered by node.
     server = Server(tiny_qwen_image, "--distributed-executor-backend", "ray", "--usp", "2",
                     "--max-inference-steps", "100000", log_path=str(tmp_path / "ray.log"),
-                    env={"RAY_ADDRESS": ray_cluster})
+                    env={"RAY_ADDRESS": ray_cluster, **AUTH})
     body = {"prompt": PROMPT["prompt"], "negative_prompt": PROMPT["negative_prompt"],
             "size": "80x48", "num_inference_steps": 2, "seed": 11, "true_cfg_scale": 3.0}
     url = server.url + "/v1/images/generations"
@@ -202,7 +216,7 @@ def test_replicas_on_ray(ray_cluster, tiny_qwen_image, tmp_path):
     one-rank group (one per one-CPU node), and both take requests."""
     server = Server(tiny_qwen_image, "--distributed-executor-backend", "ray",
                     "--data-parallel-size", "2", log_path=str(tmp_path / "dp.log"),
-                    env={"RAY_ADDRESS": ray_cluster})
+                    env={"RAY_ADDRESS": ray_cluster, **AUTH})
     try:
         assert len(_actor_pids()) == 2
         body = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 2}
