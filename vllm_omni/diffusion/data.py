@@ -101,10 +101,30 @@ class OmniEngineConfig:
     # What runs the workers (vLLM's --distributed-executor-backend): "mp", processes on this
     # host, or "ray", actors placed on a Ray cluster (executor/ray.py).
     distributed_executor_backend: str = "mp"
+    # Step-level batching (--step-batching): the max_num_seqs requests in flight each run their
+    # own pipeline call and share denoiser forwards step by step (worker/step_batching.py).
+    step_batching: bool = False
 
     @property
     def lora_enabled(self) -> bool:
         return bool(self.enable_lora or self.lora_path or self.lora_modules)
+
+    def _check_step_batching(self) -> None:
+        if not self.step_batching:
+            return
+        # Not yet with these: each needs its own per-request state or a rank-agreed order of
+        # the side-by-side calls (see docs/serving.md).
+        why = [what for what, on in (
+            ("max_num_seqs 1 (there is nothing to batch: set --max-num-seqs N)",
+             self.max_num_seqs < 2),
+            ("a parallel layout", self.world_size > 1),
+            ("a cache backend", self.cache_backend != "none"),
+            ("LoRA", self.lora_enabled),
+            ("CPU offload", self.enable_cpu_offload or self.enable_layerwise_offload),
+        ) if on]
+        if why:
+            raise ValueError(f"step_batching (--step-batching) does not run with {why[0]} in "
+                             "this release")
 
     def _check_lora(self) -> None:
         from vllm_omni.lora import NAME
@@ -154,6 +174,7 @@ class OmniEngineConfig:
             raise ValueError("max_num_seqs > 1 with a cache backend: the cache decides for a whole "
                              "batch, so an image would depend on the requests batched with it; "
                              "use max_num_seqs 1 (--max-num-seqs 1) with caching")
+        self._check_step_batching()
         for name in ("heartbeat_timeout_s", "cancel_grace_s", "load_timeout_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:

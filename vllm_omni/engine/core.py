@@ -39,7 +39,8 @@ class EngineCore:
         self.config = config
         adapter = load_model_spec(config.model).adapter
         self.scheduler = Scheduler(config.max_num_seqs, functools.partial(batch_key, adapter)
-                                   if config.max_num_seqs > 1 else None)
+                                   if config.max_num_seqs > 1 and not config.step_batching
+                                   else None)
         self.executor_class = Executor.get_class(config.distributed_executor_backend)
         self.executor: Executor | None = self.executor_class(config)
         self.state = "ready"  # ready | restarting | dead
@@ -82,12 +83,20 @@ class EngineCore:
 
     def step(self, on_progress: ProgressFn | None = None,
              poll: Callable[[], None] | None = None,
-             on_partial: PartialFn | None = None) -> list[DiffusionOutput]:
-        """Runs one batch. ``poll`` is called while it runs, to take new requests and aborts."""
+             on_partial: PartialFn | None = None,
+             on_output: Callable[[DiffusionOutput], None] | None = None
+             ) -> list[DiffusionOutput]:
+        """Runs one batch. ``poll`` is called while it runs, to take new requests and aborts.
+        With step batching the batch runs on as long as requests arrive, each output going to
+        ``on_output`` (if given) as its request finishes."""
         self.check_workers()
         if self.needs_restart:
             self.restart()
         outputs, self._immediate = self._immediate, []
+        if self.config.step_batching:
+            batch = self.scheduler.take(self.config.max_num_seqs)
+            return outputs + (self._run_steps(batch, on_progress, poll, on_partial, on_output)
+                              if batch else [])
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
@@ -102,6 +111,57 @@ class EngineCore:
             # Answer the failed requests first; the (slow) restart happens on the next step.
             self.needs_restart = True
         return outputs + self.scheduler.finish(batch, results)
+
+    def _run_steps(self, batch: list[DiffusionRequest], on_progress, poll, on_partial,
+                   on_output) -> list[DiffusionOutput]:
+        """Step batching: keeps ``max_num_seqs`` requests in flight in one ``execute`` call,
+        topping it up from the queue as requests finish, until the queue is empty."""
+        running = {r.request_id: r for r in batch}
+        done: list[DiffusionOutput] = []
+        sealed = False
+
+        def top_up() -> None:
+            nonlocal sealed
+            if sealed:
+                return
+            room = self.config.max_num_seqs - len(running)
+            if room > 0 and self.scheduler.has_waiting():
+                more = self.scheduler.take(room)
+                running.update((r.request_id, r) for r in more)
+                self.executor.join(more)
+            elif not running:
+                sealed = True
+                self.executor.seal()
+
+        def output(out: DiffusionOutput) -> None:
+            req = running.pop(out.request_id, None)
+            if req is None:
+                return
+            self.scheduler.finish([req], [out])
+            if on_output is not None:
+                on_output(out)
+            else:
+                done.append(out)
+            top_up()
+
+        def poll_and_top_up() -> None:
+            if poll is not None:
+                poll()
+            top_up()
+
+        try:
+            self.executor.execute(batch, on_progress, poll_and_top_up, on_partial, output)
+        except Exception as e:  # a dead worker, or a failure of the step loop itself
+            logger.error("%s; failing %d in-flight request(s) and restarting workers", e,
+                         len(running))
+            sealed = True  # nothing joins a call that is over
+            cancelled = self.executor.cancelled
+            for r in list(running.values()):
+                output(_cancelled(r, cancelled[r.request_id], "and its workers were restarted")
+                       if r.request_id in cancelled
+                       else _failed(r, WorkerDiedError(f"generation failed: {e}")))
+            self.needs_restart = True
+        return done
 
     def restart(self) -> None:
         self.needs_restart = False
@@ -203,7 +263,8 @@ def run_engine_core(config: OmniEngineConfig | None, in_queue, out_queue) -> Non
                 out_queue.put(m.EngineStatus("restarting"))
                 core.restart()
                 out_queue.put(m.EngineStatus(core.state, core.worker_pids))
-            for out in core.step(progress, poll=poll, on_partial=partial):
+            for out in core.step(progress, poll=poll, on_partial=partial,
+                                 on_output=out_queue.put):
                 out_queue.put(out)
     except Stop:
         pass

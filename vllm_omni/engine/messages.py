@@ -113,3 +113,20 @@ class RpcResult:
     value: Any = None
     error: str | None = None  # the traceback, when the method raised
     failed: bool = False
+
+
+@dataclass
+class Join:
+    """Engine -> every rank, with step batching: requests that join the running ``execute``
+    call named by ``batch`` (its first request's id); no requests: the engine has no more, so
+    the call returns once its requests have finished."""
+
+    batch: str
+    requests: list[DiffusionRequest] = field(default_factory=list)
+
+
+@dataclass
+class RequestOutput:
+    """Rank 0 -> engine, with step batching: one request finished (the others run on)."""
+
+    output: Any

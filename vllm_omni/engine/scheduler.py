@@ -53,13 +53,24 @@ class Scheduler:
             req.scheduled_time = now
         return batch
 
+    def take(self, n: int) -> list[DiffusionRequest]:
+        """The ``n`` oldest waiting requests, whatever their keys (step batching: they share
+        work per denoiser call, not per pipeline call)."""
+        batch = [self.waiting.pop(rid) for rid in list(self.waiting)[:max(0, n)]]
+        now = time.monotonic()
+        for req in batch:
+            req.scheduled_time = now
+        return batch
+
     def finish(self, batch: list[DiffusionRequest],
                outputs: list[DiffusionOutput]) -> list[DiffusionOutput]:
         now = time.monotonic()
         for req, out in zip(batch, outputs):
             out.metrics.setdefault("e2e_s", now - req.arrival_time)
             out.metrics["queue_wait_s"] = req.scheduled_time - req.arrival_time
-            out.metrics["batch_size"] = len(batch)
+            if "first_step_s" in out.metrics:  # from the start of its execution, until here
+                out.metrics["first_step_s"] += out.metrics["queue_wait_s"]
+            out.metrics.setdefault("batch_size", len(batch))
         return outputs
 
     def drain(self) -> list[DiffusionRequest]:

@@ -76,6 +76,7 @@ class Omni:
         max_num_seqs: int = 1,
         max_request_memory: int | str | None = None,
         distributed_executor_backend: str = "mp",
+        step_batching: bool = False,
     ):
         from vllm_omni.engine.core import EngineCore
 
@@ -96,6 +97,7 @@ class Omni:
             enable_lora=enable_lora, default_seed=seed, load_timeout_s=load_timeout_s,
             max_num_seqs=max_num_seqs, max_request_memory=max_request_memory,
             distributed_executor_backend=distributed_executor_backend,
+            step_batching=step_batching,
         )
         self.spec = load_model_spec(model_dir)
         self.spec.adapter.check_engine(self.config)

@@ -51,6 +51,7 @@ class Executor(ABC):
         # workers die before they stop).
         self.cancelled: dict[str, str] = {}
         self._call_ids = itertools.count()
+        self._batch_id = ""  # the running execute call's first request id
 
     @staticmethod
     def get_class(backend: str) -> type["Executor"]:
@@ -90,7 +91,8 @@ class Executor(ABC):
     def collective_rpc(self, method: str, args: tuple = (), kwargs: dict | None = None,
                        timeout: float | None = None, poll: Callable[[], None] | None = None,
                        on_progress: ProgressFn | None = None,
-                       on_partial: PartialFn | None = None) -> list[Any]:
+                       on_partial: PartialFn | None = None,
+                       on_output: Callable[[DiffusionOutput], None] | None = None) -> list[Any]:
         """``Worker.<method>(*args, **kwargs)`` on every rank; their results by rank."""
         if method.startswith("_"):
             raise ValueError(f"{method!r} is not a public worker method")
@@ -122,6 +124,8 @@ class Executor(ABC):
                 on_progress(msg.request_ids, msg.step, msg.total)
             elif isinstance(msg, m.PartialImage) and on_partial is not None:
                 on_partial(msg.request_id, msg.index, msg.image)
+            elif isinstance(msg, m.RequestOutput) and on_output is not None:
+                on_output(msg.output)
             if poll is not None:
                 poll()
             if failed and grace_end is None and world > 1:
@@ -133,15 +137,38 @@ class Executor(ABC):
 
     def execute(self, batch: list[DiffusionRequest], on_progress: ProgressFn | None = None,
                 poll: Callable[[], None] | None = None,
-                on_partial: PartialFn | None = None) -> list[DiffusionOutput]:
-        """Runs ``batch`` on every rank; ``poll`` is called while waiting (to take aborts)."""
+                on_partial: PartialFn | None = None,
+                on_output: Callable[[DiffusionOutput], None] | None = None
+                ) -> list[DiffusionOutput]:
+        """Runs ``batch`` on every rank; ``poll`` is called while waiting (to take aborts).
+        With step batching, requests may ``join`` the running call, each output goes to
+        ``on_output`` as its request finishes, and the call returns after ``seal``."""
         self.running, self.cancelled, self.stop_by = [r.request_id for r in batch], {}, None
+        self._batch_id = batch[0].request_id
+
+        def output(out: DiffusionOutput) -> None:
+            if out.request_id in self.running:
+                self.running.remove(out.request_id)
+            if on_output is not None:
+                on_output(out)
+
         try:
             # Progress costs a message per step; only ask for it when someone listens.
             return self.collective_rpc("execute", (batch, on_progress is not None), poll=poll,
-                                       on_progress=on_progress, on_partial=on_partial)[0]
+                                       on_progress=on_progress, on_partial=on_partial,
+                                       on_output=output)[0]
         finally:
             self.running, self.stop_by = [], None
+
+    def join(self, reqs: list[DiffusionRequest]) -> None:
+        """Step batching: ``reqs`` start in the running ``execute`` call at its next step."""
+        self.running.extend(r.request_id for r in reqs)
+        self.stop_by = None  # a live request again
+        self.send_all(m.Join(self._batch_id, list(reqs)))
+
+    def seal(self) -> None:
+        """Step batching: nothing more joins; the call returns once its requests finished."""
+        self.send_all(m.Join(self._batch_id, []))
 
     def cancel(self, request_id: str, reason: str = "cancelled") -> bool:
         """Stops a running request at its next cancel point (alone on one rank: at its next

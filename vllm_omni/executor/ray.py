@@ -93,6 +93,9 @@ class RankActor:
         if self.worker is not None:
             self.worker.cancelled[request_id] = reason
 
+    def join(self, msg: m.Join) -> None:
+        self.worker.joins.put(msg)
+
     def ping(self) -> bool:
         return True
 
@@ -332,10 +335,14 @@ class RayExecutor(Executor):
         self._drain = self._control(0, "drain", POLL_S)
 
     def send_all(self, msg: Any) -> None:
-        if not isinstance(msg, m.Cancel):
-            raise TypeError(f"the Ray executor sends calls and cancels, not {type(msg).__name__}")
+        if not isinstance(msg, (m.Cancel, m.Join)):
+            raise TypeError(f"the Ray executor sends calls, cancels and joins, not "
+                            f"{type(msg).__name__}")
         for rank in range(len(self.actors)):
-            self._control(rank, "cancel", msg.request_id, msg.reason)
+            if isinstance(msg, m.Cancel):
+                self._control(rank, "cancel", msg.request_id, msg.reason)
+            else:
+                self._control(rank, "join", msg)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         ray = self._ray

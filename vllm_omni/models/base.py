@@ -391,6 +391,10 @@ class ModelAdapter:
         for feature in feature_classes(config):
             feature.check(self, config)
 
+    # Step batching (worker/step_batching.py): denoiser inputs whose length may differ between
+    # requests, as input name -> (dim, name of the bool mask input the denoiser honours).
+    step_padding: ClassVar[dict[str, tuple[int, str]]] = {}
+
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
         """Whether a request with these pipeline kwargs runs classifier-free guidance."""
         return False

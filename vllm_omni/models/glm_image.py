@@ -9,6 +9,8 @@ can skip it by sending the tokens of an earlier response back.
 
 from __future__ import annotations
 
+import threading
+
 from typing import Any
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
@@ -74,14 +76,16 @@ class GlmImageAdapter(ImageAdapter):
 
     def on_load(self, pipe: Any) -> None:
         generate = pipe.generate_prior_tokens
+        # By the thread that made them: with step batching, calls run side by side.
+        self._priors: dict[int, Any] = {}
 
         def recorded(*args, **kwargs):
             out = generate(*args, **kwargs)
-            pipe._vllm_omni_prior = out[0]
+            self._priors[threading.get_ident()] = out[0]
             return out
 
         pipe.generate_prior_tokens = recorded
 
     def output_extra(self, pipe: Any) -> dict[str, Any]:
-        prior = pipe.__dict__.pop("_vllm_omni_prior", None)
+        prior = getattr(self, "_priors", {}).pop(threading.get_ident(), None)
         return {} if prior is None else {"prior_token_ids": prior[0].tolist()}

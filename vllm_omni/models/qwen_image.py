@@ -25,6 +25,8 @@ class QwenImageAdapter(ImageAdapter):
     features = frozenset({"tea_cache", "cache_dit", "sequence_parallel", "cfg_parallel",
                           "tensor_parallel", "vae_patch_parallel", "cpu_offload", "lora", "fp8"})
     cfg_field = "true_cfg_scale"
+    # Its transformer masks text tokens exactly: prompts of any length share a step forward.
+    step_padding = {"encoder_hidden_states": (1, "encoder_hidden_states_mask")}
     # The pipeline runs CFG (at its default 4.0) only when a negative prompt is given.
     cfg_default = 1.0
     cfg_default_with_negative = 4.0

@@ -7,7 +7,9 @@ import dataclasses
 import functools
 import inspect
 import logging
+import queue
 import resource
+import threading
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -22,7 +24,7 @@ from vllm_omni.engine.messages import CANCEL_REASONS
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialFn, ProgressFn
 from vllm_omni.features import Feature, build_features
 from vllm_omni.models.registry import load_model_spec
-from vllm_omni.worker import memory
+from vllm_omni.worker import memory, step_batching
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +62,25 @@ class ModelRunner:
         self.features: list[Feature] = []  # applied in load, in their order
         # Request id -> why it was cancelled, filled as the engine's messages arrive (or None).
         self.cancelled = cancelled
-        self.timing = StepTiming()
+        self._local = threading.local()  # the timing of the call this thread runs
         self._running: list[str] = []  # the ids of the call being run
         self.memory_dims: memory.ModelDims | None = None  # set by load()
+        # Step batching: the request threads' denoiser calls meet in the batcher.
+        self.batcher = (step_batching.StepBatcher(
+            {k: step_batching.Padding(*v) for k, v in self.adapter.step_padding.items()})
+            if config.step_batching else None)
+        self._step_threads: set[int] = set()
+
+    @property
+    def timing(self) -> "StepTiming":
+        t = getattr(self._local, "timing", None)
+        if t is None:
+            t = self._local.timing = StepTiming()
+        return t
+
+    @timing.setter
+    def timing(self, value: "StepTiming") -> None:
+        self._local.timing = value
 
     def load(self) -> None:
         dtype = resolve_dtype(self.config.dtype, self.device)
@@ -78,6 +96,8 @@ class ModelRunner:
         for feature in self.features:
             feature.apply(self.pipe, self.groups)
         self.denoisers = self.adapter.parallel_plan().denoiser_modules(self.pipe)
+        if self.batcher is not None:
+            step_batching.install(self.denoisers, self.batcher, self._step_threads)
         self._install_timing()
         self._install_cancel_points()
         try:
@@ -133,6 +153,95 @@ class ModelRunner:
             finally:
                 self._running = []
         return [outputs[r.request_id] for r in batch]
+
+    @torch.inference_mode()
+    def execute_steps(self, batch: list[DiffusionRequest], progress: ProgressFn | None,
+                      partial: PartialFn | None, emit, joins: queue.Queue, batch_id: str) -> None:
+        """Step batching: runs ``batch`` and the requests that join it (``joins``: lists of
+        requests; an empty list when the engine has no more) until all have finished, each
+        request on its own thread; ``emit`` gets each output as its request finishes."""
+        batcher = self.batcher
+        threads: list[threading.Thread] = []
+
+        def start(reqs: list[DiffusionRequest]) -> None:
+            for req in reqs:
+                refusal = self._refusal(req)
+                if refusal is not None:
+                    emit(DiffusionOutput(req.request_id, error=refusal))
+                    continue
+                batcher.started()
+                t = threading.Thread(target=self._run_request, name=f"request-{req.request_id}",
+                                     args=(req, progress, partial, emit), daemon=True)
+                t.start()
+                threads.append(t)
+
+        def take(block: bool) -> bool:
+            """Starts what joined; False once the engine said it has no more."""
+            while True:
+                try:
+                    msg = joins.get(timeout=1.0) if block else joins.get_nowait()
+                except queue.Empty:
+                    if block:
+                        continue
+                    return True
+                if msg.batch != batch_id:  # left over from an earlier, failed call
+                    continue
+                if not msg.requests:
+                    return False
+                start(msg.requests)
+                block = False
+
+        start(batch)
+        more = True
+        try:
+            while True:
+                if more:
+                    more = take(block=False)
+                if not batcher.wait_round(0.05):
+                    continue
+                if batcher.run_round():
+                    continue
+                if any(t.is_alive() for t in threads):  # ending: let them leave
+                    for t in threads:
+                        t.join(0.05)
+                    continue
+                if not more:
+                    return
+                more = take(block=True)
+        finally:
+            for t in threads:
+                t.join()
+
+    def _refusal(self, req: DiffusionRequest) -> InvalidRequestError | None:
+        """Why ``req`` cannot run even alone (what ``execute`` checks for a batch)."""
+        try:
+            self.adapter.check_loaded(self.pipe, req)
+        except InvalidRequestError as e:
+            return e
+        _, refused = self._plan_memory([req])
+        return refused.get(0)
+
+    def _run_request(self, req: DiffusionRequest, progress: ProgressFn | None,
+                     partial: PartialFn | None, emit) -> None:
+        ident = threading.get_ident()
+        self._step_threads.add(ident)
+        self.batcher.local.sizes = sizes = []
+        self.batcher.outside.acquire()
+        try:
+            with torch.inference_mode():
+                out = self._run([req], progress, partial)[req.request_id]
+            if sizes:  # requests per denoiser forward it took part in, on average
+                out.metrics["batch_size"] = sum(sizes) / len(sizes)
+        except BaseException as e:  # never lose a request
+            out = DiffusionOutput(req.request_id, error=errors.GenerationError(
+                f"generation failed: {type(e).__name__}: {e}"))
+        finally:
+            self._step_threads.discard(ident)
+            self.batcher.outside.release()
+        try:
+            emit(out)
+        finally:
+            self.batcher.finished()
 
     # -- memory ----------------------------------------------------------------------------------
     def estimate_memory(self, reqs: list[DiffusionRequest]) -> memory.MemoryEstimate:
@@ -289,7 +398,8 @@ class ModelRunner:
              partial: PartialFn | None = None) -> dict[str, DiffusionOutput]:
         t0 = time.perf_counter()
         self.timing = timing = StepTiming(cancelled=[0] * len(reqs))
-        self._running = [r.request_id for r in reqs]
+        if self.batcher is None:  # the lone-rank cancel points stop the one call running
+            self._running = [r.request_id for r in reqs]
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         ids = ", ".join(r.request_id for r in reqs)
@@ -299,11 +409,14 @@ class ModelRunner:
             else:
                 kwargs = self.adapter.batch_pipeline_kwargs(reqs)
             on_step = self._step_callback(reqs, progress, partial)
+            pipe = self.adapter.pipeline_for(self.pipe, reqs)
+            if self.batcher is not None:  # calls run side by side: state of their own
+                pipe = step_batching.pipeline_view(pipe)
             follow_steps = contextlib.nullcontext()
             if self._takes_step_callback:
                 kwargs["callback_on_step_end"] = on_step
             else:
-                follow_steps = _scheduler_steps(self.pipe, on_step)
+                follow_steps = _scheduler_steps(pipe, on_step)
             uses_cfg = self.adapter.uses_cfg(kwargs)
             self.groups.reset_counters()
             for feature in self.features:
@@ -314,7 +427,6 @@ class ModelRunner:
             generators = [g for r in reqs for g in make_generators(r.seed, r.num_images_per_prompt)]
             self.adapter.output_extra(self.pipe)  # drops what a failed earlier call left behind
             with follow_steps:
-                pipe = self.adapter.pipeline_for(self.pipe, reqs)
                 images = self.adapter.artifacts(pipe(
                     **kwargs, generator=generators, output_type=reqs[0].output_type), reqs)
         except RequestCancelled:
@@ -363,8 +475,11 @@ class ModelRunner:
             peak = torch.cuda.max_memory_allocated(self.device)
         else:  # the worker process's peak resident memory (Linux reports KiB)
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return {"execute_s": time.perf_counter() - t0, "steps_completed": t.steps,
-                "denoise_s": t.denoise_s, "vae_s": t.vae_s, "peak_memory_bytes": peak}
+        m = {"execute_s": time.perf_counter() - t0, "steps_completed": t.steps,
+             "denoise_s": t.denoise_s, "vae_s": t.vae_s, "peak_memory_bytes": peak}
+        if t.denoise_start is not None:  # the scheduler adds the queue wait before it
+            m["first_step_s"] = t.denoise_start - t0
+        return m
 
 
 @contextlib.contextmanager

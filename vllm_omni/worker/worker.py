@@ -54,6 +54,8 @@ class Worker:
         # messages arrive, read by the runner at its cancel points.
         self.cancelled: dict[str, str] = {}
         self.failed = False  # set by a call that may have left this rank out of step
+        # m.Join messages for the running execute call (step batching), in arrival order.
+        self.joins: queue.Queue = queue.Queue()
         parallel = config.parallel
         if config.device:
             device = torch.device(config.device)
@@ -87,6 +89,15 @@ class Worker:
         def partial(request_id, index, image):
             self.out.put(m.PartialImage(request_id, index, image))
 
+        if self.runner.batcher is not None:
+            def emit(out):
+                if lead:
+                    self.out.put(m.RequestOutput(out))
+
+            self.runner.execute_steps(batch, progress if want_progress and lead else None,
+                                      partial if lead else None, emit, self.joins,
+                                      batch[0].request_id)
+            return []  # each output went out as its request finished
         outputs = self.runner.execute(batch, progress if want_progress and lead else None,
                                       partial if lead else None)
         # A request that failed here may have left the peers waiting in a collective.
@@ -144,6 +155,9 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str, work_queu
             msg = work_queue.get()
             if isinstance(msg, m.Cancel):
                 worker.cancelled[msg.request_id] = msg.reason
+                continue
+            if isinstance(msg, m.Join):
+                worker.joins.put(msg)
                 continue
             if isinstance(msg, m.CollectiveRpc) and msg.method == "execute":
                 worker.cancelled.clear()  # in message order: a later m.Cancel is for this batch

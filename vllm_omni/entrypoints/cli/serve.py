@@ -101,6 +101,12 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
                        help="Largest estimated peak memory one batch may take beyond the loaded "
                             "model, e.g. 8GiB (400 beyond, naming the estimate). The device's free "
                             "memory (RAM on CPU) always limits it too; 0 turns the check off."),
+        g.add_argument("--step-batching", action="store_true",
+                       help="Batch at the denoiser call: the --max-num-seqs requests in flight "
+                            "each run their own steps and share one transformer forward per "
+                            "step wherever their inputs have the same shapes (different steps, "
+                            "guidance and seeds allowed); a new request starts at the next step "
+                            "instead of waiting for a batch to end."),
         g.add_argument("--max-upload-mb", type=float, default=50.0,
                        help="Largest request body in MiB, uploads included (413 beyond)."),
         g.add_argument("--header-read-timeout", type=_positive(float), default=10.0,
@@ -252,6 +258,7 @@ def config_from_args(args: argparse.Namespace, serve_parser):
         heartbeat_timeout_s=args.worker_heartbeat_timeout,
         cancel_grace_s=args.cancel_grace_period,
         distributed_executor_backend=args.distributed_executor_backend or "mp",
+        step_batching=args.step_batching,
     )
     spec = load_model_spec(config.model)
     spec.adapter.check_engine(config)

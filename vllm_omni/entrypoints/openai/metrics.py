@@ -36,6 +36,9 @@ class ServerMetrics:
                                 "the engine, by reason", [*names, "reason"], registry=r)
         self.queue_wait = Histogram("vllm_omni:queue_wait_seconds", "Time from arrival to the "
                                     "start of execution", engine, buckets=_SECONDS, registry=r)
+        self.first_step = Histogram("vllm_omni:time_to_first_step_seconds", "Time from arrival "
+                                    "to the first denoiser call", engine, buckets=_SECONDS,
+                                    registry=r)
         self.denoise = Histogram("vllm_omni:denoise_seconds", "Denoising loop time per request",
                                  engine, buckets=_SECONDS, registry=r)
         self.vae = Histogram("vllm_omni:vae_decode_seconds", "VAE decode time per request", engine,
@@ -48,7 +51,8 @@ class ServerMetrics:
             "vllm_omni:request_denoise_steps", "Denoising steps completed per request", engine,
             buckets=(1, 2, 4, 8, 16, 20, 28, 30, 40, 50, 75, 100, 250, 500, 1000), registry=r)
         self.batch_size = Histogram("vllm_omni:batch_size", "Size of the batch each request ran "
-                                    "in", engine, buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+                                    "in (step batching: requests per denoiser forward, the "
+                                    "request's mean)", engine, buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.cache_skip_ratio = Histogram(
             "vllm_omni:cache_skip_ratio", "Share of transformer calls served from the step cache",
             engine, buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
@@ -109,6 +113,8 @@ class ServerMetrics:
             self.queue_wait.labels(**lab).observe(m["queue_wait_s"])
         if "batch_size" in m:
             self.batch_size.labels(**lab).observe(m["batch_size"])
+        if "first_step_s" in m:
+            self.first_step.labels(**lab).observe(m["first_step_s"])
         if "e2e_s" in m:
             self.e2e.labels(**lab).observe(m["e2e_s"])
         if m.get("denoise_s"):

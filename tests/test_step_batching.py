@@ -1,0 +1,181 @@
+"""Step-level batching (``--step-batching``): requests with different steps, guidance, seeds and
+prompts share denoiser forwards, join a running batch at its next step and leave after their
+last, and each output equals the same request run alone."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from conftest import Server, metric
+from test_models import CASES, INPUTS, PROMPT
+
+# Batched kernels round differently from single ones (fp32 GEMMs over another batch size, and a
+# masked attention where the prompt was padded); measured at most 3e-6 on every family here.
+TOL = 1e-5
+# Their denoisers take inputs that are not per-sample tensors (Z-Image: lists of unpadded
+# sequences; GLM-Image: prior tokens), so each request's forward runs on its own: still exact.
+UNMERGED = {"z-image-turbo", "glm-image"}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.family)
+def test_every_family_equals_alone(case, tiny_models):
+    from vllm_omni import Omni, OmniDiffusionSamplingParams
+
+    prompt = {"prompt": PROMPT}
+    if case.inputs:
+        prompt["multi_modal_data"] = {"image": INPUTS[:case.inputs]}
+    params = [OmniDiffusionSamplingParams(num_inference_steps=steps, seed=seed, output_type="np",
+                                          **case.params)
+              for steps, seed in [(2, 1), (3, 2), (4, 3)]]
+    with Omni(tiny_models[case.family], step_batching=True, max_num_seqs=3) as engine:
+        alone = [engine.generate(prompt, p, use_tqdm=False)[0] for p in params]
+        together = engine.generate([prompt] * 3, params, use_tqdm=False)
+    for a, b in zip(alone, together):
+        assert len(a.images) == len(b.images) == case.outputs
+        for x, y in zip(a.images, b.images):
+            assert float(np.abs(np.asarray(x) - np.asarray(y)).max()) <= TOL
+    shared = max(o.metrics["batch_size"] for o in together)
+    assert shared == 1 if case.family in UNMERGED else shared == 3
+
+
+def test_mixed_requests_join_and_equal_the_plain_engine(tiny_qwen_image, omni):
+    """Different prompt lengths (padded under a mask), CFG and none, a negative prompt, n=2 and
+    a size of its own; two in flight, so the rest join as earlier ones leave."""
+    from vllm_omni import Omni, OmniDiffusionSamplingParams
+
+    def p(**kw):
+        return OmniDiffusionSamplingParams(**{"num_inference_steps": 4, "width": 64,
+                                              "height": 64, "output_type": "np", **kw})
+
+    prompts = ["a red fox", "an old lighthouse on a rocky coast at dusk", "a blue cat",
+               {"prompt": "a red fox", "negative_prompt": "blurry"}, "a green owl"]
+    params = [p(seed=1, num_inference_steps=6),
+              p(seed=2, true_cfg_scale=4.0, num_images_per_prompt=2),
+              p(seed=3, width=48), p(seed=4, num_inference_steps=3),
+              p(seed=5, true_cfg_scale=2.0)]
+    want = omni.generate(prompts, params, use_tqdm=False)  # the plain engine, one at a time
+    with Omni(tiny_qwen_image, step_batching=True, max_num_seqs=2) as engine:
+        got = engine.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(want, got):
+        assert len(a.images) == len(b.images)
+        for x, y in zip(a.images, b.images):
+            assert float(np.abs(x - y).max()) <= TOL
+    # Each shared forwards, but the one 48-wide request: no other has its image token count.
+    assert [o.metrics["batch_size"] > 1 for o in got] == [True, True, False, True, True]
+    assert all(o.metrics["first_step_s"] >= o.metrics["queue_wait_s"] for o in got)
+
+
+@pytest.fixture(scope="module")
+def step_server(tiny_qwen_image, tmp_path_factory):
+    s = Server(tiny_qwen_image, "--step-batching", "--max-num-seqs", "4",
+               "--max-inference-steps", "100000",
+               log_path=str(tmp_path_factory.mktemp("logs") / "step.log"))
+    yield s
+    s.stop()
+
+
+GEN = "/v1/images/generations"
+
+
+def _post(server, body, timeout=120):
+    return requests.post(server.url + GEN, json=body, timeout=timeout)
+
+
+def test_served_requests_join_a_running_one_and_leave_first(step_server, server):
+    long = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 1000, "seed": 1}
+    shorts = [{"prompt": p, "size": "64x64", "num_inference_steps": 3, "seed": s,
+               "true_cfg_scale": g}
+              for p, s, g in [("a blue cat", 2, 1.0), ("an old lighthouse at dusk", 3, 4.0)]]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        slow = pool.submit(_post, step_server, long)
+        deadline = time.monotonic() + 60
+        while metric(step_server, "vllm_omni:num_requests_in_flight") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(0.5)  # the long request is stepping now
+        t0 = time.monotonic()
+        quick = list(pool.map(lambda b: _post(step_server, b), shorts))
+        quick_s = time.monotonic() - t0
+        assert not slow.done()  # they joined it and left before it ended
+        assert all(r.status_code == 200 for r in quick), [r.text for r in quick]
+        assert slow.result().status_code == 200
+    assert quick_s < 30
+    # Each image is what the plain server makes for that request.
+    for body, r in zip(shorts, quick):
+        assert r.json()["data"][0]["b64_json"] == _post(server, body).json()["data"][0]["b64_json"]
+    assert metric(step_server, "vllm_omni:batch_size_sum") > metric(
+        step_server, "vllm_omni:batch_size_count")
+    assert metric(step_server, "vllm_omni:time_to_first_step_seconds_count") >= 3
+
+
+def test_a_cancelled_request_leaves_and_its_mates_finish(step_server):
+    before = metric(step_server, "vllm_omni:engine_requests_total", outcome="cancelled")
+    mate = {"prompt": "a red fox", "size": "64x64", "num_inference_steps": 60, "seed": 4}
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        gone = pool.submit(lambda: pytest.raises(requests.Timeout, _post, step_server,
+                                                 {**mate, "num_inference_steps": 50000, "seed": 5},
+                                                 timeout=2))
+        time.sleep(0.3)
+        stays = pool.submit(_post, step_server, mate)
+        gone.result()
+        assert stays.result().status_code == 200
+    deadline = time.monotonic() + 20
+    while metric(step_server, "vllm_omni:engine_requests_total", outcome="cancelled") == before:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert _post(step_server, {**mate, "num_inference_steps": 2}).status_code == 200
+
+
+@pytest.mark.parametrize("settings, why", [
+    ({}, "max_num_seqs 1"),
+    ({"max_num_seqs": 2, "cache_backend": "tea_cache"}, "cache backend"),
+    ({"max_num_seqs": 2, "enable_lora": True}, "LoRA"),
+    ({"max_num_seqs": 2, "enable_cpu_offload": True}, "CPU offload"),
+    ({"max_num_seqs": 2, "parallel": "U2"}, "parallel layout"),
+])
+def test_what_step_batching_does_not_run_with_is_refused(tiny_qwen_image, settings, why):
+    from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
+
+    settings = dict(settings)
+    if settings.pop("parallel", None):
+        settings["parallel"] = DiffusionParallelConfig(ulysses_degree=2)
+    with pytest.raises(ValueError, match=why):
+        OmniEngineConfig(model=tiny_qwen_image, model_name="m", step_batching=True, **settings)
+
+
+def test_merge_pads_prompts_and_splits_outputs():
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    from vllm_omni.worker import step_batching as sb
+
+    pad = {"encoder_hidden_states": sb.Padding(1, "encoder_hidden_states_mask")}
+    module = torch.nn.Identity()
+
+    def call(b, tokens, mask=None):
+        kw = {"hidden_states": torch.randn(b, 4, 2), "encoder_hidden_states":
+              torch.randn(b, tokens, 3), "encoder_hidden_states_mask": mask,
+              "timestep": torch.rand(b), "img_shapes": [[(1, 2, 2)]] * b, "return_dict": False}
+        return sb._Call(module, None, kw, b, sb._key(module, kw, b, pad))
+
+    a, b = call(1, 5), call(2, 3, torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert a.key == b.key and sb._same_shared(a, b, {"encoder_hidden_states_mask"})
+    merged = sb._merge([a, b], pad)
+    assert merged["encoder_hidden_states"].shape == (3, 5, 3)
+    assert merged["encoder_hidden_states_mask"].tolist() == [
+        [True] * 5, [True, True, False, False, False], [True, True, True, False, False]]
+    assert torch.equal(merged["encoder_hidden_states"][1:, :3], b.kwargs["encoder_hidden_states"])
+    assert merged["img_shapes"] == [[(1, 2, 2)]] * 3 and merged["timestep"].shape == (3,)
+    # Another image size, or a shared input that differs, keeps calls apart.
+    bigger = {**a.kwargs, "hidden_states": torch.randn(1, 9, 2)}
+    assert sb._key(module, bigger, 1, pad) != a.key
+    assert sb._key(module, {**a.kwargs, "return_dict": True}, 1, pad) != a.key
+    out = Transformer2DModelOutput(sample=torch.arange(6.0).reshape(3, 2))
+    parts = sb._split(out, [1, 2])
+    assert parts[0].sample.tolist() == [[0.0, 1.0]] and parts[1].sample.shape == (2, 2)
+    assert [p[0].shape[0] for p in sb._split((torch.zeros(3, 1),), [1, 2])] == [1, 2]

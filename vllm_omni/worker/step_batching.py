@@ -1,0 +1,323 @@
+"""Step-level batching (``--step-batching``): every running request drives its own unmodified
+pipeline call on a thread of its own; their denoiser calls meet here, and those that fit together
+run as one batched forward whose output is split back to each request.
+
+A round runs once every running request is either waiting at a denoiser call or finished, so
+which calls share a forward depends only on the requests, not on timing. Calls fit together when
+the denoiser is the same and everything but the per-sample inputs is equal: the per-sample
+inputs (latents, text embeddings, masks, timesteps, guidance, shapes) may differ in content but
+not in shape, so requests of one size and prompt length share work whatever their steps,
+guidance, seeds or progress. A request enters at its first denoiser call and leaves after its
+last; the runner starts new ones between rounds (``ModelRunner.execute_steps``).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+
+HOOK = "vllm_omni.step_batching"
+# The denoiser inputs that carry one entry per sample (dim 0 of a tensor, or a list), by the
+# names diffusers' transformers give them. Any other input must be equal for calls to share a
+# forward.
+PER_SAMPLE = frozenset({
+    "hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep",
+    "guidance", "pooled_projections", "encoder_attention_mask", "attention_mask", "img_shapes",
+    "txt_seq_lens", "encoder_hidden_states_image", "timestep_proj", "global_hidden_states",
+})
+
+
+@dataclass(eq=False)
+class _Call:
+    module: torch.nn.Module
+    forward: Any  # the denoiser's own forward
+    kwargs: dict[str, Any]
+    size: int  # samples in this call
+    key: tuple
+    result: Any = None
+    error: BaseException | None = None
+    done: bool = False
+    shared: int = 1  # calls in the forward that served it
+
+
+def _sample_count(kwargs: dict[str, Any]) -> int | None:
+    hs = kwargs.get("hidden_states")
+    return hs.shape[0] if isinstance(hs, torch.Tensor) and hs.ndim >= 1 else None
+
+
+@dataclass(frozen=True)
+class Padding:
+    """A per-sample input whose length may differ between calls (a prompt's tokens): padded
+    with zeros along ``dim`` to the longest, with ``mask`` (another input, bool per token)
+    marking the real tokens. The model's adapter declares it where the denoiser honours the
+    mask exactly (Qwen-Image), so requests with prompts of different lengths share a forward."""
+
+    dim: int
+    mask: str
+
+
+def _is_per_sample(name: str, value: Any, size: int) -> bool:
+    if name not in PER_SAMPLE:
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.ndim >= 1 and value.shape[0] == size
+    return _uniform(value) or (isinstance(value, list) and len(value) == size)
+
+
+def _uniform(value: Any) -> bool:
+    """A list of one repeated entry (Qwen-Image's ``img_shapes``: one per prompt, not per image,
+    and read for its first entry): it stands for any number of samples."""
+    return isinstance(value, list) and bool(value) and all(x == value[0] for x in value)
+
+
+def _key(module, kwargs: dict[str, Any], size: int | None,
+         padding: dict[str, Padding]) -> tuple:
+    """What must match for two calls to share a forward (content of the shared inputs is
+    compared after, in ``_same_shared``)."""
+    if size is None:
+        return (id(module), "alone", id(kwargs))
+    masks = {p.mask for p in padding.values()}
+    parts: list[Any] = [id(module)]
+    for name in sorted(kwargs):
+        v = kwargs[name]
+        if name in masks:  # rebuilt by _merge, whatever each call had
+            parts.append((name, "mask"))
+        elif _is_per_sample(name, v, size):
+            if isinstance(v, torch.Tensor):
+                shape = list(v.shape[1:])
+                if name in padding:
+                    shape[padding[name].dim - 1] = None
+                parts.append((name, "each", tuple(shape), v.dtype, v.device))
+            elif _uniform(v):
+                parts.append((name, "uniform-list", repr(v[0])))
+            else:
+                parts.append((name, "each-list"))
+        elif isinstance(v, torch.Tensor):
+            parts.append((name, tuple(v.shape), v.dtype, v.device))
+        else:
+            try:
+                hash(v)
+                parts.append((name, v))
+            except TypeError:  # dicts (attention kwargs) and the like: compared after
+                parts.append((name, type(v).__name__))
+    return tuple(parts)
+
+
+def _same_shared(a: _Call, b: _Call, masks: set[str]) -> bool:
+    for name, v in a.kwargs.items():
+        if name in masks or _is_per_sample(name, v, a.size):
+            continue
+        w = b.kwargs[name]
+        if isinstance(v, torch.Tensor):
+            if not (v is w or torch.equal(v, w)):
+                return False
+        elif v is not w and v != w:
+            return False
+    return True
+
+
+def _merge(calls: list[_Call], padding: dict[str, Padding]) -> dict[str, Any]:
+    first = calls[0]
+    merged = {}
+    for name, v in first.kwargs.items():
+        if name in padding and isinstance(v, torch.Tensor):
+            pad = padding[name]
+            lengths = [c.kwargs[name].shape[pad.dim] for c in calls]
+            if len(set(lengths)) > 1:
+                longest = max(lengths)
+                parts, masks = [], []
+                for c, n in zip(calls, lengths):
+                    x = c.kwargs[name]
+                    widths = [0, 0] * (x.ndim - 1 - pad.dim) + [0, longest - n]
+                    parts.append(torch.nn.functional.pad(x, widths))
+                    mask = c.kwargs.get(pad.mask)
+                    if mask is None:
+                        mask = torch.ones(x.shape[:pad.dim + 1], dtype=torch.bool,
+                                          device=x.device)
+                    masks.append(torch.nn.functional.pad(mask.to(torch.bool),
+                                                         [0, longest - n]))
+                merged[name] = torch.cat(parts)
+                merged[pad.mask] = torch.cat(masks)
+                continue
+        if name in merged:  # a mask _merge already built
+            continue
+        if not _is_per_sample(name, v, first.size):
+            merged[name] = v
+        elif isinstance(v, torch.Tensor):
+            merged[name] = torch.cat([c.kwargs[name] for c in calls])
+        elif _uniform(v):  # all calls' lists repeat this entry (the key says so)
+            merged[name] = [v[0]] * sum(c.size for c in calls)
+        else:
+            merged[name] = [x for c in calls for x in c.kwargs[name]]
+    for name, pad in padding.items():  # equal lengths: each call's mask, or none at all
+        if pad.mask in merged or name not in merged:
+            continue
+        masks = [c.kwargs.get(pad.mask) for c in calls]
+        if any(m is not None for m in masks):
+            merged[pad.mask] = torch.cat([
+                m.to(torch.bool) if m is not None else torch.ones(
+                    c.kwargs[name].shape[:pad.dim + 1], dtype=torch.bool,
+                    device=c.kwargs[name].device) for c, m in zip(calls, masks)])
+    return merged
+
+
+def _split(out: Any, sizes: list[int]) -> list[Any]:
+    """The batched output, cut back into each call's share (tensors by their first dim)."""
+    total = sum(sizes)
+    if isinstance(out, torch.Tensor):
+        if out.ndim == 0 or out.shape[0] != total:
+            raise ValueError(f"a denoiser output of shape {tuple(out.shape)} has no batch of "
+                             f"{total} to split")
+        return list(torch.split(out, sizes))
+    if isinstance(out, (tuple, list)):
+        parts = [_split(x, sizes) for x in out]
+        return [type(out)(p[i] for p in parts) for i in range(len(sizes))]
+    if hasattr(out, "to_tuple") and hasattr(out, "keys"):  # diffusers' BaseOutput
+        fields = {k: _split(out[k], sizes) for k in out.keys()}
+        return [type(out)(**{k: v[i] for k, v in fields.items()}) for i in range(len(sizes))]
+    if out is None:
+        return [None] * len(sizes)
+    raise ValueError(f"cannot split a denoiser output of type {type(out).__name__}")
+
+
+@dataclass
+class BatcherStats:
+    forwards: int = 0  # batched forwards run
+    calls: int = 0  # denoiser calls they served
+    sizes: list[int] = field(default_factory=list)  # requests per forward, since last read
+
+
+class StepBatcher:
+    """Where the request threads' denoiser calls wait for the runner's thread to run them."""
+
+    def __init__(self, padding: dict[str, Padding] | None = None) -> None:
+        self.padding = dict(padding or {})
+        self.cv = threading.Condition()
+        self.busy = 0  # request threads running outside a denoiser call
+        self.pending: list[_Call] = []
+        self.stats = BatcherStats()
+        # Held by the request thread running pipeline code outside a denoiser call: one at a
+        # time, as pipelines and their modules keep per-call state on themselves (a causal VAE's
+        # feature cache, a prior model's generation state) that two calls side by side would
+        # share. Only the batched forwards, in the runner's thread, run beside them.
+        self.outside = threading.Lock()
+        # Per request thread: how many calls shared each of its forwards (``sizes``).
+        self.local = threading.local()
+
+    # -- request threads --------------------------------------------------------------------
+    def started(self) -> None:
+        with self.cv:
+            self.busy += 1
+
+    def finished(self) -> None:
+        with self.cv:
+            self.busy -= 1
+            self.cv.notify_all()
+
+    def submit(self, module, forward, args: tuple, kwargs: dict[str, Any]) -> Any:
+        if args:  # diffusers pipelines call their denoisers by keyword; name what is not
+            import inspect
+
+            params = list(inspect.signature(forward).parameters)
+            kwargs = {**dict(zip(params, args)), **kwargs}
+        size = _sample_count(kwargs)
+        call = _Call(module, forward, kwargs, size or 0,
+                     _key(module, kwargs, size, self.padding))
+        with self.cv:
+            self.pending.append(call)
+            self.busy -= 1
+            self.outside.release()
+            self.cv.notify_all()
+            while not call.done:
+                self.cv.wait()
+        self.outside.acquire()
+        sizes = getattr(self.local, "sizes", None)
+        if sizes is not None:
+            sizes.append(call.shared)
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    # -- the runner's thread ----------------------------------------------------------------
+    def wait_round(self, timeout: float) -> bool:
+        """True once no request thread is busy (all wait at a denoiser call or have finished);
+        False after ``timeout`` (the runner checks for new requests meanwhile)."""
+        with self.cv:
+            return self.cv.wait_for(lambda: self.busy == 0, timeout)
+
+    def run_round(self) -> int:
+        """Runs the waiting calls, grouped; the number of forwards it took."""
+        with self.cv:
+            calls, self.pending = self.pending, []
+        groups: list[list[_Call]] = []
+        masks = {p.mask for p in self.padding.values()}
+        for call in calls:
+            for g in groups:
+                if g[0].key == call.key and _same_shared(g[0], call, masks):
+                    g.append(call)
+                    break
+            else:
+                groups.append([call])
+        for group in groups:
+            try:
+                if len(group) == 1:
+                    group[0].result = group[0].forward(**group[0].kwargs)
+                else:
+                    out = group[0].forward(**_merge(group, self.padding))
+                    for c, part in zip(group, _split(out, [c.size for c in group])):
+                        c.result = part
+            except BaseException as e:  # every request of the forward fails with it
+                for c in group:
+                    c.error = e
+            for c in group:
+                c.shared = len(group)
+            self.stats.forwards += 1
+            self.stats.calls += len(group)
+            self.stats.sizes.append(len(group))
+        with self.cv:
+            for c in calls:
+                c.done = True
+            # Counted busy here, not when each thread wakes: the next round must wait for them.
+            self.busy += len(calls)
+            self.cv.notify_all()
+        return len(groups)
+
+
+class _BatchingHook(ModelHook):
+    """Sends a request thread's denoiser call to the batcher (the runner's own calls, e.g. a
+    warm-up outside step batching, run as usual)."""
+
+    def __init__(self, batcher: StepBatcher, threads: set[int]):
+        super().__init__()
+        self.batcher = batcher
+        self.threads = threads
+
+    def new_forward(self, module, *args, **kwargs):
+        if threading.get_ident() not in self.threads:
+            return self.fn_ref.original_forward(*args, **kwargs)
+        return self.batcher.submit(module, self.fn_ref.original_forward, args, kwargs)
+
+
+def install(denoisers: list[torch.nn.Module], batcher: StepBatcher, threads: set[int]) -> None:
+    for module in denoisers:
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(
+            _BatchingHook(batcher, threads), HOOK)
+
+
+def remove(denoisers: list[torch.nn.Module]) -> None:
+    for module in denoisers:
+        HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK, recurse=False)
+
+
+def pipeline_view(pipe: Any) -> Any:
+    """A pipeline sharing ``pipe``'s modules with a scheduler of its own: a call keeps its
+    timesteps and step index on the scheduler, and its guidance and the like on the pipeline
+    object, so concurrent calls each need their own."""
+    view = copy.copy(pipe)
+    object.__setattr__(view, "scheduler", copy.deepcopy(pipe.scheduler))
+    return view
