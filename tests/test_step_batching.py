@@ -66,8 +66,10 @@ def test_mixed_requests_join_and_equal_the_plain_engine(tiny_qwen_image, omni):
         assert len(a.images) == len(b.images)
         for x, y in zip(a.images, b.images):
             assert float(np.abs(x - y).max()) <= TOL
-    # Each shared forwards, but the one 48-wide request: no other has its image token count.
-    assert [o.metrics["batch_size"] > 1 for o in got] == [True, True, False, True, True]
+    # The first two start together and share; who shares with the later ones depends on when
+    # they join. The one 48-wide request shares with none: no other has its token count.
+    assert got[0].metrics["batch_size"] > 1 and got[1].metrics["batch_size"] > 1
+    assert got[2].metrics["batch_size"] == 1
     assert all(o.metrics["first_step_s"] >= o.metrics["queue_wait_s"] for o in got)
 
 

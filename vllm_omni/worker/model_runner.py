@@ -176,10 +176,11 @@ class ModelRunner:
                 threads.append(t)
 
         def take(block: bool) -> bool:
-            """Starts what joined; False once the engine said it has no more."""
+            """Starts what joined (waiting for it if ``block``, else up to 50 ms); False once
+            the engine said it has no more."""
             while True:
                 try:
-                    msg = joins.get(timeout=1.0) if block else joins.get_nowait()
+                    msg = joins.get(timeout=1.0 if block else 0.05)
                 except queue.Empty:
                     if block:
                         continue
@@ -194,20 +195,15 @@ class ModelRunner:
         start(batch)
         more = True
         try:
+            # The request threads run everything themselves; this one starts those that join.
             while True:
+                alive = [t for t in threads if t.is_alive()]
                 if more:
-                    more = take(block=False)
-                if not batcher.wait_round(0.05):
+                    more = take(block=not alive)
                     continue
-                if batcher.run_round():
-                    continue
-                if any(t.is_alive() for t in threads):  # ending: let them leave
-                    for t in threads:
-                        t.join(0.05)
-                    continue
-                if not more:
+                if not alive:
                     return
-                more = take(block=True)
+                alive[0].join(0.05)
         finally:
             for t in threads:
                 t.join()

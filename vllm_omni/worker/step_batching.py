@@ -193,13 +193,15 @@ class BatcherStats:
 
 
 class StepBatcher:
-    """Where the request threads' denoiser calls wait for the runner's thread to run them."""
+    """Where the request threads' denoiser calls wait until every running request has reached
+    one (or finished); the thread that completes the round runs it for all."""
 
     def __init__(self, padding: dict[str, Padding] | None = None) -> None:
         self.padding = dict(padding or {})
         self.cv = threading.Condition()
         self.busy = 0  # request threads running outside a denoiser call
         self.pending: list[_Call] = []
+        self.leading = False  # a thread is running a round
         self.stats = BatcherStats()
         # Held by the request thread running pipeline code outside a denoiser call: one at a
         # time, as pipelines and their modules keep per-call state on themselves (a causal VAE's
@@ -211,13 +213,15 @@ class StepBatcher:
 
     # -- request threads --------------------------------------------------------------------
     def started(self) -> None:
+        """A request thread is about to start (counted before it runs)."""
         with self.cv:
             self.busy += 1
 
     def finished(self) -> None:
+        """A request thread is done; if the others all wait, it runs their round first."""
         with self.cv:
             self.busy -= 1
-            self.cv.notify_all()
+        self._lead()
 
     def submit(self, module, forward, args: tuple, kwargs: dict[str, Any]) -> Any:
         if args:  # diffusers pipelines call their denoisers by keyword; name what is not
@@ -231,8 +235,11 @@ class StepBatcher:
         with self.cv:
             self.pending.append(call)
             self.busy -= 1
-            self.outside.release()
-            self.cv.notify_all()
+        self.outside.release()
+        # The thread that completes a round runs it: the forwards stay on a thread that was
+        # computing anyway (a lone request runs its own, with no hand-off).
+        self._lead()
+        with self.cv:
             while not call.done:
                 self.cv.wait()
         self.outside.acquire()
@@ -243,17 +250,28 @@ class StepBatcher:
             raise call.error
         return call.result
 
-    # -- the runner's thread ----------------------------------------------------------------
-    def wait_round(self, timeout: float) -> bool:
-        """True once no request thread is busy (all wait at a denoiser call or have finished);
-        False after ``timeout`` (the runner checks for new requests meanwhile)."""
+    def _lead(self) -> None:
+        """Runs the round if every running request waits at a denoiser call (or has finished)
+        and no other thread is running one."""
         with self.cv:
-            return self.cv.wait_for(lambda: self.busy == 0, timeout)
-
-    def run_round(self) -> int:
-        """Runs the waiting calls, grouped; the number of forwards it took."""
-        with self.cv:
+            if self.leading or self.busy or not self.pending:
+                return
+            self.leading = True
             calls, self.pending = self.pending, []
+        try:
+            with torch.inference_mode():  # also from a thread that has left its pipeline call
+                self._run(calls)
+        finally:
+            with self.cv:
+                for c in calls:
+                    c.done = True
+                # Counted busy here, not as each thread wakes: the next round waits for them.
+                self.busy += len(calls)
+                self.leading = False
+                self.cv.notify_all()
+
+    def _run(self, calls: list[_Call]) -> None:
+        """The waiting calls, grouped by what fits together, one forward per group."""
         groups: list[list[_Call]] = []
         masks = {p.mask for p in self.padding.values()}
         for call in calls:
@@ -279,13 +297,6 @@ class StepBatcher:
             self.stats.forwards += 1
             self.stats.calls += len(group)
             self.stats.sizes.append(len(group))
-        with self.cv:
-            for c in calls:
-                c.done = True
-            # Counted busy here, not when each thread wakes: the next round must wait for them.
-            self.busy += len(calls)
-            self.cv.notify_all()
-        return len(groups)
 
 
 class _BatchingHook(ModelHook):
