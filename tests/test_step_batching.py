@@ -181,3 +181,22 @@ def test_merge_pads_prompts_and_splits_outputs():
     parts = sb._split(out, [1, 2])
     assert parts[0].sample.tolist() == [[0.0, 1.0]] and parts[1].sample.shape == (2, 2)
     assert [p[0].shape[0] for p in sb._split((torch.zeros(3, 1),), [1, 2])] == [1, 2]
+
+
+def test_merge_builds_the_mask_when_one_call_has_none():
+    from vllm_omni.worker import step_batching as sb
+
+    pad = {"encoder_hidden_states": sb.Padding(1, "encoder_hidden_states_mask")}
+    module = torch.nn.Identity()
+    calls = []
+    for b, mask in ((2, torch.tensor([[1, 1, 1], [1, 1, 0]])), (1, None)):
+        kw = {"hidden_states": torch.randn(b, 4, 2), "encoder_hidden_states": torch.randn(b, 3, 3),
+              "encoder_hidden_states_mask": mask}
+        calls.append(sb._Call(module, None, kw, b, sb._key(module, kw, b, pad)))
+    assert calls[0].key == calls[1].key
+    merged = sb._merge(calls, pad)
+    assert merged["encoder_hidden_states_mask"].tolist() == [
+        [True, True, True], [True, True, False], [True, True, True]]
+    no_masks = [sb._Call(module, None, {**c.kwargs, "encoder_hidden_states_mask": None}, c.size,
+                         c.key) for c in calls]
+    assert sb._merge(no_masks, pad)["encoder_hidden_states_mask"] is None

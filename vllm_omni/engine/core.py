@@ -142,9 +142,8 @@ class EngineCore:
                 on_output(out)
             else:
                 done.append(out)
-            top_up()
 
-        def poll_and_top_up() -> None:
+        def poll_and_top_up() -> None:  # after every message from the workers, and while idle
             if poll is not None:
                 poll()
             top_up()

@@ -126,7 +126,8 @@ class Join:
 
 
 @dataclass
-class RequestOutput:
-    """Rank 0 -> engine, with step batching: one request finished (the others run on)."""
+class RequestOutputs:
+    """Rank 0 -> engine, with step batching: the requests of one pipeline call finished (the
+    others run on). Together, so the engine tops up with as many at once."""
 
-    output: Any
+    outputs: list[Any]

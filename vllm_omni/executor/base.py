@@ -124,8 +124,9 @@ class Executor(ABC):
                 on_progress(msg.request_ids, msg.step, msg.total)
             elif isinstance(msg, m.PartialImage) and on_partial is not None:
                 on_partial(msg.request_id, msg.index, msg.image)
-            elif isinstance(msg, m.RequestOutput) and on_output is not None:
-                on_output(msg.output)
+            elif isinstance(msg, m.RequestOutputs) and on_output is not None:
+                for out in msg.outputs:
+                    on_output(out)
             if poll is not None:
                 poll()
             if failed and grace_end is None and world > 1:

@@ -13,6 +13,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -159,21 +160,34 @@ class ModelRunner:
                       partial: PartialFn | None, emit, joins: queue.Queue, batch_id: str) -> None:
         """Step batching: runs ``batch`` and the requests that join it (``joins``: lists of
         requests; an empty list when the engine has no more) until all have finished, each
-        request on its own thread; ``emit`` gets each output as its request finishes."""
+        pipeline call on its own thread; ``emit`` gets each call's outputs as it finishes."""
         batcher = self.batcher
         threads: list[threading.Thread] = []
 
         def start(reqs: list[DiffusionRequest]) -> None:
+            """Requests that arrive together with one batch key run as one pipeline call, as
+            without step batching; each call on a thread of its own."""
+            groups: dict[Any, list[DiffusionRequest]] = {}
             for req in reqs:
-                refusal = self._refusal(req)
-                if refusal is not None:
-                    emit(DiffusionOutput(req.request_id, error=refusal))
+                try:
+                    self.adapter.check_loaded(self.pipe, req)
+                except InvalidRequestError as e:
+                    emit([DiffusionOutput(req.request_id, error=e)])
                     continue
-                batcher.started()
-                t = threading.Thread(target=self._run_request, name=f"request-{req.request_id}",
-                                     args=(req, progress, partial, emit), daemon=True)
-                t.start()
-                threads.append(t)
+                key = self.adapter.batch_key(req)
+                groups.setdefault(req.request_id if key is None else (key, req.loras),
+                                  []).append(req)
+            for group in groups.values():
+                calls, refused = self._plan_memory(group)
+                if refused:
+                    emit([DiffusionOutput(group[i].request_id, error=e)
+                          for i, e in refused.items()])
+                for call in calls:
+                    batcher.started()
+                    t = threading.Thread(target=self._run_call, args=(
+                        [group[i] for i in call], progress, partial, emit), daemon=True)
+                    t.start()
+                    threads.append(t)
 
         def take(block: bool) -> bool:
             """Starts what joined (waiting for it if ``block``, else up to 50 ms); False once
@@ -208,34 +222,28 @@ class ModelRunner:
             for t in threads:
                 t.join()
 
-    def _refusal(self, req: DiffusionRequest) -> InvalidRequestError | None:
-        """Why ``req`` cannot run even alone (what ``execute`` checks for a batch)."""
-        try:
-            self.adapter.check_loaded(self.pipe, req)
-        except InvalidRequestError as e:
-            return e
-        _, refused = self._plan_memory([req])
-        return refused.get(0)
-
-    def _run_request(self, req: DiffusionRequest, progress: ProgressFn | None,
-                     partial: PartialFn | None, emit) -> None:
+    def _run_call(self, reqs: list[DiffusionRequest], progress: ProgressFn | None,
+                  partial: PartialFn | None, emit) -> None:
+        """One pipeline call of step batching, on its own thread."""
         ident = threading.get_ident()
         self._step_threads.add(ident)
         self.batcher.local.sizes = sizes = []
+        self.batcher.local.requests = len(reqs)
         self.batcher.outside.acquire()
         try:
             with torch.inference_mode():
-                out = self._run([req], progress, partial)[req.request_id]
-            if sizes:  # requests per denoiser forward it took part in, on average
-                out.metrics["batch_size"] = sum(sizes) / len(sizes)
+                outs = self._run(reqs, progress, partial)
+            for out in outs.values():
+                if sizes:  # requests per denoiser forward it took part in, on average
+                    out.metrics["batch_size"] = sum(sizes) / len(sizes)
         except BaseException as e:  # never lose a request
-            out = DiffusionOutput(req.request_id, error=errors.GenerationError(
-                f"generation failed: {type(e).__name__}: {e}"))
+            outs = {r.request_id: DiffusionOutput(r.request_id, error=errors.GenerationError(
+                f"generation failed: {type(e).__name__}: {e}")) for r in reqs}
         finally:
             self._step_threads.discard(ident)
             self.batcher.outside.release()
         try:
-            emit(out)
+            emit([outs[req.request_id] for req in reqs])
         finally:
             self.batcher.finished()
 

@@ -42,7 +42,8 @@ class _Call:
     result: Any = None
     error: BaseException | None = None
     done: bool = False
-    shared: int = 1  # calls in the forward that served it
+    requests: int = 1  # requests of the pipeline call it came from
+    shared: int = 1  # requests in the forward that served it
 
 
 def _sample_count(kwargs: dict[str, Any]) -> int | None:
@@ -123,14 +124,17 @@ def _same_shared(a: _Call, b: _Call, masks: set[str]) -> bool:
 
 def _merge(calls: list[_Call], padding: dict[str, Padding]) -> dict[str, Any]:
     first = calls[0]
+    masks = {p.mask for p in padding.values()}
     merged = {}
     for name, v in first.kwargs.items():
+        if name in masks:  # built with the input it masks (a call may have passed None)
+            continue
         if name in padding and isinstance(v, torch.Tensor):
             pad = padding[name]
             lengths = [c.kwargs[name].shape[pad.dim] for c in calls]
             if len(set(lengths)) > 1:
                 longest = max(lengths)
-                parts, masks = [], []
+                parts, real = [], []
                 for c, n in zip(calls, lengths):
                     x = c.kwargs[name]
                     widths = [0, 0] * (x.ndim - 1 - pad.dim) + [0, longest - n]
@@ -139,13 +143,10 @@ def _merge(calls: list[_Call], padding: dict[str, Padding]) -> dict[str, Any]:
                     if mask is None:
                         mask = torch.ones(x.shape[:pad.dim + 1], dtype=torch.bool,
                                           device=x.device)
-                    masks.append(torch.nn.functional.pad(mask.to(torch.bool),
-                                                         [0, longest - n]))
+                    real.append(torch.nn.functional.pad(mask.to(torch.bool), [0, longest - n]))
                 merged[name] = torch.cat(parts)
-                merged[pad.mask] = torch.cat(masks)
+                merged[pad.mask] = torch.cat(real)
                 continue
-        if name in merged:  # a mask _merge already built
-            continue
         if not _is_per_sample(name, v, first.size):
             merged[name] = v
         elif isinstance(v, torch.Tensor):
@@ -155,14 +156,13 @@ def _merge(calls: list[_Call], padding: dict[str, Padding]) -> dict[str, Any]:
         else:
             merged[name] = [x for c in calls for x in c.kwargs[name]]
     for name, pad in padding.items():  # equal lengths: each call's mask, or none at all
-        if pad.mask in merged or name not in merged:
+        if pad.mask in merged or pad.mask not in first.kwargs:
             continue
-        masks = [c.kwargs.get(pad.mask) for c in calls]
-        if any(m is not None for m in masks):
-            merged[pad.mask] = torch.cat([
-                m.to(torch.bool) if m is not None else torch.ones(
-                    c.kwargs[name].shape[:pad.dim + 1], dtype=torch.bool,
-                    device=c.kwargs[name].device) for c, m in zip(calls, masks)])
+        given = [c.kwargs.get(pad.mask) for c in calls]
+        merged[pad.mask] = None if all(m is None for m in given) else torch.cat([
+            m.to(torch.bool) if m is not None else torch.ones(
+                c.kwargs[name].shape[:pad.dim + 1], dtype=torch.bool,
+                device=c.kwargs[name].device) for c, m in zip(calls, given)])
     return merged
 
 
@@ -231,7 +231,8 @@ class StepBatcher:
             kwargs = {**dict(zip(params, args)), **kwargs}
         size = _sample_count(kwargs)
         call = _Call(module, forward, kwargs, size or 0,
-                     _key(module, kwargs, size, self.padding))
+                     _key(module, kwargs, size, self.padding),
+                     requests=getattr(self.local, "requests", 1))
         with self.cv:
             self.pending.append(call)
             self.busy -= 1
@@ -293,7 +294,7 @@ class StepBatcher:
                 for c in group:
                     c.error = e
             for c in group:
-                c.shared = len(group)
+                c.shared = sum(x.requests for x in group)
             self.stats.forwards += 1
             self.stats.calls += len(group)
             self.stats.sizes.append(len(group))

@@ -90,9 +90,9 @@ class Worker:
             self.out.put(m.PartialImage(request_id, index, image))
 
         if self.runner.batcher is not None:
-            def emit(out):
+            def emit(outs):
                 if lead:
-                    self.out.put(m.RequestOutput(out))
+                    self.out.put(m.RequestOutputs(outs))
 
             self.runner.execute_steps(batch, progress if want_progress and lead else None,
                                       partial if lead else None, emit, self.joins,
