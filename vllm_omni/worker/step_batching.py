@@ -2,20 +2,21 @@
 pipeline call on a thread of its own; their denoiser calls meet here, and those that fit together
 run as one batched forward whose output is split back to each request.
 
-A round runs once every running request is either waiting at a denoiser call or finished, so
-which calls share a forward depends only on the requests, not on timing. Calls fit together when
-the denoiser is the same and everything but the per-sample inputs is equal: the per-sample
-inputs (latents, text embeddings, masks, timesteps, guidance, shapes) may differ in content but
-not in shape, so requests of one size and prompt length share work whatever their steps,
-guidance, seeds or progress. A request enters at its first denoiser call and leaves after its
-last; the runner starts new ones between rounds (``ModelRunner.execute_steps``).
+A round runs once every running call is either waiting at a denoiser call or finished, so which
+calls share a forward depends on the calls, not on timing. Calls fit together when the denoiser
+is the same and everything but the per-sample inputs is equal: the per-sample inputs (latents,
+text embeddings, masks, timesteps, guidance, shapes) may differ in content but not in shape
+(prompt lengths aside, where the adapter declares a ``Padding``), so requests of one size share
+work whatever their steps, guidance, seeds or progress. A request enters at its first denoiser
+call and leaves after its last; ``ModelRunner.execute_steps`` starts the calls and those that
+join.
 """
 
 from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -185,13 +186,6 @@ def _split(out: Any, sizes: list[int]) -> list[Any]:
     raise ValueError(f"cannot split a denoiser output of type {type(out).__name__}")
 
 
-@dataclass
-class BatcherStats:
-    forwards: int = 0  # batched forwards run
-    calls: int = 0  # denoiser calls they served
-    sizes: list[int] = field(default_factory=list)  # requests per forward, since last read
-
-
 class StepBatcher:
     """Where the request threads' denoiser calls wait until every running request has reached
     one (or finished); the thread that completes the round runs it for all."""
@@ -202,13 +196,13 @@ class StepBatcher:
         self.busy = 0  # request threads running outside a denoiser call
         self.pending: list[_Call] = []
         self.leading = False  # a thread is running a round
-        self.stats = BatcherStats()
         # Held by the request thread running pipeline code outside a denoiser call: one at a
         # time, as pipelines and their modules keep per-call state on themselves (a causal VAE's
         # feature cache, a prior model's generation state) that two calls side by side would
-        # share. Only the batched forwards, in the runner's thread, run beside them.
+        # share. Only the forwards of a round run without it.
         self.outside = threading.Lock()
-        # Per request thread: how many calls shared each of its forwards (``sizes``).
+        # Per request thread: its call's request count (``requests``), and how many requests
+        # shared each of its forwards (``sizes``).
         self.local = threading.local()
 
     # -- request threads --------------------------------------------------------------------
@@ -295,9 +289,6 @@ class StepBatcher:
                     c.error = e
             for c in group:
                 c.shared = sum(x.requests for x in group)
-            self.stats.forwards += 1
-            self.stats.calls += len(group)
-            self.stats.sizes.append(len(group))
 
 
 class _BatchingHook(ModelHook):
@@ -319,11 +310,6 @@ def install(denoisers: list[torch.nn.Module], batcher: StepBatcher, threads: set
     for module in denoisers:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(
             _BatchingHook(batcher, threads), HOOK)
-
-
-def remove(denoisers: list[torch.nn.Module]) -> None:
-    for module in denoisers:
-        HookRegistry.check_if_exists_or_initialize(module).remove_hook(HOOK, recurse=False)
 
 
 def pipeline_view(pipe: Any) -> Any:
