@@ -29,7 +29,7 @@ import time
 
 import requests
 
-from common import machine, model_dir, start_server, stop_server
+from common import machine, model_dir, percentile, start_server, stop_server
 
 
 def served_by_replica(url: str) -> dict[str, float]:
@@ -67,8 +67,7 @@ def arm(model_dir: str, flags: list[str], args: argparse.Namespace) -> dict:
         return {"flags": " ".join(flags) or "(one replica)",
                 "images_per_s": round(args.requests / wall, 3),
                 "p50_s": round(latencies[len(latencies) // 2], 3),
-                "p99_s": round(latencies[min(len(latencies) - 1,
-                                             round(0.99 * (len(latencies) - 1)))], 3),
+                "p99_s": round(percentile(latencies, 99), 3),
                 "requests_by_replica": {r: after[r] - before.get(r, 0) for r in sorted(after)}}
     finally:
         stop_server(proc)

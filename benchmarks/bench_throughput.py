@@ -28,18 +28,13 @@ import os
 import platform
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 
+from common import add_model_args, model_dir, percentile, start_server, stop_server
+
 PROMPTS = ["a lighthouse on a rocky coast at dusk", "a red fox in the snow",
            "an astronaut riding a horse on the moon", "a painting of a city street in the rain"]
-
-
-def percentile(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 def workload(kind: str, n: int, steps: int) -> list[dict]:
@@ -118,40 +113,7 @@ def first_step(url: str) -> tuple[float, float]:
     return total, count
 
 
-def serve(model: str, flags: list[str], args) -> tuple[subprocess.Popen, str]:
-    import requests
-
-    from vllm_omni.utils.proc import free_port
-
-    port = free_port()
-    log = open(os.path.join(tempfile.gettempdir(), f"bench_throughput_{len(flags)}.log"), "w")
-    vllm = os.path.join(os.path.dirname(sys.executable), "vllm")
-    server = subprocess.Popen(
-        [vllm, "serve", model, "--omni", "--port", str(port), "--host", "127.0.0.1",
-         "--max-num-seqs", str(args.max_num_seqs), "--max-queue-len", "1024",
-         "--warmup-sizes", args.size, "--disable-uvicorn-access-log", *flags],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env={**os.environ, **({"OMP_NUM_THREADS": str(args.server_threads)}
-                               if args.server_threads else {})})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if server.poll() is not None:
-            raise RuntimeError(f"server exited; see {log.name}")
-        try:
-            if requests.get(url + "/health", timeout=2).status_code == 200:
-                return server, url
-        except requests.RequestException:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError("server did not become healthy")
-        time.sleep(0.5)
-
-
 def main() -> None:
-    sys.path.insert(0, os.path.dirname(__file__))
-    from common import add_model_args, model_dir  # noqa: E402
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     # The tiny model at 32x32 spends its time in the transformer steps, which batching shares;
     # at 128x128 its full-resolution VAE dominates (docs/serving.md).
@@ -176,7 +138,11 @@ def main() -> None:
     flags = {"batching": [], "step": ["--step-batching"]}
     rows = []
     for arm in args.arms.split(","):
-        server, url = serve(model, flags[arm], args)
+        server, url, _ = start_server(
+            model, os.path.join(tempfile.gettempdir(), f"bench_throughput_{arm}.log"),
+            "--max-num-seqs", str(args.max_num_seqs), "--max-queue-len", "1024",
+            "--warmup-sizes", args.size, *flags[arm],
+            env={"OMP_NUM_THREADS": str(args.server_threads)} if args.server_threads else None)
         try:
             for kind in kinds:
                 for c in levels:
@@ -191,8 +157,7 @@ def main() -> None:
                                  "p99_s": round(percentile(lat, 99), 3),
                                  "first_step_mean_s": round(ttfs, 3)})
         finally:
-            server.terminate()
-            server.wait(30)
+            stop_server(server)
 
     ratios = {}
     for kind in kinds:

@@ -39,9 +39,10 @@ def model_and_params(args: argparse.Namespace):
 
 
 # -- a served model --------------------------------------------------------------------------------
-def start_server(model_dir: str, log_path: str, *extra: str, wait: bool = True):
+def start_server(model_dir: str, log_path: str, *extra: str, wait: bool = True,
+                 env: dict[str, str] | None = None):
     """``vllm serve MODEL --omni`` on a free port: (process, URL, launch time (monotonic)),
-    once healthy unless ``wait`` is False."""
+    once healthy unless ``wait`` is False. ``env``: set for the server, over this process's."""
     import subprocess
     import sys
     import time
@@ -56,7 +57,7 @@ def start_server(model_dir: str, log_path: str, *extra: str, wait: bool = True):
     proc = subprocess.Popen([vllm, "serve", model_dir, "--omni", "--host", "127.0.0.1",
                              "--port", str(port), "--disable-uvicorn-access-log", *extra],
                             stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while wait and time.monotonic() < deadline:
@@ -80,6 +81,12 @@ def stop_server(proc) -> None:
 
     os.killpg(proc.pid, signal.SIGTERM)
     proc.wait(60)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The ``q``-th percentile of ``xs`` (nearest rank)."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
 
 
 def machine() -> str:
