@@ -20,6 +20,7 @@ import torch
 from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.distributed.groups import ParallelGroups
 from vllm_omni.engine import errors
+from vllm_omni.engine.core import batch_key
 from vllm_omni.engine.errors import InvalidRequestError, RequestTooLargeError
 from vllm_omni.engine.messages import CANCEL_REASONS
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialFn, ProgressFn
@@ -135,14 +136,7 @@ class ModelRunner:
         """Runs ``batch`` (requests of one batch key) as one pipeline call; as several in turn
         where the whole batch would not fit in memory, and refusing (400) each request whose
         estimated memory does not fit even alone."""
-        outputs: dict[str, DiffusionOutput] = {}
-        runnable = []
-        for req in batch:
-            try:  # the same answer on every rank: it depends on the request alone
-                self.adapter.check_loaded(self.pipe, req)
-                runnable.append(req)
-            except InvalidRequestError as e:
-                outputs[req.request_id] = DiffusionOutput(req.request_id, error=e)
+        runnable, outputs = self._loadable(batch)
         if runnable:
             calls, refused = self._plan_memory(runnable)
             for i in refused:
@@ -167,16 +161,13 @@ class ModelRunner:
         def start(reqs: list[DiffusionRequest]) -> None:
             """Requests that arrive together with one batch key run as one pipeline call, as
             without step batching; each call on a thread of its own."""
+            runnable, refused = self._loadable(reqs)
+            if refused:
+                emit(list(refused.values()))
             groups: dict[Any, list[DiffusionRequest]] = {}
-            for req in reqs:
-                try:
-                    self.adapter.check_loaded(self.pipe, req)
-                except InvalidRequestError as e:
-                    emit([DiffusionOutput(req.request_id, error=e)])
-                    continue
-                key = self.adapter.batch_key(req)
-                groups.setdefault(req.request_id if key is None else (key, req.loras),
-                                  []).append(req)
+            for req in runnable:
+                key = batch_key(self.adapter, req)
+                groups.setdefault(req.request_id if key is None else key, []).append(req)
             for group in groups.values():
                 calls, refused = self._plan_memory(group)
                 if refused:
@@ -221,6 +212,19 @@ class ModelRunner:
         finally:
             for t in threads:
                 t.join()
+
+    def _loadable(self, reqs: list[DiffusionRequest]
+                  ) -> tuple[list[DiffusionRequest], dict[str, DiffusionOutput]]:
+        """The requests that pass the checks needing the loaded pipeline, and the refusal of
+        each other (the same answer on every rank: it depends on the request alone)."""
+        runnable, refused = [], {}
+        for req in reqs:
+            try:
+                self.adapter.check_loaded(self.pipe, req)
+                runnable.append(req)
+            except InvalidRequestError as e:
+                refused[req.request_id] = DiffusionOutput(req.request_id, error=e)
+        return runnable, refused
 
     def _run_call(self, reqs: list[DiffusionRequest], progress: ProgressFn | None,
                   partial: PartialFn | None, emit) -> None:
