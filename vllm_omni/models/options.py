@@ -17,13 +17,13 @@ MAX_SEED = 2**63 - 1
 MAX_GUIDANCE_SCALE = 100.0
 TASKS = frozenset({"generate", "edit"})  # /v1/images/generations, /v1/images/edits
 _KINDS = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-          list: "a list of integers"}
+          list[int]: "a list of integers", list[float]: "a list of numbers"}
 
 
 @dataclass(frozen=True)
 class Option:
     name: str
-    type: Any  # bool, int, float, str or list[int]
+    type: Any  # bool, int, float, str, list[int] or list[float]
     doc: str  # one line, for /openapi.json (say the default there)
     ge: float | None = None  # bounds (of each item, for a list)
     le: float | None = None
@@ -60,7 +60,7 @@ class Option:
             self._validator.validate_python(value)
         except ValidationError:
             what = "one of " + ", ".join(map(str, self.choices)) if self.choices \
-                else _KINDS[get_origin(self.type) or self.type]
+                else _KINDS[self.type]
             if self.le is not None:
                 what += f" between {self.ge:g} and {self.le:g}"
             elif self.ge is not None:

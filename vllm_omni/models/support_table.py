@@ -17,6 +17,7 @@ from vllm_omni.models.registry import ADAPTERS
 
 BEGIN, END = "<!-- models:begin -->", "<!-- models:end -->"
 TASKS = {"text-to-image": "text → image", "image-edit": "image edit (`/v1/images/edits`)",
+         "image-generate-edit": "text → image, image edit (`/v1/images/edits`)",
          "image-layers": "image → RGBA layers (`/v1/images/edits`)",
          "text-to-video": "text → video (`/v1/videos`)",
          "image-to-video": "image → video (`/v1/videos`, `input_reference`)",

@@ -646,6 +646,116 @@ def build_stable_audio():
                                tokenizer=tokenizer, transformer=transformer, scheduler=scheduler)
 
 
+# -- BAGEL (our own modelling, in its published checkpoint layout) ------------------------------
+def _original_ae_names(vae) -> list[str]:
+    """The parameter names of ``vae`` in FLUX's original autoencoder layout (``ae.safetensors``)."""
+    chans, blocks = list(vae.config.block_out_channels), vae.config.layers_per_block
+    conv = lambda p: [f"{p}.weight", f"{p}.bias"]  # noqa: E731
+    def resnet(p, cin, cout):
+        names = [n for part in ("norm1", "conv1", "norm2", "conv2") for n in conv(f"{p}.{part}")]
+        return names + (conv(f"{p}.nin_shortcut") if cin != cout else [])
+    def mid(p, c):
+        return (resnet(f"{p}.mid.block_1", c, c) + resnet(f"{p}.mid.block_2", c, c)
+                + [n for part in ("norm", "q", "k", "v", "proj_out")
+                   for n in conv(f"{p}.mid.attn_1.{part}")])
+    names, cin = conv("encoder.conv_in"), chans[0]
+    for i, c in enumerate(chans):
+        for j in range(blocks):
+            names += resnet(f"encoder.down.{i}.block.{j}", cin, c)
+            cin = c
+        if i < len(chans) - 1:
+            names += conv(f"encoder.down.{i}.downsample.conv")
+    names += mid("encoder", cin) + conv("encoder.norm_out") + conv("encoder.conv_out")
+    names += conv("decoder.conv_in") + mid("decoder", chans[-1])
+    cin = chans[-1]
+    for i in reversed(range(len(chans))):
+        for j in range(blocks + 1):
+            names += resnet(f"decoder.up.{i}.block.{j}", cin, chans[i])
+            cin = chans[i]
+        if i > 0:
+            names += conv(f"decoder.up.{i}.upsample.conv")
+    return names + conv("decoder.norm_out") + conv("decoder.conv_out")
+
+
+def original_ae_state(vae) -> dict:
+    """``vae``'s weights as ``ae.safetensors`` holds them: diffusers' own single-file converter,
+    run on labelled placeholders, tells which original name each diffusers weight comes from."""
+    import torch
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    names = _original_ae_names(vae)
+    labels = convert_ldm_vae_checkpoint({n: torch.tensor([float(i)]) for i, n in enumerate(names)},
+                                        dict(vae.config))
+    ours = vae.state_dict()
+    if set(labels) != set(ours):
+        raise RuntimeError(f"layout mismatch: {sorted(set(labels) ^ set(ours))[:4]}")
+    state = {}
+    for key, label in labels.items():
+        name = names[int(label.item())]
+        w = ours[key]
+        state[name] = w[:, :, None, None] if name.split(".")[-2] in ("q", "k", "v", "proj_out") \
+            and name.endswith("weight") else w
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+class BagelCheckpoint:
+    """A BAGEL checkpoint directory as ``ByteDance-Seed/BAGEL-7B-MoT`` publishes it."""
+
+    def __init__(self, files: dict, tensors: dict, tokenizer):
+        self.files, self.tensors, self.tokenizer = files, tensors, tokenizer
+
+    def save_pretrained(self, out_dir: str, safe_serialization: bool = True) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(out_dir, exist_ok=True)
+        for name, data in self.files.items():
+            with open(os.path.join(out_dir, name), "w") as f:
+                json.dump(data, f, indent=2)
+        for name, state in self.tensors.items():
+            save_file(state, os.path.join(out_dir, name))
+        self.tokenizer.save_pretrained(out_dir)
+
+
+def build_bagel():
+    """BAGEL-7B-MoT's layout at toy widths: a 2-layer Mixture-of-Transformers Qwen2 (hidden 64),
+    a 2-layer SigLIP (BAGEL drops the last: 1 is used), FLUX's autoencoder topology (4 levels,
+    32 channels, GroupNorm 32 as in BAGEL's), 8x8-patch position tables (so images up to 128²
+    and ViT inputs up to 112²) and a Qwen2 tokenizer with BAGEL's special tokens."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    from vllm_omni.models.bagel.modeling import Bagel, BagelConfig, sincos_2d
+
+    tokenizer = build_qwen2_tokenizer()
+    llm = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=512, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                      tie_word_embeddings=False)
+    side = 8
+    vit = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=2, patch_size=14, image_size=side * 14)
+    used = SiglipVisionConfig(**{**vit.to_dict(), "num_hidden_layers": 1})
+    ids = tokenizer.convert_tokens_to_ids
+    torch.manual_seed(0)
+    model = Bagel(llm, used, BagelConfig(max_latent_size=side, vit_max_num_patch_per_side=side),
+                  ids("<|vision_start|>"), ids("<|vision_end|>"))
+    state = dict(model.state_dict())
+    state["latent_pos_embed.pos_embed"] = sincos_2d(side, 64)
+    state["vit_pos_embed.pos_embed"] = sincos_2d(side, 64)
+    state["language_model.lm_head.weight"] = torch.randn(len(tokenizer), 64) * 0.02
+    torch.manual_seed(1)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32,) * 4,
+                        layers_per_block=1, latent_channels=16, norm_num_groups=32,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    files = {"llm_config.json": llm.to_diff_dict() | {"architectures": ["Qwen2ForCausalLM"]},
+             "vit_config.json": vit.to_diff_dict()}
+    tensors = {"ema.safetensors": {k: v.contiguous() for k, v in state.items()},
+               "ae.safetensors": original_ae_state(vae)}
+    return BagelCheckpoint(files, tensors, tokenizer)
+
+
 FAMILIES = {
     "qwen-image": lambda: build_qwen_image(QWEN_IMAGE_TINY),
     "qwen-image-bench": lambda: build_qwen_image(QWEN_IMAGE_BENCH),
@@ -668,6 +778,7 @@ FAMILIES = {
     "wan2.2-i2v": lambda: build_wan22("i2v"),
     "wan2.2-ti2v": lambda: build_wan22("ti2v"),
     "stable-audio": build_stable_audio,
+    "bagel": build_bagel,
 }
 # Serving defaults written beside a family's pipeline (``generation_config.json``): the tiny
 # text-to-image models default to 64x64, where their released pipelines' 1024x1024 would make a
@@ -682,6 +793,8 @@ GENERATION_DEFAULTS = {
                                         "ovis-image", "glm-image")},
     "wan2.2-t2v": WAN_TINY_DEFAULTS, "wan2.2-i2v": WAN_TINY_DEFAULTS,
     "wan2.2-ti2v": WAN_TINY_DEFAULTS, "stable-audio": STABLE_AUDIO_TINY_DEFAULTS}
+# BAGEL's published directory has a generation_config.json of its own (its language model's):
+# the tiny one serves 64x64 by its size limits alone (8x8 latent patches of 16 pixels: 128²).
 
 
 # Raised when what a build writes changes (weights, configs, serving defaults), so that an older

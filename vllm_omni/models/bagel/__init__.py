@@ -1,0 +1,90 @@
+"""BAGEL-7B-MoT: text-to-image and image editing with our own modelling (``modeling``,
+``pipeline``), served from the published checkpoint directory as it is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
+from vllm_omni.models.base import ModelSpec
+from vllm_omni.models.image import ImageAdapter
+from vllm_omni.models.options import MAX_GUIDANCE_SCALE, Option
+
+OPTIONS = (
+    Option("cfg_text_scale", float, "Text guidance: the prompt against no prompt (default 4.0)",
+           ge=0, le=MAX_GUIDANCE_SCALE, batchable=True),
+    Option("cfg_img_scale", float, "Image guidance against no input image (default 2.0 for "
+           "edits; text-to-image: 1.5, against the prompt's own branch); needs "
+           "cfg_text_scale > 1", ge=0, le=MAX_GUIDANCE_SCALE, batchable=True),
+    Option("cfg_interval", list[float], "[start, end]: guidance runs at timesteps t with "
+           "start < t <= end, t going from 1 (noise) to 0 (default [0.4, 1.0]; edits: "
+           "[0.0, 1.0])", ge=0, le=1, batchable=True),
+    Option("cfg_renorm_min", float, "The least the guided velocity's norm may be rescaled to, "
+           "as a fraction of the unguided one's (default 0.0)", ge=0, le=1, batchable=True),
+    Option("cfg_renorm_type", str, "Which norm the rescaling keeps: of the whole image "
+           "(global), per token (channel), or of the text guidance alone (text_channel) "
+           "(default global; edits: text_channel)",
+           choices=("global", "channel", "text_channel"), batchable=True),
+    Option("timestep_shift", float, "Shift of the timestep schedule towards the noisy end "
+           "(default 3.0)", ge=0.1, le=100, default=3.0, batchable=True),
+)
+
+
+class BagelAdapter(ImageAdapter):
+    name = "bagel"
+    models = (("BAGEL-7B-MoT", "ByteDance-Seed/BAGEL-7B-MoT"),)
+    task = "image-generate-edit"
+    pipeline_classes = ("BagelPipeline",)
+    features = frozenset()
+    options = OPTIONS
+    # Guidance is BAGEL's own pair of scales; its "negative" branches drop the prompt or the
+    # image, so a negative prompt has nothing to go in.
+    cfg_field = None
+    negative_prompt = False
+    default_steps = 50
+    image_inputs = (0, 1)
+
+    def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
+        from vllm_omni.models.bagel.layout import configs
+
+        llm, _, config = configs(model_dir)
+        # The latent position table bounds the size: 64 patches of 16 px, 1024 px per side.
+        self.max_side = config.max_latent_size * config.latent_downsample
+        return ModelSpec(adapter=self, model_dir=model_dir, pipeline_class=pipeline_class,
+                         default_width=self.max_side, default_height=self.max_side,
+                         default_steps=self.default_steps, size_multiple=config.latent_downsample,
+                         num_heads=llm.num_attention_heads, num_blocks=llm.num_hidden_layers,
+                         extra={"config": config})
+
+    def load(self, dtype: Any) -> Any:
+        from vllm_omni.models.bagel.pipeline import load_bagel
+
+        return load_bagel(self.spec.model_dir, dtype)
+
+    def default_size(self, images: list[Any], options: dict[str, Any]) -> tuple[int, int]:
+        if not images:
+            return super().default_size(images, options)
+        from vllm_omni.models.bagel.layout import vae_input_size
+        from vllm_omni.utils.image import source_size
+
+        return vae_input_size(self.spec.extra["config"], *source_size(images[0]))
+
+    def validate(self, req: DiffusionRequest, given: set[str]) -> None:
+        super().validate(req, given)
+        interval = req.options.get("cfg_interval")
+        if interval is not None and (len(interval) != 2 or interval[0] >= interval[1]):
+            raise InvalidRequestError("cfg_interval must be [start, end] with start < end",
+                                      param="cfg_interval")
+        img = req.options.get("cfg_img_scale")
+        if img is not None and img > 1 and req.options.get("cfg_text_scale", 4.0) <= 1:
+            # BAGEL applies image guidance on top of text guidance only.
+            raise InvalidRequestError("cfg_img_scale > 1 needs cfg_text_scale > 1",
+                                      param="cfg_img_scale")
+
+    def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:
+        from vllm_omni.models.bagel.layout import vae_input_size
+
+        return [vae_input_size(self.spec.extra["config"], *im.size) for im in req.images]
+
+    def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
+        return kwargs.get("cfg_text_scale", 4.0) > 1
