@@ -32,17 +32,22 @@ CASES = {
     "qwen-image": [(64, 4), (256, 20)],
     "qwen-image-bench": [(256, 20)],
     "stable-audio": [(0.25, 20), (0.5, 100)],
+    # Our own BAGEL modelling (text guidance on: three sequences a step, packed in one forward).
+    "bagel": [(64, 10), (128, 20)],
 }
+# What the direct call passes to match the server's defaults for that model (Qwen-Image: the
+# server leaves CFG off unless asked; BAGEL: its pipeline's defaults are the server's).
+DIRECT_KWARGS = {"qwen-image": dict(true_cfg_scale=1.0), "qwen-image-bench": dict(true_cfg_scale=1.0)}
 PROMPTS = {"image": "a red fox in the snow", "audio": "rain on a tin roof"}
 
 
-def image_case(pipe, url: str, size: int, steps: int, seed: int):
+def image_case(pipe, url: str, size: int, steps: int, seed: int, **kwargs):
     """(direct call, HTTP call) of one image case."""
     import torch
 
     def direct():
         pipe(PROMPTS["image"], height=size, width=size, num_inference_steps=steps,
-             true_cfg_scale=1.0, generator=[torch.Generator().manual_seed(seed)])
+             generator=[torch.Generator().manual_seed(seed)], **kwargs)
 
     body = {"prompt": PROMPTS["image"], "size": f"{size}x{size}", "num_inference_steps": steps,
             "seed": seed}
@@ -114,6 +119,7 @@ def main() -> None:
     ap.add_argument("--model-root", default=os.path.join(tempfile.gettempdir(), "vllm_omni_models"))
     args = ap.parse_args()
 
+    import torch
     from diffusers import DiffusionPipeline
 
     from vllm_omni.testing.tiny_models import build
@@ -135,11 +141,19 @@ def main() -> None:
             healthy_s = healthy(url, proc) - launched
             cold_start_s = first_output(url, proc, route, probe) - launched
 
-            pipe = DiffusionPipeline.from_pretrained(model_dir)
+            if family == "bagel":  # not a diffusers directory: our loader
+                from vllm_omni.models.bagel.pipeline import load_bagel
+
+                pipe = load_bagel(model_dir, torch.float32)
+            else:
+                pipe = DiffusionPipeline.from_pretrained(model_dir)
             pipe.set_progress_bar_config(disable=True)
             for shape, steps in CASES[family]:
-                case = audio_case if audio else image_case
-                direct, http = case(pipe, url, shape, steps, seed=1234)
+                if audio:
+                    direct, http = audio_case(pipe, url, shape, steps, seed=1234)
+                else:
+                    direct, http = image_case(pipe, url, shape, steps, seed=1234,
+                                              **DIRECT_KWARGS.get(family, {}))
                 direct(), http()  # warm-up both sides
                 d, h = [], []
                 for _ in range(args.repeats):

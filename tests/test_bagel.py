@@ -129,8 +129,7 @@ def test_flux_autoencoder_layout_loads_into_diffusers():
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    from vllm_omni.models.bagel.layout import AE_SCALE, AE_SHIFT
-    from vllm_omni.models.bagel.pipeline import ae_config
+    from vllm_omni.models.bagel.layout import AE_SCALE, AE_SHIFT, ae_config
     from vllm_omni.testing.tiny_models import original_ae_state
 
     with torch.device("meta"):

@@ -192,13 +192,14 @@ class CacheDiT:
                  reduce: GroupComm | None = None, cfg_parallel: bool = False, target=None):
         import cache_dit
 
-        self.transformer = transformer
         self.config = config
         self.cfg_parallel = cfg_parallel
         self.target = target if target is not None else transformer
+        # The module cache-dit wraps: the denoiser, or the part of it a BlockAdapter names.
+        self.transformer = getattr(self.target, "transformer", None) or transformer
         cache_dit.enable_cache(self.target, cache_config=config.db_cache_config(None, False),
                                calibrator_config=config.calibrator_config())
-        manager = transformer._context_manager
+        manager = self.transformer._context_manager
         manager.similarity = _BranchSimilarity(manager, reduce)
 
     def begin_request(self, num_steps: int, uses_cfg: bool) -> None:

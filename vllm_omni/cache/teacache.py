@@ -126,8 +126,10 @@ class TeaCache:
         step = s.calls
         s.calls += 1
         prev, s.prev_modulated = s.prev_modulated, modulated
+        # A call of another shape (BAGEL packs its CFG branches only inside the guidance
+        # interval) cannot reuse the last residual.
         if prev is None or s.residual is None or step == 0 or step >= self.num_steps - 1 \
-                or self.config.rel_l1_thresh <= 0:
+                or self.config.rel_l1_thresh <= 0 or prev.shape != modulated.shape:
             s.accumulated = 0.0
             return True
         sums = torch.stack([(modulated - prev).abs().sum(), prev.abs().sum()]).double()
@@ -156,7 +158,7 @@ class _BlockHook(ModelHook):
         if s.skip:
             return _passthrough(self.cache, _bind(module, args, kwargs))
         out = self.fn_ref.original_forward(*args, **kwargs)
-        if self.is_tail:
+        if self.is_tail and s.head_input is not None:
             _record(self.cache, s, out)
         return out
 
@@ -173,7 +175,11 @@ class _HeadHook(_BlockHook):
         s = self.state_manager.get_state()
         kwargs = _bind(module, args, kwargs)  # some models call their blocks positionally
         args = ()
-        compute = cache.decide(cache.modulated_input(module, kwargs))
+        modulated = cache.modulated_input(module, kwargs)
+        if modulated is None:  # not a denoising call (BAGEL extending a prompt): run as is
+            s.skip, s.head_input = False, None
+            return self.fn_ref.original_forward(**kwargs)
+        compute = cache.decide(modulated)
         s.skip = not compute
         if compute:
             cache.stats.computed += 1

@@ -215,6 +215,11 @@ class ModelAdapter:
         """Checks that need the loaded pipeline (run in the worker)."""
 
     # -- memory (vllm_omni.worker.memory) ------------------------------------------------------
+    def memory_configs(self, model_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The (VAE, transformer) configs the memory estimate reads: diffusers' own files."""
+        return (read_json(model_dir, "vae", "config.json"),
+                read_json(model_dir, "transformer", "config.json"))
+
     def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:
         """(width, height) at which the pipeline VAE-encodes each input image; their latents also
         join the transformer's sequence. Default: as given."""
@@ -375,12 +380,19 @@ class ModelAdapter:
             CacheDiTConfig.resolve(cache_config, self.cache_dit_presets,
                                    self.spec.pipeline_class).check_model(self.spec.pipeline_class,
                                                                     self.spec.num_blocks)
-        scheduler = read_json(self.spec.model_dir, "scheduler", "scheduler_config.json")
-        name = scheduler.get("_class_name", "")
-        if scheduler.get("stochastic_sampling") or "Ancestral" in name or "SDE" in name:
+        name = self.stochastic_scheduler()
+        if name:
             raise ValueError(f"{backend} reuses transformer outputs across steps, which a "
                              f"stochastic scheduler ({name}) breaks; use a deterministic scheduler "
                              "or --cache-backend none")
+
+    def stochastic_scheduler(self) -> str | None:
+        """The scheduler's class name if it draws fresh noise at each step, else None."""
+        scheduler = read_json(self.spec.model_dir, "scheduler", "scheduler_config.json")
+        name = scheduler.get("_class_name", "")
+        if scheduler.get("stochastic_sampling") or "Ancestral" in name or "SDE" in name:
+            return name
+        return None
 
     def check_engine(self, config) -> None:
         """The one gate for an engine config (CLI, offline API, every worker): the declared

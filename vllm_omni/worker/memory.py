@@ -187,12 +187,11 @@ class ModelDims:
                        element_size: int, device_type: str = "cpu") -> "ModelDims":
         from dataclasses import replace
 
-        from vllm_omni.models.base import read_json
-
-        vae = vae_cost(read_json(model_dir, "vae", "config.json"))
+        vae_config, transformer_config = adapter.memory_configs(model_dir)
+        vae = vae_cost(vae_config)
         if device_type == "cuda" and vae.cuda_decode_units is not None:
             vae = replace(vae, decode_units=vae.cuda_decode_units)
-        hidden = transformer_hidden(read_json(model_dir, "transformer", "config.json"))
+        hidden = transformer_hidden(transformer_config)
         vae_scale = getattr(adapter, "vae_scale", None)
         # Every served DiT takes one token per 2x2 latent patch (patch 2, or FLUX-style packing).
         token_side = vae_scale(model_dir) * 2 if vae_scale else spec.size_multiple

@@ -35,7 +35,7 @@ class BagelAdapter(ImageAdapter):
     models = (("BAGEL-7B-MoT", "ByteDance-Seed/BAGEL-7B-MoT"),)
     task = "image-generate-edit"
     pipeline_classes = ("BagelPipeline",)
-    features = frozenset()
+    features = frozenset({"tea_cache", "cache_dit"})
     options = OPTIONS
     # Guidance is BAGEL's own pair of scales; its "negative" branches drop the prompt or the
     # image, so a negative prompt has nothing to go in.
@@ -43,6 +43,8 @@ class BagelAdapter(ImageAdapter):
     negative_prompt = False
     default_steps = 50
     image_inputs = (0, 1)
+    # Its CFG branches are sequences packed into the one denoiser call of each step.
+    cfg_calls = "batched"
 
     def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
         from vllm_omni.models.bagel.layout import configs
@@ -81,6 +83,18 @@ class BagelAdapter(ImageAdapter):
             raise InvalidRequestError("cfg_img_scale > 1 needs cfg_text_scale > 1",
                                       param="cfg_img_scale")
 
+    def vae_scale(self, model_dir: str) -> int:
+        return self.spec.extra["config"].vae_downsample
+
+    def memory_configs(self, model_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        import os
+
+        from vllm_omni.models.bagel.layout import AE_WEIGHTS, LLM_CONFIG, ae_config, weight_shapes
+        from vllm_omni.models.base import read_json
+
+        vae = ae_config(weight_shapes(os.path.join(model_dir, AE_WEIGHTS)))
+        return {"_class_name": "AutoencoderKL", **vae}, read_json(model_dir, LLM_CONFIG)
+
     def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:
         from vllm_omni.models.bagel.layout import vae_input_size
 
@@ -88,3 +102,33 @@ class BagelAdapter(ImageAdapter):
 
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
         return kwargs.get("cfg_text_scale", 4.0) > 1
+
+    def stochastic_scheduler(self) -> str | None:
+        return None  # BAGEL's own Euler sampler draws noise once
+
+    # -- caches ----------------------------------------------------------------------------------
+    # vLLM-Omni's fit for BAGEL-7B-MoT (vllm_omni/diffusion/cache/teacache/config.py, "Bagel"):
+    # their coefficient estimator over 70 PartiPrompts at 50 steps, x and y the relative L1
+    # changes of the language model's packed input and of its output between steps. Our
+    # modulated input is that same packed input.
+    teacache_coefficients = [1.33313129e06, -1.68644226e05, 7.95050740e03, -1.63747873e02,
+                             1.26352397e00]
+    teacache_presets = {"balanced": 0.2, "fast": 0.4}
+    teacache_inputs = ("hidden_states",)
+    teacache_outputs = None
+
+    def teacache_blocks(self, transformer: Any) -> Any:
+        return transformer.language_model.model.layers
+
+    def teacache_modulated_input(self, block: Any, kwargs: dict[str, Any]) -> Any:
+        if kwargs["p"].kv_out is not None:
+            return None  # extending a prompt's context, not a denoising step
+        return kwargs["hidden_states"]
+
+    def cache_dit_target(self, transformer: Any) -> Any:
+        from cache_dit import BlockAdapter, ForwardPattern
+
+        # The language model's forward is a denoising step (extending a context calls ``run``).
+        lm = transformer.language_model.model
+        return BlockAdapter(transformer=lm, blocks=lm.layers,
+                            forward_pattern=ForwardPattern.Pattern_3, check_forward_pattern=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 LLM_CONFIG, VIT_CONFIG, WEIGHTS, AE_WEIGHTS = ("llm_config.json", "vit_config.json",
                                               "ema.safetensors", "ae.safetensors")
@@ -83,3 +84,17 @@ def vae_input_size(config: BagelConfig, w: int, h: int) -> tuple[int, int]:
     """The size an edit input is encoded at, which is also the edit's default output size."""
     side = config.max_latent_size * config.latent_downsample  # 1024 for BAGEL-7B-MoT
     return fit_size(w, h, side, side // 2, config.latent_downsample)
+
+
+def ae_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """diffusers ``AutoencoderKL`` arguments for an original-layout FLUX-style autoencoder."""
+    ch = shapes["encoder.conv_in.weight"][0]
+    levels = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down.")})
+    blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
+    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(levels),
+                up_block_types=["UpDecoderBlock2D"] * len(levels),
+                block_out_channels=[shapes[f"encoder.down.{i}.block.0.conv1.weight"][0]
+                                    for i in levels],
+                layers_per_block=blocks, latent_channels=shapes["encoder.conv_out.weight"][0] // 2,
+                norm_num_groups=32, scaling_factor=AE_SCALE, shift_factor=AE_SHIFT,
+                use_quant_conv=False, use_post_quant_conv=False, sample_size=ch * 8)

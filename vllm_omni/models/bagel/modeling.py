@@ -67,6 +67,8 @@ class Packed:
     gen: torch.Tensor | None = None
     und: torch.Tensor | None = None
     causal: bool = False
+    # Set when extending a context: each layer appends its (keys, values) of these tokens.
+    kv_out: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     slices: list[slice] = field(init=False)
 
     def __post_init__(self):
@@ -128,8 +130,10 @@ class MoTAttention(nn.Module):
                                                ks.transpose(0, 1)[None], vs.transpose(0, 1)[None],
                                                attn_mask=mask, enable_gqa=True)
             out[s] = o[0].transpose(0, 1)
+        if p.kv_out is not None:
+            p.kv_out.append((k, v))
         out = out.reshape(x.shape[0], -1)
-        return route(out, p, self.o_proj, self.o_proj_moe_gen), k, v
+        return route(out, p, self.o_proj, self.o_proj_moe_gen)
 
 
 class MoTDecoderLayer(nn.Module):
@@ -143,13 +147,13 @@ class MoTDecoderLayer(nn.Module):
         self.post_attention_layernorm = Qwen2RMSNorm(d, eps=eps)
         self.post_attention_layernorm_moe_gen = Qwen2RMSNorm(d, eps=eps)
 
-    def forward(self, x, p: Packed, cos, sin):
-        h = route(x, p, self.input_layernorm, self.input_layernorm_moe_gen)
-        h, k, v = self.self_attn(h, p, cos, sin)
-        x = x + h
-        mlp = route(x, p, lambda t: self.mlp(self.post_attention_layernorm(t)),
-                    lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)))
-        return x + mlp, k, v
+    def forward(self, hidden_states, p: Packed, cos, sin):
+        # One stream in, one out (cache-dit's Pattern_3 and TeaCache's block IO name it so).
+        x = hidden_states
+        x = x + self.self_attn(route(x, p, self.input_layernorm, self.input_layernorm_moe_gen),
+                               p, cos, sin)
+        return x + route(x, p, lambda t: self.mlp(self.post_attention_layernorm(t)),
+                         lambda t: self.mlp_moe_gen(self.post_attention_layernorm_moe_gen(t)))
 
 
 class MoTModel(nn.Module):
@@ -164,16 +168,18 @@ class MoTModel(nn.Module):
         self.norm_moe_gen = Qwen2RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = Qwen2RotaryEmbedding(config=config)
 
-    def forward(self, x: torch.Tensor, p: Packed):
-        """The final hidden states of the packed tokens, and each layer's keys and values."""
+    def forward(self, x: torch.Tensor, p: Packed) -> torch.Tensor:
+        """A denoising step's final hidden states (what step caches wrap)."""
+        return self.run(x, p)
+
+    def run(self, x: torch.Tensor, p: Packed) -> torch.Tensor:
+        """The final hidden states of the packed tokens; called directly to extend a prompt's
+        context, which is not a denoising step."""
         cos, sin = self.rotary_emb(x[None], p.positions[None])
         cos, sin = cos[0], sin[0]
-        keys, values = [], []
         for layer in self.layers:
-            x, k, v = layer(x, p, cos, sin)
-            keys.append(k)
-            values.append(v)
-        return route(x, p, self.norm, self.norm_moe_gen), keys, values
+            x = layer(x, p, cos, sin)
+        return route(x, p, self.norm, self.norm_moe_gen)
 
 
 class LanguageModel(nn.Module):
@@ -348,8 +354,9 @@ class Bagel(nn.Module):
             mask = torch.ones(n, dtype=torch.bool, device=embeds.device)
             mask[gen] = False
             und = mask.nonzero()[:, 0]
-        p = Packed([n], [ctx], positions, gen=gen, und=und, causal=causal)
-        _, keys, values = self._lm(embeds, p)
+        p = Packed([n], [ctx], positions, gen=gen, und=und, causal=causal, kv_out=[])
+        self._lm.run(embeds, p)
+        keys, values = [k for k, _ in p.kv_out], [v for _, v in p.kv_out]
         if ctx.keys:
             keys = [torch.cat([a, b]) for a, b in zip(ctx.keys, keys)]
             values = [torch.cat([a, b]) for a, b in zip(ctx.values, values)]
@@ -393,5 +400,5 @@ class Bagel(nn.Module):
         und = (offsets + torch.tensor([0, n + 1], device=device)).flatten()
         positions = torch.tensor([c.rope for c in contexts], device=device).repeat_interleave(seq)
         p = Packed([seq] * len(contexts), contexts, positions, gen=gen, und=und)
-        hidden, _, _ = self._lm(embeds, p)
+        hidden = self._lm(embeds, p)
         return self.llm2vae(hidden[gen]).view(len(contexts), n, -1)

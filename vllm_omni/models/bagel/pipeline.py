@@ -10,7 +10,6 @@ single-file converter maps onto ``AutoencoderKL``).
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +22,7 @@ from vllm_omni.models.bagel.layout import (
     AE_SCALE,
     AE_SHIFT,
     AE_WEIGHTS,
+    ae_config,
     UNUSED_WEIGHTS,
     WEIGHTS,
     configs,
@@ -36,20 +36,6 @@ RENORM_TYPES = ("global", "channel", "text_channel")
 # BAGEL's published settings (its inferencer and demo): text-to-image, then editing.
 T2I_DEFAULTS = dict(cfg_img_scale=1.5, cfg_interval=(0.4, 1.0), cfg_renorm_type="global")
 EDIT_DEFAULTS = dict(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0), cfg_renorm_type="text_channel")
-
-
-def ae_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """diffusers ``AutoencoderKL`` arguments for an original-layout FLUX-style autoencoder."""
-    ch = shapes["encoder.conv_in.weight"][0]
-    levels = sorted({int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down.")})
-    blocks = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
-    return dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * len(levels),
-                up_block_types=["UpDecoderBlock2D"] * len(levels),
-                block_out_channels=[shapes[f"encoder.down.{i}.block.0.conv1.weight"][0]
-                                    for i in levels],
-                layers_per_block=blocks, latent_channels=shapes["encoder.conv_out.weight"][0] // 2,
-                norm_num_groups=32, scaling_factor=AE_SCALE, shift_factor=AE_SHIFT,
-                use_quant_conv=False, use_post_quant_conv=False, sample_size=ch * 8)
 
 
 def load_autoencoder(path: str, dtype: torch.dtype) -> AutoencoderKL:
