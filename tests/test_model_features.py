@@ -250,11 +250,10 @@ def test_lora_equals_diffusers_own_loader(family, feature_models, singles, tmp_p
     """Every model that declares LoRA: its tiny adapter (vllm_omni.testing.tiny_lora) at scale
     0.7 gives what diffusers' own loader and set_adapters give on the same pipeline (Wan2.2 A14B:
     into both experts), and changes the output."""
-    from diffusers import DiffusionPipeline
-
     from vllm_omni.engine.input_processor import InputProcessor
     from vllm_omni.inputs.data import OmniDiffusionSamplingParams
     from vllm_omni.lora import LoraRegistry
+    from vllm_omni.lora.feature import with_adapter_loader
     from vllm_omni.testing.tiny_lora import build
     from vllm_omni.worker.model_runner import ModelRunner, make_generators
 
@@ -277,14 +276,15 @@ def test_lora_equals_diffusers_own_loader(family, feature_models, singles, tmp_p
     assert out.metrics["lora_adapters"] == 1
     ours = [np.asarray(im) for im in out.images or [v.frames for v in out.videos]]
 
-    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe = spec.adapter.load(torch.float32)  # diffusers' loader (BAGEL: our own)
     pipe.set_progress_bar_config(disable=True)
     if hasattr(pipe, "load_lora_weights"):
         two = getattr(pipe, "transformer_2", None) is not None
         pipe.load_lora_weights(lora, adapter_name="x",
                                **({"load_into_transformer_2": True} if two else {}))
         pipe.set_adapters(["x"], adapter_weights=[0.7])
-    else:
+    else:  # diffusers' model-level loader (mixed into models whose class lacks it)
+        with_adapter_loader(pipe.transformer)
         pipe.transformer.load_lora_adapter(lora, prefix="transformer", adapter_name="x")
         pipe.transformer.set_adapters(["x"], weights=[0.7])
     result = pipe(**spec.adapter.pipeline_kwargs(req), output_type="np",

@@ -3,7 +3,8 @@
     python -m vllm_omni.testing.tiny_lora FAMILY OUT.safetensors [--rank 4] [--seed 0]
 
 The adapter targets the attention projections (``to_q``, ``to_k``, ``to_v``, ``to_out.0``) of
-the family's transformer (both experts of Wan2.2 A14B load it), with random A and B matrices
+the family's transformer (both experts of Wan2.2 A14B load it; BAGEL: its generation expert's
+``*_proj_moe_gen``), with random A and B matrices
 large enough to change the output visibly. Keys are diffusers' (``transformer.<module>.lora_A
 .weight``), as ``save_lora_weights`` writes them.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# BAGEL's image generation runs through its generation expert: an image LoRA adapts those.
+BAGEL_TARGETS = ["q_proj_moe_gen", "k_proj_moe_gen", "v_proj_moe_gen", "o_proj_moe_gen"]
 
 
 def build(family: str, out_path: str, rank: int = 4, seed: int = 0) -> str:
@@ -20,8 +23,21 @@ def build(family: str, out_path: str, rank: int = 4, seed: int = 0) -> str:
     transformer) written to ``out_path``."""
     import os
 
+    import tempfile
+
+    from vllm_omni.models.bagel.layout import is_bagel_dir
     from vllm_omni.testing.tiny_models import FAMILIES
 
+    if family == "bagel" or os.path.isdir(family) and is_bagel_dir(family):
+        import torch
+
+        from vllm_omni.models.bagel.pipeline import load_bagel
+        from vllm_omni.testing.tiny_models import build as build_model
+
+        model_dir = family if os.path.isdir(family) else build_model(
+            "bagel", os.path.join(tempfile.mkdtemp(), "bagel"))
+        transformer = load_bagel(model_dir, torch.float32).transformer
+        return for_transformer(transformer, out_path, rank, seed, BAGEL_TARGETS)
     if os.path.isdir(family):
         from diffusers import DiffusionPipeline
 
@@ -33,12 +49,13 @@ def build(family: str, out_path: str, rank: int = 4, seed: int = 0) -> str:
     return for_transformer(transformer, out_path, rank, seed)
 
 
-def for_transformer(transformer, out_path: str, rank: int = 4, seed: int = 0) -> str:
+def for_transformer(transformer, out_path: str, rank: int = 4, seed: int = 0,
+                    targets: list[str] = TARGETS) -> str:
     import torch
     from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
     from safetensors.torch import save_file
 
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS, init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
     inject_adapter_in_model(config, transformer, adapter_name="default")
     state = get_peft_model_state_dict(transformer, adapter_name="default")
     gen = torch.Generator().manual_seed(seed)

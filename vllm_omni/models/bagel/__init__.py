@@ -35,7 +35,7 @@ class BagelAdapter(ImageAdapter):
     models = (("BAGEL-7B-MoT", "ByteDance-Seed/BAGEL-7B-MoT"),)
     task = "image-generate-edit"
     pipeline_classes = ("BagelPipeline",)
-    features = frozenset({"tea_cache", "cache_dit"})
+    features = frozenset({"tea_cache", "cache_dit", "lora"})
     options = OPTIONS
     # Guidance is BAGEL's own pair of scales; its "negative" branches drop the prompt or the
     # image, so a negative prompt has nothing to go in.
