@@ -314,6 +314,17 @@ def test_sizes_follow_bagels_input_rules():
     assert fit_size(500, 400, 980, 224, 14) == (504, 406)  # ViT: as is, rounded to 14
 
 
+def test_step_batching_is_refused_with_the_alternative(bagel_dir):
+    from vllm_omni.diffusion.data import OmniEngineConfig
+    from vllm_omni.models.registry import load_model_spec
+
+    spec = load_model_spec(bagel_dir)
+    with pytest.raises(ValueError, match="step-batching does not run BAGEL"):
+        spec.adapter.check_engine(OmniEngineConfig(model=bagel_dir, model_name="b",
+                                                   step_batching=True,
+                                                   max_num_seqs=4, device="cpu"))
+
+
 # -- served -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bagel_server(bagel_dir, tmp_path_factory):
@@ -356,6 +367,34 @@ def test_http_edit_at_the_inputs_size(bagel_server, pipe):
                 generator=make_generators(SEED, 1)).images[0]
     np.testing.assert_array_equal(np.asarray(decode(r.json()["data"][0]["b64_json"])),
                                   np.asarray(want))
+
+
+def test_http_multipart_edit_takes_list_options(bagel_server, pipe):
+    """The openai client sends a list in a form as repeated ``name[]`` fields; curl users write
+    one JSON array. Both reach the pipeline as the list."""
+    import openai
+
+    from vllm_omni.worker.model_runner import make_generators
+
+    buf = io.BytesIO()
+    _image(5).save(buf, "PNG")
+    client = openai.OpenAI(base_url=f"{bagel_server.url}/v1", api_key="x")
+    got = client.images.edit(image=("a.png", buf.getvalue(), "image/png"), prompt="make it blue",
+                             extra_body={"num_inference_steps": STEPS, "seed": SEED,
+                                         "cfg_interval": [0.5, 1.0]})
+    want = pipe("make it blue", image=_image(5), num_inference_steps=STEPS,
+                cfg_interval=[0.5, 1.0], generator=make_generators(SEED, 1)).images[0]
+    np.testing.assert_array_equal(np.asarray(decode(got.data[0].b64_json)), np.asarray(want))
+    r = requests.post(f"{bagel_server.url}/v1/images/edits", files={
+        "image": ("a.png", buf.getvalue(), "image/png")}, data={
+        "prompt": "make it blue", "num_inference_steps": str(STEPS), "seed": str(SEED),
+        "cfg_interval": "[0.5, 1.0]"}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert r.json()["data"][0]["b64_json"] == got.data[0].b64_json
+    r = requests.post(f"{bagel_server.url}/v1/images/edits", files={
+        "image": ("a.png", buf.getvalue(), "image/png")}, data={
+        "prompt": "x", "cfg_interval": "0.5, 1.0"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "cfg_interval", r.text
 
 
 @pytest.mark.parametrize("fields, param", [

@@ -19,7 +19,9 @@ import asyncio
 import base64
 import binascii
 import io
+import json
 import re
+import types
 from typing import Any
 
 from PIL import Image
@@ -89,17 +91,32 @@ def body_kind(request) -> str:
     return kind
 
 
-def add_text_field(fields: dict[str, Any], key: str, value: Any) -> None:
-    """A multipart text field into ``fields``; a file or a repeated name is a 400."""
+def text_field(key: str, value: Any) -> Any:
+    """A multipart field's text; a file where text belongs is a 400."""
     from starlette.datastructures import UploadFile
 
     if isinstance(value, UploadFile):
         raise OpenAIError(400, f"{key} must be a text field, not a file", param=key,
                           code="invalid_value")
+    return value
+
+
+def add_text_field(fields: dict[str, Any], key: str, value: Any) -> None:
+    """A multipart text field into ``fields``; a file or a repeated name is a 400."""
+    value = text_field(key, value)
     if key in fields:
         raise OpenAIError(400, f"{key} was given more than once", param=key,
                           code="invalid_value")
     fields[key] = value
+
+
+def _is_list(annotation) -> bool:
+    from typing import Union, get_args, get_origin
+
+    if get_origin(annotation) is list:
+        return True
+    return get_origin(annotation) in (Union, types.UnionType) and any(
+        get_origin(a) is list for a in get_args(annotation))
 
 
 def validate_body(model, data: dict[str, Any] | bytes):
@@ -207,13 +224,26 @@ class InputDecoder:
         fields: dict[str, Any] = {}
         files: list[Any] = []
         mask = None
+        lists: dict[str, list] = {}
         for key, value in form.multi_items():
             if key in ("image", "image[]"):
                 files.append(value)
             elif key == "mask":
                 mask = value
+            elif key.endswith("[]"):  # a list, one item per field (how clients send arrays)
+                lists.setdefault(key[:-2], []).append(text_field(key[:-2], value))
             else:
                 add_text_field(fields, key, value)
+        for key, items in lists.items():
+            add_text_field(fields, key, items)
+        for key, value in fields.items():  # a list field also takes one JSON array: "[0.2, 1]"
+            field = model.model_fields.get(key)
+            if isinstance(value, str) and field is not None and _is_list(field.annotation):
+                try:
+                    fields[key] = json.loads(value)
+                except ValueError:
+                    raise OpenAIError(400, f"{key} must be a JSON array or repeated {key}[] "
+                                      "fields", param=key, code="invalid_value") from None
         if not files:
             raise OpenAIError(400, "Missing required parameter: 'image'.", param="image",
                               code="missing_required_parameter")
