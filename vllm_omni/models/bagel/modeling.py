@@ -47,10 +47,6 @@ class Context:
     values: tuple[torch.Tensor, ...] = ()
     rope: int = 0
 
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[0] if self.keys else 0
-
 
 EMPTY = Context()
 
@@ -104,13 +100,16 @@ class MoTAttention(nn.Module):
             setattr(self, f"k_norm{suffix}", Qwen2RMSNorm(self.head_dim, eps=config.rms_norm_eps))
 
     def _project(self, x, p: Packed, name: str, heads: int) -> torch.Tensor:
+        """Each token's ``name`` ("q", "k" or "v") heads from its expert; queries and keys are
+        RMS-normalised per head (BAGEL's qk-norm), values are not."""
         def expert(suffix):
-            proj, norm = getattr(self, f"{name}_proj{suffix}"), getattr(self, f"{name}_norm{suffix}",
-                                                                         None)
-            def f(t):
+            proj = getattr(self, f"{name}_proj{suffix}")
+            norm = getattr(self, f"{name}_norm{suffix}", None)
+
+            def heads_of(t):
                 t = proj(t).view(-1, heads, self.head_dim)
-                return norm(t) if norm is not None else t
-            return f
+                return t if norm is None else norm(t)
+            return heads_of
         return route(x, p, expert(""), expert("_moe_gen"))
 
     def forward(self, x, p: Packed, cos, sin):
@@ -215,7 +214,6 @@ class PositionEmbedding(nn.Module):
 
     def __init__(self, side: int, hidden_size: int):
         super().__init__()
-        self.side = side
         self.pos_embed = nn.Parameter(torch.zeros(side * side, hidden_size), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -241,8 +239,8 @@ def grid_ids(h: int, w: int, side: int) -> torch.Tensor:
 class MLPConnector(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, act: str):
         super().__init__()
-        self.fc1, self.fc2, self.act = nn.Linear(in_dim, out_dim), nn.Linear(out_dim, out_dim), \
-            ACT2FN[act]
+        self.fc1, self.fc2 = nn.Linear(in_dim, out_dim), nn.Linear(out_dim, out_dim)
+        self.act = ACT2FN[act]
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -341,7 +339,7 @@ class Bagel(nn.Module):
         return self.vae2llm(x) + self.time_embedder(times) + self.latent_pos_embed(ids)
 
     def extend(self, ctx: Context, embeds: torch.Tensor, gen: torch.Tensor | None,
-               causal: bool, rope_step: int | None = None) -> Context:
+               causal: bool) -> Context:
         """``ctx`` followed by ``embeds``: text advances the RoPE position per token (causal);
         an image's tokens all share one position, and the image advances it by one."""
         n = embeds.shape[0]
