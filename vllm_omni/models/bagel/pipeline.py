@@ -72,9 +72,10 @@ def load_bagel(model_dir: str, dtype: torch.dtype) -> "BagelPipeline":
         raise ValueError(f"{model_dir}/{WEIGHTS} does not match BAGEL's layout: unexpected "
                          f"{extra[:5]}, missing {lost[:5]}")
     model.load_state_dict(state, strict=True, assign=True)
-    # The RoPE frequencies are a computed buffer, not a weight: make them for real.
-    model.language_model.model.rotary_emb = Qwen2RotaryEmbedding(config=llm)
     model = model.to(dtype).eval()
+    # The RoPE frequencies are a computed buffer, not a weight: made for real, after the cast
+    # (in bf16 they would be rounded).
+    model.language_model.model.rotary_emb = Qwen2RotaryEmbedding(config=llm)
     vae = load_autoencoder(os.path.join(model_dir, AE_WEIGHTS), dtype)
     return BagelPipeline(transformer=model, vae=vae, tokenizer=tokenizer,
                          max_prompt_tokens=llm.max_position_embeddings)
