@@ -325,6 +325,25 @@ def test_step_batching_is_refused_with_the_alternative(bagel_dir):
                                                    max_num_seqs=4, device="cpu"))
 
 
+def test_offline_omni_generates_and_edits(bagel_dir, pipe):
+    from vllm_omni import Omni
+    from vllm_omni.inputs.data import OmniDiffusionSamplingParams as Params
+    from vllm_omni.worker.model_runner import make_generators
+
+    with Omni(model=bagel_dir) as omni:
+        [t2i] = omni.generate(PROMPT, Params(num_inference_steps=STEPS, seed=SEED, width=48,
+                                             height=32, extra_args={"cfg_renorm_min": 0.5}),
+                              use_tqdm=False)
+        [edit] = omni.generate({"prompt": "make it blue", "multi_modal_data": {"image": _image(6)}},
+                               Params(num_inference_steps=STEPS, seed=SEED), use_tqdm=False)
+    want = pipe(PROMPT, width=48, height=32, num_inference_steps=STEPS, cfg_renorm_min=0.5,
+                generator=make_generators(SEED, 1)).images[0]
+    np.testing.assert_array_equal(np.asarray(t2i.images[0]), np.asarray(want))
+    want = pipe("make it blue", image=_image(6), num_inference_steps=STEPS,
+                generator=make_generators(SEED, 1)).images[0]
+    np.testing.assert_array_equal(np.asarray(edit.images[0]), np.asarray(want))
+
+
 # -- served -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bagel_server(bagel_dir, tmp_path_factory):
