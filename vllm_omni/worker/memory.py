@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 MiB = 2**20
@@ -185,8 +185,6 @@ class ModelDims:
     @classmethod
     def from_model_dir(cls, model_dir: str, adapter: Any, spec: Any,
                        element_size: int, device_type: str = "cpu") -> "ModelDims":
-        from dataclasses import replace
-
         vae_config, transformer_config = adapter.memory_configs(model_dir)
         vae = vae_cost(vae_config)
         if device_type == "cuda" and vae.cuda_decode_units is not None:
@@ -323,3 +321,59 @@ def plan_batch(count: int, cost: Callable[[tuple[int, ...]], int],
     if current:
         calls.append(current)
     return calls, refused
+
+
+def too_large_error(req: Any, estimate_one: Callable[[Any], MemoryEstimate], limit: int,
+                    where: str, adapter: Any, size_multiple: int):
+    """The 400 for a request that does not fit ``limit`` even alone, naming what would fit: a
+    smaller n, a smaller size of the same aspect ratio, or both."""
+    from vllm_omni.engine.errors import RequestTooLargeError
+
+    est, count = estimate_one(req), req.num_images_per_prompt
+    fits = lambda r: estimate_one(r).total <= limit  # noqa: E731
+    n_fit = next((n for n in range(count - 1, 0, -1)
+                  if fits(replace(req, num_images_per_prompt=n))), 0)
+    phase = {"decode": "the VAE decode", "encode": "the VAE encode of the input images",
+             "denoise": "the transformer", "post": "the output images"}.get(est.largest)
+    with_n = f" with n={count}" if count > 1 else ""
+    audio = adapter.output == "audio"
+    what = ("a clip" if audio else f"{req.width}x{req.height}") + with_n
+    message = (f"{what} needs an estimated {format_bytes(est.total)} of memory beyond the loaded "
+               f"model (most of it in {phase}), more than the {format_bytes(limit)} {where}; ")
+    if n_fit:
+        message += f"use n={n_fit}{' or less' if n_fit > 1 else ''}" + (
+            "" if audio else " at this size, or a smaller size")
+        return RequestTooLargeError(message, param="n")
+    if audio:
+        message += ("the model decodes its whole window whatever the clip's length, so no "
+                    "shorter clip fits either")
+        return RequestTooLargeError(message)
+    smaller = largest_fitting_size(req, fits, size_multiple) if adapter.sized else None
+    alone = (largest_fitting_size(replace(req, num_images_per_prompt=1), fits, size_multiple)
+             if adapter.sized and count > 1 and smaller is None else None)
+    if smaller:
+        message += f"use a smaller size (about {smaller[0]}x{smaller[1]} fits{with_n})"
+    elif alone:
+        message += f"use n=1 and a smaller size (about {alone[0]}x{alone[1]} fits)"
+    elif not adapter.sized:
+        message += "the model sets the output size from its input; nothing smaller fits"
+    else:
+        message += "no size fits within it"
+    return RequestTooLargeError(message, param="size")
+
+
+def largest_fitting_size(req: Any, fits: Callable[[Any], bool], m: int) -> tuple[int, int] | None:
+    """The largest size of ``req``'s aspect ratio (and n) that fits, or None."""
+    lo, hi = 0, req.width // m  # widths in multiples of m: lo fits (or is 0), hi does not
+
+    def size(k: int) -> tuple[int, int]:
+        return k * m, max(m, round(k * req.height / req.width) * m)
+
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        w, h = size(mid)
+        if fits(replace(req, width=w, height=h)):
+            lo = mid
+        else:
+            hi = mid
+    return size(lo) if lo else None

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import inspect
 import logging
 import queue
@@ -12,7 +10,6 @@ import resource
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,6 +24,15 @@ from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialF
 from vllm_omni.features import Feature, build_features
 from vllm_omni.models.registry import load_model_spec
 from vllm_omni.worker import memory, step_batching
+from vllm_omni.worker.steps import (
+    NonFiniteError,
+    RequestCancelled,
+    StepTiming,
+    cancel_points,
+    check_finite,
+    preview_steps,
+    scheduler_steps,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -296,55 +302,8 @@ class ModelRunner:
         return calls, errors
 
     def _memory_error(self, req: DiffusionRequest, limit: int, where: str) -> RequestTooLargeError:
-        est, count = self.estimate_memory([req]), req.num_images_per_prompt
-        fits = lambda r: self.estimate_memory([r]).total <= limit  # noqa: E731
-        n_fit = next((n for n in range(count - 1, 0, -1)
-                      if fits(dataclasses.replace(req, num_images_per_prompt=n))), 0)
-        phase = {"decode": "the VAE decode", "encode": "the VAE encode of the input images",
-                 "denoise": "the transformer", "post": "the output images"}.get(est.largest)
-        with_n = f" with n={count}" if count > 1 else ""
-        audio = self.adapter.output == "audio"
-        what = ("a clip" if audio else f"{req.width}x{req.height}") + with_n
-        message = (f"{what} needs an estimated {memory.format_bytes(est.total)} of memory beyond "
-                   f"the loaded model (most of it in {phase}), more than the "
-                   f"{memory.format_bytes(limit)} {where}; ")
-        if n_fit:
-            message += f"use n={n_fit}{' or less' if n_fit > 1 else ''}" + (
-                "" if audio else " at this size, or a smaller size")
-            return RequestTooLargeError(message, param="n")
-        if audio:
-            message += ("the model decodes its whole window whatever the clip's length, so no "
-                        "shorter clip fits either")
-            return RequestTooLargeError(message)
-        smaller = self._largest_fitting_size(req, fits) if self.adapter.sized else None
-        alone = (self._largest_fitting_size(dataclasses.replace(req, num_images_per_prompt=1), fits)
-                 if self.adapter.sized and count > 1 and smaller is None else None)
-        if smaller:
-            message += f"use a smaller size (about {smaller[0]}x{smaller[1]} fits{with_n})"
-        elif alone:
-            message += f"use n=1 and a smaller size (about {alone[0]}x{alone[1]} fits)"
-        elif not self.adapter.sized:
-            message += "the model sets the output size from its input; nothing smaller fits"
-        else:
-            message += "no size fits within it"
-        return RequestTooLargeError(message, param="size")
-
-    def _largest_fitting_size(self, req: DiffusionRequest, fits) -> tuple[int, int] | None:
-        """The largest size of ``req``'s aspect ratio (and n) that fits, or None."""
-        m = self.spec.size_multiple
-        lo, hi = 0, req.width // m  # widths in multiples of m: lo fits (or is 0), hi does not
-
-        def size(k: int) -> tuple[int, int]:
-            return k * m, max(m, round(k * req.height / req.width) * m)
-
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            w, h = size(mid)
-            if fits(dataclasses.replace(req, width=w, height=h)):
-                lo = mid
-            else:
-                hi = mid
-        return size(lo) if lo else None
+        return memory.too_large_error(req, lambda r: self.estimate_memory([r]), limit, where,
+                                      self.adapter, self.spec.size_multiple)
 
     def _cancel_code(self, request_id: str) -> int:
         """0: run on; else 1 + the reason's index in ``CANCEL_REASONS``."""
@@ -424,7 +383,7 @@ class ModelRunner:
             if self._takes_step_callback:
                 kwargs["callback_on_step_end"] = on_step
             else:
-                follow_steps = _scheduler_steps(pipe, on_step)
+                follow_steps = scheduler_steps(pipe, on_step)
             uses_cfg = self.adapter.uses_cfg(kwargs)
             self.groups.reset_counters()
             for feature in self.features:
@@ -488,84 +447,3 @@ class ModelRunner:
         if t.denoise_start is not None:  # the scheduler adds the queue wait before it
             m["first_step_s"] = t.denoise_start - t0
         return m
-
-
-@contextlib.contextmanager
-def _scheduler_steps(pipe, on_step):
-    """Calls ``on_step`` after each ``scheduler.step``, for pipelines without a step callback
-    (LongCat): the same (pipe, step, timestep, {"latents": ...}) a callback would get."""
-    scheduler = pipe.scheduler
-    step_fn, count = scheduler.step, [0]
-
-    @functools.wraps(step_fn)
-    def step(model_output, timestep, sample, *args, **kwargs):
-        out = step_fn(model_output, timestep, sample, *args, **kwargs)
-        latents = out[0] if isinstance(out, tuple) else out.prev_sample
-        on_step(pipe, count[0], timestep, {"latents": latents})
-        count[0] += 1
-        return out
-
-    scheduler.step = step
-    try:
-        yield
-    finally:
-        del scheduler.step
-
-
-def preview_steps(total: int, count: int) -> list[int]:
-    """The (0-based) steps after which the ``count`` partial images are decoded: evenly spread,
-    never the last step (the final image follows it)."""
-    if count <= 0 or total < 2:
-        return []
-    steps = sorted({min(total - 2, max(0, round(total * (j + 1) / (count + 1)) - 1))
-                    for j in range(count)})
-    return steps
-
-
-class NonFiniteError(RuntimeError):
-    """The numbers went to NaN or infinity: the image would come out black or noise."""
-
-
-def check_finite(x: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise NonFiniteError(f"{what} contain NaN or infinite values (numerical overflow; try "
-                             "other settings, e.g. a lower guidance scale or more steps)")
-
-
-class RequestCancelled(Exception):
-    """Raised at a step end on every rank when the engine cancelled the request."""
-
-
-def cancel_points(denoisers: list[torch.nn.Module], vae) -> list[torch.nn.Module]:
-    """Where a lone rank checks for cancellation: each block of the denoisers' block stacks
-    (the ModuleLists directly under a denoiser), and each layer with weights of the VAE decoder
-    (its convolutions and norms: at full resolution a single residual block of a large image
-    takes seconds on a CPU; each tile of a tiled decode runs them again)."""
-    points = []
-    for model in denoisers:
-        for child in model.children():
-            if isinstance(child, torch.nn.ModuleList):
-                points.extend(child)
-    decoder = getattr(vae, "decoder", None)
-    if isinstance(decoder, torch.nn.Module):
-        points.extend(m for m in decoder.modules()
-                      if next(m.parameters(recurse=False), None) is not None)
-    return points
-
-
-@dataclass
-class StepTiming:
-    """Where one request's time went, filled by the step callback and the timing hooks."""
-
-    steps: int = 0
-    cancelled: list[int] = field(default_factory=list)  # per request: its cancel code, 0 if none
-    denoise_start: float | None = None  # the first transformer call
-    denoise_end: float | None = None  # the last step end
-    decode_start: float = 0.0  # the VAE decoder's current call
-    vae_s: float = 0.0
-
-    @property
-    def denoise_s(self) -> float:
-        if self.denoise_start is None or self.denoise_end is None:
-            return 0.0
-        return self.denoise_end - self.denoise_start
