@@ -40,7 +40,10 @@ def encode_video(video: Video, crf: int = 18) -> tuple[bytes, str]:
         stream = out.add_stream("libx264", rate=Fraction(video.fps).limit_denominator(1001))
         stream.width, stream.height = w + w % 2, h + h % 2
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
+        # x264's "veryfast" encodes 2-3x faster than its default ("medium") at the same
+        # quality (crf); the file is up to ~20% larger. A client waits for the encode, and
+        # keeps the file, so latency wins.
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
         for rgb in frames:
             rgb = np.pad(rgb, ((0, h % 2), (0, w % 2), (0, 0)), mode="edge")
             out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
