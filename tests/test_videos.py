@@ -289,23 +289,27 @@ def test_store_writes_whole_files_or_none_and_sweeps_expired_jobs(tmp_path):
         store.close()
 
 
-def test_a_sequence_parallel_server_makes_the_same_video(t2v, video_models, tmp_path):
-    """`vllm serve --usp 2` (two ranks on gloo) against the one-process server: the same frames,
-    up to H.264 of float-rounding-level differences."""
+@pytest.mark.parametrize("layout", [("--usp", "2"), ("--ring", "2"),
+                                    ("--cfg-parallel-size", "2"), ("--tensor-parallel-size", "2")],
+                         ids=lambda a: a[0].strip("-"))
+def test_a_parallel_server_makes_the_same_video(t2v, video_models, tmp_path, layout):
+    """`vllm serve` with each parallel layout of the seed's video row (two ranks on gloo; 3 steps
+    reach both experts, CFG on by default) against the one-process server: the same frames, up
+    to H.264 of float-rounding-level differences."""
     import numpy as np
 
     body = {"prompt": "a fox", "size": "64x32", "num_frames": 9, "num_inference_steps": 3,
             "seed": 5}
-    s = Server(video_models["wan2.2-t2v"], "--usp", "2", "--video-storage-dir",
-               str(tmp_path / "store"), log_path=str(tmp_path / "usp.log"))
+    s = Server(video_models["wan2.2-t2v"], *layout, "--video-storage-dir",
+               str(tmp_path / "store"), log_path=str(tmp_path / "server.log"))
     try:
-        usp = requests.post(s.url + "/v1/videos/sync", json=body, timeout=120)
+        got = requests.post(s.url + "/v1/videos/sync", json=body, timeout=120)
     finally:
         s.stop()
     one = requests.post(t2v.url + "/v1/videos/sync", json=body, timeout=120)
-    assert usp.status_code == one.status_code == 200
+    assert got.status_code == one.status_code == 200, got.text
     a, b = (np.stack([np.asarray(f, dtype=np.int16) for f in _mp4_frames(r.content)])
-            for r in (usp, one))
+            for r in (got, one))
     assert a.shape == b.shape == (9, 32, 64, 3)
     assert np.abs(a - b).max() <= 2
 
