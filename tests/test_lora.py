@@ -133,6 +133,39 @@ def test_hot_swap_composition_eviction_and_batching(loras, tiny_qwen_image, omni
                             use_tqdm=False)
 
 
+@pytest.mark.parametrize("offload", ["enable_cpu_offload", "enable_layerwise_offload"])
+def test_adapters_under_offload_equal_no_offload(loras, tiny_qwen_image, offload):
+    """Adapters loaded while the base weights are off the device (model-level or per block),
+    switched and dropped between requests: each output is what the engine without offload
+    makes."""
+    import torch
+
+    from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
+    from vllm_omni.engine.input_processor import InputProcessor
+    from vllm_omni.lora import LoraRegistry
+    from vllm_omni.worker.model_runner import ModelRunner
+
+    def outputs(**flags):
+        config = OmniEngineConfig(model=tiny_qwen_image, model_name="m", device="cpu",
+                                  parallel=DiffusionParallelConfig(), max_loras=1,
+                                  lora_modules={"ghibli": loras["ghibli"], "ink": loras["ink"]},
+                                  **flags)
+        runner = ModelRunner(config, 0, torch.device("cpu"))
+        runner.load()
+        process = InputProcessor(runner.spec, loras=LoraRegistry.from_config(config)).process
+        images = []
+        for lora in ({"name": "ghibli"}, {"name": "ink", "scale": 0.6}, None, {"name": "ghibli"}):
+            [out] = runner.execute([process("a fox", _params(lora=lora))])
+            assert out.error is None, out.error
+            images.append(out.images[0])
+        return images
+
+    want = outputs()
+    assert np.abs(want[0] - want[2]).max() > 1e-3  # the adapter does something
+    for got, w in zip(outputs(**{offload: True}), want, strict=True):
+        np.testing.assert_array_equal(got, w)
+
+
 def test_lora_path_applies_to_every_request(loras, tiny_qwen_image):
     from vllm_omni import Omni
 

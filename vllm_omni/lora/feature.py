@@ -4,7 +4,8 @@ diffusers, peft, kohya keys), kept unfused, and activated per pipeline call with
 
 At most ``max_loras`` adapters sit in the model; loading another evicts the least recently used
 (``delete_adapters``). Their state dicts stay in host memory, up to ``max_cpu_loras``, so an
-evicted adapter comes back without reading its file again.
+evicted adapter comes back without reading its file again. Under CPU offload the adapters stay
+on the compute device while the base weights come and go.
 """
 
 from __future__ import annotations
@@ -22,17 +23,6 @@ logger = logging.getLogger(__name__)
 
 class LoraFeature(Feature):
     name = "lora"
-
-    @classmethod
-    def check(cls, adapter, config) -> None:
-        # Proven exact with every parallel layout, the step caches and FP8; offload would have
-        # to place the adapters' weights with the blocks'.
-        others = [flag for flag, on in (
-            ("CPU offload", config.enable_cpu_offload or config.enable_layerwise_offload),)
-            if on]
-        if others:
-            raise ValueError(f"LoRA with {', '.join(others)} is not available yet; serve the "
-                             "adapters on one process without it")
 
     def apply(self, pipe, groups) -> None:
         self.pipe, self.groups = pipe, groups
@@ -98,7 +88,18 @@ class LoraFeature(Feature):
 
             for denoiser in self.denoisers(self.pipe):
                 reduce_lora_inputs(denoiser)
+        if self.config.enable_cpu_offload or self.config.enable_layerwise_offload:
+            self._keep_on_device()
         self.loaded[ref.key] = ref
+
+    def _keep_on_device(self) -> None:
+        """Under offload, peft creates an adapter beside its base weight, which is off the device
+        between runs; the offload units know only the weights they were built with. Adapters are
+        small: they stay on the compute device for good."""
+        for denoiser in self.denoisers(self.pipe):
+            for name, p in denoiser.named_parameters():
+                if ".lora_" in name and p.device != self.device:
+                    p.data = p.data.to(self.device)
 
     def _for_ranks(self, state: dict, ref) -> dict:
         """A copy of ``state`` (the loaders pop from the dict they get) with the factors of
