@@ -134,10 +134,36 @@ def test_a_cancelled_request_leaves_and_its_mates_finish(step_server):
     assert _post(step_server, {**mate, "num_inference_steps": 2}).status_code == 200
 
 
+def test_adapter_sets_share_forwards_only_with_their_own(tiny_qwen_image, tmp_path):
+    """Requests with different LoRA sets (and none) in flight together, three adapters under
+    --max-loras 2 (none is evicted while a running request uses it): each equals the plain
+    engine's output, and only requests of one set share a forward."""
+    from vllm_omni import Omni, OmniDiffusionSamplingParams
+    from vllm_omni.testing.tiny_lora import build
+
+    modules = {n: build(tiny_qwen_image, str(tmp_path / f"{n}.safetensors"), seed=i)
+               for i, n in enumerate(("ghibli", "ink", "owl"))}
+    sets = [{"name": "ghibli"}, {"name": "ink", "scale": 0.5}, None, {"name": "ghibli"},
+            [{"name": "ghibli", "scale": 0.5}, {"name": "ink", "scale": 0.5}], {"name": "owl"}]
+    params = [OmniDiffusionSamplingParams(num_inference_steps=3, width=64, height=64, seed=i,
+                                          output_type="np", lora=lora)
+              for i, lora in enumerate(sets)]
+    prompts = ["a red fox"] * len(sets)
+    with Omni(tiny_qwen_image, lora_modules=modules, max_loras=2) as engine:
+        want = [engine.generate(p, q, use_tqdm=False)[0] for p, q in zip(prompts, params)]
+    with Omni(tiny_qwen_image, lora_modules=modules, max_loras=2, step_batching=True,
+              max_num_seqs=len(sets)) as engine:
+        got = engine.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(want, got, strict=True):
+        assert float(np.abs(a.images[0] - b.images[0]).max()) <= TOL
+    assert [o.metrics["lora_adapters"] for o in got] == [1, 1, 0, 1, 2, 1]
+    # The two ghibli requests run as one call (one batch key); every other set alone.
+    assert [o.metrics["batch_size"] for o in got] == [2, 1, 1, 2, 1, 1]
+
+
 @pytest.mark.parametrize("settings, why", [
     ({}, "max_num_seqs 1"),
     ({"max_num_seqs": 2, "cache_backend": "tea_cache"}, "cache backend"),
-    ({"max_num_seqs": 2, "enable_lora": True}, "LoRA"),
     ({"max_num_seqs": 2, "enable_cpu_offload": True}, "CPU offload"),
     ({"max_num_seqs": 2, "parallel": "U2"}, "parallel layout"),
 ])

@@ -44,6 +44,10 @@ class Feature:
         """Before each pipeline call, with its requests (all of one batch key); an
         ``InvalidRequestError`` fails them with a 400."""
 
+    def use_batcher(self, batcher) -> None:
+        """Step batching is on: pipeline calls run side by side and their denoiser forwards
+        in rounds (``worker.step_batching.StepBatcher``)."""
+
     def begin_request(self, num_steps: int, uses_cfg: bool) -> None:
         pass
 

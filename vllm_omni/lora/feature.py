@@ -11,6 +11,7 @@ on the compute device while the base weights come and go.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import OrderedDict
 from typing import Any
@@ -26,6 +27,8 @@ class LoraFeature(Feature):
 
     def apply(self, pipe, groups) -> None:
         self.pipe, self.groups = pipe, groups
+        self.batcher = None
+        self.in_use: dict[int, set[str]] = {}  # step batching: request thread -> its adapters
         self.loaded: OrderedDict[str, Any] = OrderedDict()  # key -> LoraRef, least recent first
         self.host: OrderedDict[str, dict] = OrderedDict()  # key -> state dict
         self.max_host = self.config.max_cpu_loras or self.config.max_loras
@@ -35,10 +38,20 @@ class LoraFeature(Feature):
         if not self.by_pipeline:
             with_adapter_loader(pipe.transformer)
 
+    def use_batcher(self, batcher) -> None:
+        """Calls with different adapter sets run side by side: each loads its adapters, tags
+        its forwards with its set, and the set is activated before each batched forward (only
+        forwards with equal sets share one)."""
+        self.batcher = batcher
+        batcher.before_forward = self.activate
+
     # -- per call --------------------------------------------------------------------------------
     def prepare_call(self, reqs) -> None:
         refs = reqs[0].loras  # a batch shares its adapters (the batch key includes them)
         wanted = tuple((r.key, r.scale) for r in refs)
+        if self.batcher is not None:
+            self._prepare_side_by_side(refs, wanted)
+            return
         if wanted == self.active:
             self.switch_s = 0.0
             return
@@ -55,8 +68,38 @@ class LoraFeature(Feature):
         self.active = wanted
         self.switch_s = time.perf_counter() - t0
 
+    def _prepare_side_by_side(self, refs, wanted: tuple) -> None:
+        """Step batching: load this call's adapters (never evicting one a running call uses;
+        the model may briefly hold more than ``max_loras``) and tag its forwards."""
+        alive = {t.ident for t in threading.enumerate()}
+        me = threading.get_ident()
+        with self.batcher.model_lock:  # not while a round's forwards run
+            self.in_use = {k: v for k, v in self.in_use.items() if k in alive and k != me}
+            busy = set().union(*self.in_use.values()) if self.in_use else set()
+            t0, before = time.perf_counter(), set(self.loaded)
+            for ref in refs:
+                self._load(ref, keep=busy | {r.key for r in refs})
+            if set(self.loaded) != before:  # diffusers may have activated what it loaded
+                self.active = None
+            self.switch_s = time.perf_counter() - t0
+            self.in_use[me] = {r.key for r in refs}
+        self.batcher.local.tag = wanted
+
+    def activate(self, tag) -> None:
+        """Before a batched forward: the adapter set its calls were tagged with."""
+        wanted = tag or ()
+        if wanted == self.active:
+            return
+        self.active = None  # unknown until set (see prepare_call)
+        if wanted:
+            self._set([k for k, _ in wanted], [s for _, s in wanted])
+        elif self.loaded:
+            self._disable()
+        self.active = wanted
+
     def stats(self) -> dict[str, Any]:
-        return {"lora_adapters": len(self.active), "lora_switch_s": self.switch_s}
+        active = self.active if self.batcher is None else getattr(self.batcher.local, "tag", ())
+        return {"lora_adapters": len(active or ()), "lora_switch_s": self.switch_s}
 
     # -- loading ---------------------------------------------------------------------------------
     def _load(self, ref, keep: set[str]) -> None:
@@ -64,7 +107,9 @@ class LoraFeature(Feature):
             self.loaded.move_to_end(ref.key)
             return
         while len(self.loaded) >= self.config.max_loras:
-            old = next(k for k in self.loaded if k not in keep)
+            old = next((k for k in self.loaded if k not in keep), None)
+            if old is None:  # step batching: each is in use by a running call; hold one more
+                break
             logger.info("evicting LoRA %s (--max-loras %d)", self.loaded[old].name,
                         self.config.max_loras)
             self._delete(old)

@@ -106,6 +106,8 @@ class ModelRunner:
         self.denoisers = self.adapter.parallel_plan().denoiser_modules(self.pipe)
         if self.batcher is not None:
             step_batching.install(self.denoisers, self.batcher, self._step_threads)
+            for feature in self.features:
+                feature.use_batcher(self.batcher)
         self._install_timing()
         self._install_cancel_points()
         try:

@@ -45,6 +45,7 @@ class _Call:
     done: bool = False
     requests: int = 1  # requests of the pipeline call it came from
     shared: int = 1  # requests in the forward that served it
+    tag: Any = None  # model state its forward needs (a LoRA adapter set): equal to share one
 
 
 def _sample_count(kwargs: dict[str, Any]) -> int | None:
@@ -201,9 +202,15 @@ class StepBatcher:
         # feature cache, a prior model's generation state) that two calls side by side would
         # share. Only the forwards of a round run without it.
         self.outside = threading.Lock()
-        # Per request thread: its call's request count (``requests``), and how many requests
-        # shared each of its forwards (``sizes``).
+        # Per request thread: its call's request count (``requests``), how many requests
+        # shared each of its forwards (``sizes``), and the model state its forwards need
+        # (``tag``, set by a feature in ``prepare_call``).
         self.local = threading.local()
+        # Held while a round's forwards run, and by a feature changing the model between rounds
+        # (loading a LoRA adapter) from a request thread that started during a round.
+        self.model_lock = threading.RLock()
+        # Called with a group's tag before its forward (the LoRA feature activates that set).
+        self.before_forward = None
 
     # -- request threads --------------------------------------------------------------------
     def started(self) -> None:
@@ -224,9 +231,10 @@ class StepBatcher:
             params = list(inspect.signature(forward).parameters)
             kwargs = {**dict(zip(params, args)), **kwargs}
         size = _sample_count(kwargs)
+        tag = getattr(self.local, "tag", None)
         call = _Call(module, forward, kwargs, size or 0,
-                     _key(module, kwargs, size, self.padding),
-                     requests=getattr(self.local, "requests", 1))
+                     (tag, *_key(module, kwargs, size, self.padding)),
+                     requests=getattr(self.local, "requests", 1), tag=tag)
         with self.cv:
             self.pending.append(call)
             self.busy -= 1
@@ -254,7 +262,8 @@ class StepBatcher:
             self.leading = True
             calls, self.pending = self.pending, []
         try:
-            with torch.inference_mode():  # also from a thread that has left its pipeline call
+            # inference_mode also when run from a thread that has left its pipeline call.
+            with self.model_lock, torch.inference_mode():
                 self._run(calls)
         finally:
             with self.cv:
@@ -278,6 +287,8 @@ class StepBatcher:
                 groups.append([call])
         for group in groups:
             try:
+                if self.before_forward is not None:
+                    self.before_forward(group[0].tag)
                 if len(group) == 1:
                     group[0].result = group[0].forward(**group[0].kwargs)
                 else:
