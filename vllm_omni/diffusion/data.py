@@ -119,7 +119,6 @@ class OmniEngineConfig:
              self.max_num_seqs < 2),
             ("a parallel layout", self.world_size > 1),
             ("a cache backend", self.cache_backend != "none"),
-            ("CPU offload", self.enable_cpu_offload or self.enable_layerwise_offload),
         ) if on]
         if why:
             raise ValueError(f"step_batching (--step-batching) does not run with {why[0]} in "
