@@ -196,8 +196,10 @@ class BagelPipeline(DiffusionPipeline):
         contexts = [self.contexts(p, im, generators[i * n]) for i, (p, im) in
                     enumerate(zip(prompts, images))]
         dim = cfg.latent_patch_size ** 2 * cfg.latent_channels
+        # The latents integrate in float32 whatever the model's dtype (as BAGEL does): 50 Euler
+        # steps in bf16 would round away the small late updates.
         x = torch.stack([torch.randn(h * w, dim, generator=g, dtype=torch.float32)
-                         for g in generators]).to(device, dtype)
+                         for g in generators]).to(device)
         t = self.timesteps(num_inference_steps, timestep_shift)
         for step in range(num_inference_steps):
             ti = float(t[step])
@@ -216,12 +218,13 @@ class BagelPipeline(DiffusionPipeline):
                     elif img_scale > 1.0:
                         row[2] = row[0]
                 index.append(row)
-            v = self.transformer(x, ti, [c for c, _ in seqs], [j for _, j in seqs], h, w)
+            v = self.transformer(x.to(dtype), ti, [c for c, _ in seqs], [j for _, j in seqs], h,
+                                 w)
             if guided:
                 v = torch.stack([guide(v[a].float(), v[b].float(),
                                        None if c is None else v[c].float(), cfg_text_scale,
                                        img_scale, renorm, cfg_renorm_min) for a, b, c in index])
-            x = (x.float() - v.float() * (ti - float(t[step + 1]))).to(dtype)
+            x = x - v.float() * (ti - float(t[step + 1]))
             if callback_on_step_end is not None:
                 out = callback_on_step_end(self, step, ti, {"latents": x})
                 x = (out or {}).get("latents", x)
