@@ -34,9 +34,10 @@ def build(family: str, out_path: str, rank: int = 4, seed: int = 0) -> str:
         from vllm_omni.models.bagel.pipeline import load_bagel
         from vllm_omni.testing.tiny_models import build as build_model
 
-        model_dir = family if os.path.isdir(family) else build_model(
-            "bagel", os.path.join(tempfile.mkdtemp(), "bagel"))
-        transformer = load_bagel(model_dir, torch.float32).transformer
+        with tempfile.TemporaryDirectory() as tmp:  # the weights are in memory once loaded
+            model_dir = family if os.path.isdir(family) else build_model(
+                "bagel", os.path.join(tmp, "bagel"))
+            transformer = load_bagel(model_dir, torch.float32).transformer
         return for_transformer(transformer, out_path, rank, seed, BAGEL_TARGETS)
     if os.path.isdir(family):
         from diffusers import DiffusionPipeline
