@@ -55,12 +55,16 @@ def configs(model_dir: str):
     shapes = weight_shapes(os.path.join(model_dir, WEIGHTS))
     side = lambda name: math.isqrt(shapes[name][0])  # noqa: E731
     ae = weight_shapes(os.path.join(model_dir, AE_WEIGHTS))
-    channels = ae["encoder.conv_out.weight"][0] // 2
-    levels = len({k.split(".")[2] for k in ae if k.startswith("encoder.down.")})
-    config = BagelConfig(latent_channels=channels, vae_downsample=2 ** (levels - 1),
-                         latent_patch_size=math.isqrt(shapes["vae2llm.weight"][1] // channels),
-                         max_latent_size=side("latent_pos_embed.pos_embed"),
-                         vit_max_num_patch_per_side=side("vit_pos_embed.pos_embed"))
+    try:
+        channels = ae["encoder.conv_out.weight"][0] // 2
+        levels = len({k.split(".")[2] for k in ae if k.startswith("encoder.down.")})
+        config = BagelConfig(latent_channels=channels, vae_downsample=2 ** (levels - 1),
+                             latent_patch_size=math.isqrt(shapes["vae2llm.weight"][1] // channels),
+                             max_latent_size=side("latent_pos_embed.pos_embed"),
+                             vit_max_num_patch_per_side=side("vit_pos_embed.pos_embed"))
+    except KeyError as e:
+        raise ValueError(f"{model_dir} is not in BAGEL's published layout: {e.args[0]} is "
+                         f"missing from {WEIGHTS} or {AE_WEIGHTS}") from None
     return llm, vit, config
 
 
@@ -97,4 +101,5 @@ def ae_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
                                     for i in levels],
                 layers_per_block=blocks, latent_channels=shapes["encoder.conv_out.weight"][0] // 2,
                 norm_num_groups=32, scaling_factor=AE_SCALE, shift_factor=AE_SHIFT,
+                # The tile size diffusers' tiled decode would use: FLUX's 1024 at ch 128.
                 use_quant_conv=False, use_post_quant_conv=False, sample_size=ch * 8)
