@@ -87,11 +87,12 @@ QWEN_SLACK = 192 * MiB
 # sample rate (an upsampling transposed convolution, three dilated residual units with Snake
 # activations, whose sin/pow/mul temporaries are full-size). On the CPU the resident set grows by
 # 5.7-14.9 units at 2^18-2^20 samples (widths 16 and 32, 3-5 blocks), the most on a process's
-# first large decode (oneDNN's convolution buffers, heap growth: 244-476 MiB for the same decode
-# at 2^19 samples, width 16). On an H200 the tensors peak at 4.5 (fp32) to 5.5 (bf16) units.
+# first large decode (oneDNN's convolution buffers, heap growth: 244-608 MiB for the same decode
+# at 2^19 samples, width 16; the highest, 608 MiB, in a CI run on a busy machine). On an H200 the
+# tensors peak at 4.5 (fp32) to 5.5 (bf16) units.
 OOBLECK_DECODE_UNITS = 14.0
 OOBLECK_DECODE_UNITS_CUDA = 7.0
-OOBLECK_SLACK = 128 * MiB
+OOBLECK_SLACK = 192 * MiB
 
 # The decoded batch (float RGB, then clamped) at the end of the decode, in bytes per pixel.
 DECODE_OUTPUT_BYTES_PER_PIXEL = 24
