@@ -6,6 +6,7 @@ import json
 import os
 
 from vllm_omni.models.bagel import BagelAdapter
+from vllm_omni.models.bagel.layout import is_bagel_dir
 from vllm_omni.models.base import ModelAdapter, ModelSpec, read_json
 from vllm_omni.models.flux import Flux2KleinAdapter, FluxAdapter
 from vllm_omni.models.glm_image import GlmImageAdapter
@@ -43,8 +44,6 @@ def supported_pipeline_classes() -> list[str]:
 def load_model_spec(model_dir: str) -> ModelSpec:
     if not os.path.isdir(model_dir):
         raise ValueError(f"model directory {model_dir!r} does not exist")
-    from vllm_omni.models.bagel.layout import is_bagel_dir
-
     # BAGEL has no diffusers pipeline: its published directory is recognised by its files.
     cls = "BagelPipeline" if is_bagel_dir(model_dir) else \
         read_json(model_dir, "model_index.json").get("_class_name")

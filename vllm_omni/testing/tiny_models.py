@@ -212,7 +212,8 @@ def _qwen3_text_encoder(tokenizer, width: int, layers: int, causal_lm: bool = Fa
     return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config).eval()
 
 
-def _flux_vae(latent_channels: int = 16, seed: int = 2, **extra):
+def _flux_vae(latent_channels: int = 16, seed: int = 2, channels=(8, 16, 16, 16),
+              groups: int = 4, **extra):
     """The FLUX/SD3 VAE topology (4 stages: 8x) at toy width."""
     import torch
     from diffusers import AutoencoderKL
@@ -220,8 +221,8 @@ def _flux_vae(latent_channels: int = 16, seed: int = 2, **extra):
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16),
-        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=channels,
+        layers_per_block=1, latent_channels=latent_channels, norm_num_groups=groups,
         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
         use_post_quant_conv=False, **extra,
     )
@@ -647,7 +648,7 @@ def build_stable_audio():
 
 
 # -- BAGEL (our own modelling, in its published checkpoint layout) ------------------------------
-def _original_ae_names(vae) -> list[str]:
+def original_ae_names(vae) -> list[str]:
     """The parameter names of ``vae`` in FLUX's original autoencoder layout (``ae.safetensors``)."""
     chans, blocks = list(vae.config.block_out_channels), vae.config.layers_per_block
     conv = lambda p: [f"{p}.weight", f"{p}.bias"]  # noqa: E731
@@ -683,7 +684,7 @@ def original_ae_state(vae) -> dict:
     import torch
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
-    names = _original_ae_names(vae)
+    names = original_ae_names(vae)
     labels = convert_ldm_vae_checkpoint({n: torch.tensor([float(i)]) for i, n in enumerate(names)},
                                         dict(vae.config))
     ours = vae.state_dict()
@@ -722,7 +723,6 @@ def build_bagel():
     32 channels, GroupNorm 32 as in BAGEL's), 8x8-patch position tables (so images up to 128²
     and ViT inputs up to 112²) and a Qwen2 tokenizer with BAGEL's special tokens."""
     import torch
-    from diffusers import AutoencoderKL
     from transformers import Qwen2Config, SiglipVisionConfig
 
     from vllm_omni.models.bagel.modeling import Bagel, BagelConfig, sincos_2d
@@ -744,11 +744,7 @@ def build_bagel():
     state["latent_pos_embed.pos_embed"] = sincos_2d(side, 64)
     state["vit_pos_embed.pos_embed"] = sincos_2d(side, 64)
     state["language_model.lm_head.weight"] = torch.randn(len(tokenizer), 64) * 0.02
-    torch.manual_seed(1)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(32,) * 4,
-                        layers_per_block=1, latent_channels=16, norm_num_groups=32,
-                        use_quant_conv=False, use_post_quant_conv=False)
+    vae = _flux_vae(seed=1, channels=(32,) * 4, groups=32)  # BAGEL's autoencoder: GroupNorm 32
     files = {"llm_config.json": llm.to_diff_dict() | {"architectures": ["Qwen2ForCausalLM"]},
              "vit_config.json": vit.to_diff_dict()}
     tensors = {"ema.safetensors": {k: v.contiguous() for k, v in state.items()},
