@@ -171,6 +171,21 @@ def test_tiny_checkpoint_is_in_the_published_layout(bagel_dir):
     assert vae.config.latent_channels == 16 and len(vae.config.block_out_channels) == 4
 
 
+def test_a_checkpoint_missing_a_tensor_is_refused_naming_it(bagel_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vllm_omni.models.registry import load_model_spec
+
+    broken = shutil.copytree(bagel_dir, tmp_path / "broken")
+    state = load_file(broken / "ema.safetensors")
+    del state["latent_pos_embed.pos_embed"]
+    save_file(state, broken / "ema.safetensors")
+    with pytest.raises(ValueError, match="latent_pos_embed.pos_embed is missing"):
+        load_model_spec(str(broken))
+
+
 # -- correctness without a reference run --------------------------------------------------------
 def test_same_seed_same_bytes_and_seeds_differ(pipe):
     a = pipe(PROMPT, height=64, width=48, num_inference_steps=STEPS, generator=_gen()).images[0]
