@@ -379,6 +379,62 @@ def test_lora_under_parallel_layouts_and_caches_reproduces_one_process(family, f
         assert np.abs(got - w).max() < TOL, (family, backend)
 
 
+def _with_alphas(state: dict, alpha: float, kohya: bool) -> dict:
+    """``state`` (diffusers' keys) with every module's network alpha: as kohya names
+    (``lora_unet_<module_with_underscores>.lora_down/up`` and ``.alpha``, which Qwen-Image's
+    converter reads), or beside diffusers' keys (``<module>.alpha``, which FLUX's loader reads)."""
+    out = {}
+    for key, tensor in state.items():
+        module, factor = key.rsplit(".lora_", 1)
+        if kohya:
+            flat = "lora_unet_" + module.removeprefix("transformer.").replace(".", "_")
+            out[f"{flat}.lora_{'down' if factor.startswith('A') else 'up'}.weight"] = tensor
+            out[f"{flat}.alpha"] = torch.tensor(alpha)
+        else:
+            out[key] = tensor
+            out[f"{module}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def _text_encoder_factors(model_dir: str, rank: int) -> dict:
+    from diffusers import DiffusionPipeline
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
+
+    encoder = DiffusionPipeline.from_pretrained(model_dir).text_encoder
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=["q_proj"]),
+                            encoder)
+    gen = torch.Generator().manual_seed(1)
+    return {f"text_encoder.{k}": torch.randn(v.shape, generator=gen) / v.shape[1] ** 0.5
+            for k, v in sorted(get_peft_model_state_dict(encoder).items())}
+
+
+@pytest.mark.parametrize("family,kohya", [("qwen-image-2512", True), ("flux.1-dev", False)])
+def test_adapters_with_network_alphas_under_tensor_parallel(family, kohya, feature_models,
+                                                            tmp_path):
+    """An adapter whose alphas differ from its rank (kohya's format, or diffusers' keys with
+    alphas) gives under tensor parallelism what one process gives for the same factors with B
+    scaled by alpha / rank: the alpha is neither lost nor applied twice by the cut."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_omni.testing.tiny_lora import build
+
+    model, rank, alpha = feature_models[family], 4, 8.0
+    state = load_file(build(model, str(tmp_path / "plain.safetensors"), rank=rank))
+    if not kohya:  # with a text encoder's factors too, the file goes through the converter
+        state |= _text_encoder_factors(model, rank)
+    scaled = {k: v * (alpha / rank) if ".lora_B." in k else v for k, v in state.items()}
+    save_file(scaled, tmp_path / "scaled.safetensors")
+    save_file(_with_alphas(state, alpha, kohya), tmp_path / "alphas.safetensors")
+    want, _ = _lora_generate(_config(model, lora_modules={"tiny": str(tmp_path /
+                                                                    "scaled.safetensors")}),
+                             family)
+    config = _config(model, LAYOUTS["tensor_parallel"],
+                     lora_modules={"tiny": str(tmp_path / "alphas.safetensors")})
+    for images in run_ranks(_lora_rank, config.world_size, config, family, False, timeout=300):
+        for got, w in zip(images, want):
+            assert np.abs(got - w).max() < TOL, family
+
+
 def test_lora_over_fp8_weights_equals_the_dequantized_model(feature_models, tmp_path):
     """FP8 (weight-only on the CPU) with an adapter: the adapter computes in the model's dtype
     over the FP8 layer, as diffusers' loader does over the same weights dequantized."""

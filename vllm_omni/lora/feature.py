@@ -155,16 +155,17 @@ class LoraFeature(Feature):
         from vllm_omni.distributed.tensor_parallel import shard_lora_state
 
         if self.by_pipeline and not all(k.startswith("transformer.") for k in state):
-            converted = self.pipe.lora_state_dict(dict(state))
-            if isinstance(converted, tuple):
-                state, alphas = converted[0], converted[1:]
-                if any(a for a in alphas if a):
-                    raise InvalidRequestError(
-                        f"LoRA {ref.name!r}: adapters with network alphas (kohya format) are "
-                        "not supported under tensor parallelism; convert it to diffusers' "
-                        "format", param="lora")
-            else:
-                state = converted
+            # Another format (kohya, ...): diffusers' converter gives its own keys, which are
+            # the ones we can cut. Its network alphas (kept apart by some converters, dropped
+            # unless asked for by FLUX's) are folded into the B factors.
+            import inspect
+
+            ask = "return_alphas" in inspect.signature(self.pipe.lora_state_dict).parameters
+            converted = self.pipe.lora_state_dict(dict(state), **(
+                {"return_alphas": True} if ask else {}))
+            state, alphas = (converted[0], converted[1]) if isinstance(converted, tuple) else (
+                converted, None)
+            state = fold_alphas(state, alphas or {})
         return shard_lora_state(state, self.pipe.transformer)
 
     def _state_dict(self, ref) -> dict:
@@ -221,6 +222,20 @@ class LoraFeature(Feature):
         for key in list(self.loaded):
             self._delete(key)
         self.active = ()
+
+
+def fold_alphas(state: dict, alphas: dict) -> dict:
+    """``state`` with each module's network alpha (``<module>.alpha``) folded into its B factor
+    as ``alpha / rank``, the scale peft would apply, so the factors alone give the delta."""
+    state = dict(state)
+    for key, alpha in alphas.items():
+        module = key.removesuffix(".alpha")
+        a, b = f"{module}.lora_A.weight", f"{module}.lora_B.weight"
+        if a not in state or b not in state:
+            raise InvalidRequestError(f"LoRA alpha {key!r} has no lora_A/lora_B factors",
+                                      param="lora")
+        state[b] = state[b] * (float(alpha) / state[a].shape[0])
+    return state
 
 
 def with_adapter_loader(model) -> None:
