@@ -182,9 +182,33 @@ def test_offload_keeps_each_request_equal_to_alone(tiny_qwen_image, offload):
     assert max(o.metrics["batch_size"] for o in got) > 1
 
 
+def test_teacache_decides_per_request_in_shared_forwards(tiny_qwen_image):
+    """TeaCache keeps each request's (and CFG branch's) state: requests with different steps,
+    guidance and thresholds' worth of change share forwards in which some skip and others
+    compute, and each equals the request run alone with the same cache, skipping as many calls."""
+    from vllm_omni import Omni, OmniDiffusionSamplingParams
+
+    params = [OmniDiffusionSamplingParams(num_inference_steps=steps, width=64, height=64,
+                                          seed=seed, output_type="np", true_cfg_scale=cfg)
+              for steps, seed, cfg in [(12, 1, 1.0), (7, 2, 4.0), (16, 3, 1.0), (9, 4, 1.0)]]
+    prompts = ["a red fox", {"prompt": "an old lighthouse at dusk", "negative_prompt": "blurry"},
+               "a blue cat", "a green owl in a tall tree"]
+    cache = dict(cache_backend="tea_cache", cache_config={"rel_l1_thresh": 0.6})
+    with Omni(tiny_qwen_image, **cache) as engine:
+        want = [engine.generate(p, q, use_tqdm=False)[0] for p, q in zip(prompts, params)]
+    with Omni(tiny_qwen_image, step_batching=True, max_num_seqs=3, **cache) as engine:
+        got = engine.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(want, got, strict=True):
+        assert float(np.abs(a.images[0] - b.images[0]).max()) <= TOL
+        for k in ("transformer_calls_computed", "transformer_calls_skipped"):
+            assert a.metrics[k] == b.metrics[k], k
+    assert all(o.metrics["transformer_calls_skipped"] > 0 for o in got)
+    assert max(o.metrics["batch_size"] for o in got) > 1
+
+
 @pytest.mark.parametrize("settings, why", [
     ({}, "max_num_seqs 1"),
-    ({"max_num_seqs": 2, "cache_backend": "tea_cache"}, "cache backend"),
+    ({"max_num_seqs": 2, "cache_backend": "cache_dit"}, "cache_dit"),
     ({"max_num_seqs": 2, "parallel": "U2"}, "parallel layout"),
 ])
 def test_what_step_batching_does_not_run_with_is_refused(tiny_qwen_image, settings, why):

@@ -10,11 +10,17 @@ independently.
 Applied as diffusers hooks on the unmodified blocks: the head block decides, the others pass
 through when skipping, the tail records the residual. Under sequence/tensor parallelism the L1
 sums are all-reduced over the ranks of one CFG branch, so every rank takes the same decision.
+
+Under step batching one forward carries several requests' calls: each request (and CFG branch)
+keeps its own state and decides on its own samples. The stack is skipped when all of them skip;
+otherwise it runs for all, and the tail gives each skipping request its cached residual instead
+of the computed rows, so every request gets what it would alone.
 """
 
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +83,24 @@ class _State(BaseState):
 
 
 @dataclass
+class _Request:
+    """A pipeline call's cache state under step batching: per CFG branch, and its counts."""
+
+    num_steps: int
+    states: dict[str, _State] = field(default_factory=dict)
+    stats: CacheStats = field(default_factory=CacheStats)
+
+
+@dataclass
+class _Pass:
+    """One batched forward: each call's sample count and state, and whether it computes."""
+
+    rows: list[tuple[int, _State]]
+    compute: list[bool]
+    head_input: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
 class BlockIO:
     """Where a block's streams are: input argument names and output tuple indices."""
 
@@ -94,19 +118,40 @@ class TeaCache:
     io: BlockIO = field(default_factory=BlockIO)
     reduce: GroupComm | None = None  # the ranks of one CFG branch
     num_steps: int = 0
-    stats: CacheStats = field(default_factory=CacheStats)
     blocks: list[torch.nn.Module] = field(default_factory=list)  # hooked by apply_teacache
+    batcher: Any = None  # step batching's StepBatcher (use_batcher)
 
     def __post_init__(self):
+        # Its context is the branch diffusers' cache_context names (the pipeline's thread's).
         self.state = StateManager(_State)
+        self._stats = CacheStats()
+        self.local = threading.local()  # step batching: the request thread's _Request
+        self.pass_: _Pass | None = None
+
+    @property
+    def stats(self) -> CacheStats:
+        return self.local.request.stats if self.batcher is not None else self._stats
+
+    def use_batcher(self, batcher) -> None:
+        self.batcher = batcher
+        batcher.captures[f"tea_cache:{id(self)}"] = self._capture
 
     def begin_request(self, num_steps: int, uses_cfg: bool = False) -> None:
         # CFG needs nothing here: the pipeline names each call's branch through cache_context.
         # Pipelines that never open a context (one call per step) share this default one.
+        if self.batcher is not None:
+            self.local.request = _Request(num_steps)
+            return
         self.state.reset()
         self.state.set_context(CacheContext("default"))
         self.num_steps = num_steps
-        self.stats = CacheStats()
+        self._stats = CacheStats()
+
+    def _capture(self) -> tuple[_Request, _State]:
+        """On a request thread submitting a denoiser call: its state for the current branch."""
+        context = self.state._context
+        req = self.local.request
+        return req, req.states.setdefault(context.name if context else "default", _State())
 
     def remove(self) -> None:
         for i, block in enumerate(self.blocks):
@@ -120,15 +165,17 @@ class TeaCache:
             y = y * x + c
         return max(y, 0.0)  # a negative "distance" would let the cache run ahead; floor it
 
-    def decide(self, modulated: torch.Tensor) -> bool:
+    def decide(self, modulated: torch.Tensor, s: _State | None = None,
+               num_steps: int | None = None) -> bool:
         """True: compute this call. Runs once per denoiser call, on every rank alike."""
-        s = self.state.get_state()
+        s = s or self.state.get_state()
+        num_steps = self.num_steps if num_steps is None else num_steps
         step = s.calls
         s.calls += 1
         prev, s.prev_modulated = s.prev_modulated, modulated
         # A call of another shape (BAGEL packs its CFG branches only inside the guidance
         # interval) cannot reuse the last residual.
-        if prev is None or s.residual is None or step == 0 or step >= self.num_steps - 1 \
+        if prev is None or s.residual is None or step == 0 or step >= num_steps - 1 \
                 or self.config.rel_l1_thresh <= 0 or prev.shape != modulated.shape:
             s.accumulated = 0.0
             return True
@@ -154,6 +201,12 @@ class _BlockHook(ModelHook):
         self.is_tail = is_tail
 
     def new_forward(self, module, *args, **kwargs):
+        if self.cache.batcher is not None and self.cache.batcher.group is not None:
+            p = self.cache.pass_
+            if p is not None and not any(p.compute):
+                return _passthrough(self.cache, _bind(module, args, kwargs))
+            out = self.fn_ref.original_forward(*args, **kwargs)
+            return _finish_rows(self.cache, out) if self.is_tail and p is not None else out
         s = self.state_manager.get_state()
         if s.skip:
             return _passthrough(self.cache, _bind(module, args, kwargs))
@@ -172,9 +225,11 @@ class _HeadHook(_BlockHook):
 
     def new_forward(self, module, *args, **kwargs):
         cache = self.cache
-        s = self.state_manager.get_state()
         kwargs = _bind(module, args, kwargs)  # some models call their blocks positionally
         args = ()
+        if cache.batcher is not None and cache.batcher.group is not None:
+            return self._rows_forward(module, kwargs)
+        s = self.state_manager.get_state()
         modulated = cache.modulated_input(module, kwargs)
         if modulated is None:  # not a denoising call (BAGEL extending a prompt): run as is
             s.skip, s.head_input = False, None
@@ -190,6 +245,73 @@ class _HeadHook(_BlockHook):
             return out
         cache.stats.skipped += 1
         return _apply_residual(cache, s, kwargs)
+
+
+    def _rows_forward(self, module, kwargs):
+        """Step batching: the forward's calls decide each on its own samples."""
+        cache = self.cache
+        key = f"tea_cache:{id(cache)}"
+        calls = cache.batcher.group
+        modulated = cache.modulated_input(module, kwargs)
+        if modulated is None:
+            cache.pass_ = None
+            return self.fn_ref.original_forward(**kwargs)
+        rows, compute = [], []
+        for call, part in zip(calls, torch.split(modulated, [c.size for c in calls])):
+            req, s = call.captured[key]
+            rows.append((call.size, s))
+            compute.append(cache.decide(part, s, req.num_steps))
+            if compute[-1]:
+                req.stats.computed += 1
+            else:
+                req.stats.skipped += 1
+        head_input = tuple(kwargs[n] for n in cache.io.inputs)
+        cache.pass_ = _Pass(rows, compute, head_input)
+        if not any(compute):
+            return _finish_rows(cache, _passthrough(cache, kwargs))
+        out = self.fn_ref.original_forward(**kwargs)
+        return _finish_rows(cache, out) if self.is_tail else out
+
+
+def _finish_rows(cache: TeaCache, out):
+    """The stack's output with each skipping call's samples replaced by its input plus its
+    cached residual, and each computing call's residual recorded."""
+    p = cache.pass_  # kept: when all skip, the blocks after the head pass through by it
+    sizes = [n for n, _ in p.rows]
+    streams = [out] if cache.io.outputs is None else [out[i] for i in cache.io.outputs]
+    results = []
+    residuals: list[list[torch.Tensor]] = [[] for _ in p.rows]
+    for stream, given in zip(streams, p.head_input):
+        outs, ins = list(torch.split(stream, sizes)), torch.split(given, sizes)
+        for r, (_, s) in enumerate(p.rows):
+            if p.compute[r]:
+                residuals[r].append(outs[r] - ins[r])
+            else:
+                outs[r] = ins[r] + _fit(s.residual[len(residuals[r])], ins[r].shape)
+                residuals[r].append(s.residual[len(residuals[r])])
+        results.append(torch.cat(outs))
+    for r, (_, s) in enumerate(p.rows):
+        s.residual = tuple(residuals[r])
+    if cache.io.outputs is None:
+        return results[0]
+    merged = list(out)
+    for i, x in zip(cache.io.outputs, results):
+        merged[i] = x
+    return tuple(merged)
+
+
+def _fit(residual: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A residual recorded at another padded prompt length (step batching pads prompts to the
+    longest in the forward, real tokens first), cut or zero-padded to this forward's."""
+    if residual.shape == shape:
+        return residual
+    for dim, (have, want) in enumerate(zip(residual.shape, shape)):
+        if have > want:
+            residual = residual.narrow(dim, 0, want)
+        elif have < want:
+            pad = [0, 0] * (residual.ndim - 1 - dim) + [0, want - have]
+            residual = torch.nn.functional.pad(residual, pad)
+    return residual
 
 
 def _bind(module, args, kwargs) -> dict[str, Any]:
@@ -255,4 +377,8 @@ class TeaCacheFeature(CacheFeature):
             self.caches.append(apply_teacache(blocks, cache))
             # diffusers caches which submodules carry hooks; ours were just added below it.
             HookRegistry.check_if_exists_or_initialize(model).invalidate_child_registries_cache()
+
+    def use_batcher(self, batcher) -> None:
+        for cache in self.caches:
+            cache.use_batcher(batcher)
 

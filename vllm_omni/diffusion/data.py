@@ -112,13 +112,14 @@ class OmniEngineConfig:
     def _check_step_batching(self) -> None:
         if not self.step_batching:
             return
-        # Not yet with these: each needs its own per-request state or a rank-agreed order of
-        # the side-by-side calls (see docs/serving.md).
+        # Not yet with these: cache-dit keeps its state per model, not per request, and a
+        # parallel layout needs a rank-agreed order of the side-by-side calls (docs/serving.md).
         why = [what for what, on in (
             ("max_num_seqs 1 (there is nothing to batch: set --max-num-seqs N)",
              self.max_num_seqs < 2),
             ("a parallel layout", self.world_size > 1),
-            ("a cache backend", self.cache_backend != "none"),
+            ("cache_dit (its cache state is one per model, not per request; tea_cache runs)",
+             self.cache_backend == "cache_dit"),
         ) if on]
         if why:
             raise ValueError(f"step_batching (--step-batching) does not run with {why[0]} in "
@@ -168,10 +169,11 @@ class OmniEngineConfig:
                 or not 1 <= self.max_num_seqs <= 256:
             raise ValueError(f"max_num_seqs must be an integer from 1 to 256, got "
                              f"{self.max_num_seqs!r}")
-        if self.max_num_seqs > 1 and self.cache_backend != "none":
+        if self.max_num_seqs > 1 and self.cache_backend != "none" and not self.step_batching:
             raise ValueError("max_num_seqs > 1 with a cache backend: the cache decides for a whole "
                              "batch, so an image would depend on the requests batched with it; "
-                             "use max_num_seqs 1 (--max-num-seqs 1) with caching")
+                             "use max_num_seqs 1 (--max-num-seqs 1) with caching, or "
+                             "--step-batching (tea_cache decides per request there)")
         self._check_step_batching()
         for name in ("heartbeat_timeout_s", "cancel_grace_s", "load_timeout_s"):
             v = getattr(self, name)

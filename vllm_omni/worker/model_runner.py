@@ -174,7 +174,9 @@ class ModelRunner:
                 emit(list(refused.values()))
             groups: dict[Any, list[DiffusionRequest]] = {}
             for req in runnable:
-                key = batch_key(self.adapter, req)
+                # A step cache decides per call: each request its own, to skip as it would alone.
+                key = (batch_key(self.adapter, req) if self.config.cache_backend == "none"
+                       else None)
                 groups.setdefault(req.request_id if key is None else key, []).append(req)
             for group in groups.values():
                 calls, refused = self._plan_memory(group)

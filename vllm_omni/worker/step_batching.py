@@ -46,6 +46,9 @@ class _Call:
     requests: int = 1  # requests of the pipeline call it came from
     shared: int = 1  # requests in the forward that served it
     tag: Any = None  # model state its forward needs (a LoRA adapter set): equal to share one
+    # What each feature noted on the request thread as it called (``StepBatcher.captures``):
+    # a step cache's state for this request and CFG branch.
+    captured: dict[str, Any] | None = None
 
 
 def _sample_count(kwargs: dict[str, Any]) -> int | None:
@@ -211,6 +214,11 @@ class StepBatcher:
         self.model_lock = threading.RLock()
         # Called with a group's tag before its forward (the LoRA feature activates that set).
         self.before_forward = None
+        # Called on the request thread as it submits a call, results kept on the call by name;
+        # while a forward runs, ``group`` is its calls, in the order of their samples (a step
+        # cache reads each call's state there, to decide per request).
+        self.captures: dict[str, Any] = {}
+        self.group: list[_Call] | None = None
 
     # -- request threads --------------------------------------------------------------------
     def started(self) -> None:
@@ -234,7 +242,8 @@ class StepBatcher:
         tag = getattr(self.local, "tag", None)
         call = _Call(module, forward, kwargs, size or 0,
                      (tag, *_key(module, kwargs, size, self.padding)),
-                     requests=getattr(self.local, "requests", 1), tag=tag)
+                     requests=getattr(self.local, "requests", 1), tag=tag,
+                     captured={name: f() for name, f in self.captures.items()})
         with self.cv:
             self.pending.append(call)
             self.busy -= 1
@@ -289,6 +298,7 @@ class StepBatcher:
             try:
                 if self.before_forward is not None:
                     self.before_forward(group[0].tag)
+                self.group = group
                 if len(group) == 1:
                     group[0].result = group[0].forward(**group[0].kwargs)
                 else:
@@ -298,6 +308,8 @@ class StepBatcher:
             except BaseException as e:  # every request of the forward fails with it
                 for c in group:
                     c.error = e
+            finally:
+                self.group = None
             for c in group:
                 c.shared = sum(x.requests for x in group)
 
