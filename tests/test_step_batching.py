@@ -206,17 +206,53 @@ def test_teacache_decides_per_request_in_shared_forwards(tiny_qwen_image):
     assert max(o.metrics["batch_size"] for o in got) > 1
 
 
+@pytest.mark.parametrize("layout, cache", [("U2", None), ("R2", None), ("TP2", None),
+                                           ("VAE-PP2", None), ("U2", "tea_cache")])
+def test_parallel_layouts_form_the_same_rounds_on_every_rank(tiny_qwen_image, omni, layout,
+                                                             cache):
+    """Every rank runs the calls' code in the same turns and admits joined requests where rank 0
+    says: requests with different steps, CFG and prompt lengths, two in flight so that the
+    others join, each equal the plain one-process engine (parallel layouts: within 1e-4); with
+    TeaCache, each request's skips are agreed over the ranks too. (Without the agreement on
+    joins, this hangs: the ranks' rounds differ.)"""
+    from vllm_omni import Omni, OmniDiffusionSamplingParams
+    from vllm_omni.diffusion.data import DiffusionParallelConfig
+    from vllm_omni.testing.dist import parse_layout_name
+
+    params = [OmniDiffusionSamplingParams(num_inference_steps=steps, width=64, height=64,
+                                          seed=steps, output_type="np", true_cfg_scale=cfg)
+              for steps, cfg in [(3, 1.0), (5, 4.0), (2, 1.0), (4, 1.0)]]
+    prompts = ["a red fox", {"prompt": "an old lighthouse at dusk", "negative_prompt": "blurry"},
+               "a blue cat", "a green owl in a tall tree"]
+    kw = dict(cache_backend=cache, cache_config={"rel_l1_thresh": 0.6}) if cache else {}
+    if cache:
+        with Omni(tiny_qwen_image, **kw) as engine:
+            want = engine.generate(prompts, params, use_tqdm=False)
+    else:
+        want = omni.generate(prompts, params, use_tqdm=False)
+    with Omni(tiny_qwen_image, step_batching=True, max_num_seqs=2, **kw,
+              parallel_config=DiffusionParallelConfig(**parse_layout_name(layout))) as engine:
+        got = engine.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(want, got, strict=True):
+        assert float(np.abs(a.images[0] - b.images[0]).max()) <= 1e-4
+        if cache:
+            assert a.metrics["transformer_calls_skipped"] == b.metrics["transformer_calls_skipped"]
+    assert max(o.metrics["batch_size"] for o in got) > 1
+    if cache:
+        assert sum(o.metrics["transformer_calls_skipped"] for o in got) > 0
+
+
 @pytest.mark.parametrize("settings, why", [
     ({}, "max_num_seqs 1"),
     ({"max_num_seqs": 2, "cache_backend": "cache_dit"}, "cache_dit"),
-    ({"max_num_seqs": 2, "parallel": "U2"}, "parallel layout"),
+    ({"max_num_seqs": 2, "parallel": "CFG2"}, "CFG parallel"),
 ])
 def test_what_step_batching_does_not_run_with_is_refused(tiny_qwen_image, settings, why):
     from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
 
     settings = dict(settings)
     if settings.pop("parallel", None):
-        settings["parallel"] = DiffusionParallelConfig(ulysses_degree=2)
+        settings["parallel"] = DiffusionParallelConfig(cfg_parallel_size=2)
     with pytest.raises(ValueError, match=why):
         OmniEngineConfig(model=tiny_qwen_image, model_name="m", step_batching=True, **settings)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import logging
@@ -165,6 +166,8 @@ class ModelRunner:
         pipeline call on its own thread; ``emit`` gets each call's outputs as it finishes."""
         batcher = self.batcher
         threads: list[threading.Thread] = []
+        staged: collections.deque[list[DiffusionRequest]] = collections.deque()
+        sealed = threading.Event()
 
         def start(reqs: list[DiffusionRequest]) -> None:
             """Requests that arrive together with one batch key run as one pipeline call, as
@@ -184,43 +187,73 @@ class ModelRunner:
                     emit([DiffusionOutput(group[i].request_id, error=e)
                           for i, e in refused.items()])
                 for call in calls:
-                    batcher.started()
                     t = threading.Thread(target=self._run_call, args=(
-                        [group[i] for i in call], progress, partial, emit), daemon=True)
+                        [group[i] for i in call], batcher.started(), progress, partial, emit),
+                        daemon=True)
                     t.start()
                     threads.append(t)
 
-        def take(block: bool) -> bool:
-            """Starts what joined (waiting for it if ``block``, else up to 50 ms); False once
-            the engine said it has no more."""
-            while True:
-                try:
-                    msg = joins.get(timeout=1.0 if block else 0.05)
-                except queue.Empty:
-                    if block:
-                        continue
-                    return True
-                if msg.batch != batch_id:  # left over from an earlier, failed call
-                    continue
-                if not msg.requests:
-                    return False
-                start(msg.requests)
-                block = False
+        arrived = threading.Condition()
 
+        def pull(timeout: float) -> None:
+            """Stages what the engine sent (joins start only where every rank agrees). Only
+            this thread reads ``joins``, so they are staged in the order they were sent."""
+            try:
+                msg = joins.get(timeout=timeout)
+            except queue.Empty:
+                return
+            if msg.batch != batch_id:  # left over from an earlier, failed call
+                return
+            if msg.requests:
+                staged.append(msg.requests)
+            else:
+                sealed.set()
+            with arrived:
+                arrived.notify_all()
+
+        def until(ready, idle: bool) -> None:
+            while not ready():
+                if idle:  # this thread
+                    pull(1.0)
+                else:  # a request thread: this one pulls meanwhile
+                    with arrived:
+                        arrived.wait(0.05)
+
+        def agree(idle: bool) -> int:
+            """How many staged joins start now, decided by rank 0 (which, when ``idle``, waits
+            for one or for the end) and waited for by the others. -1: the engine has no more."""
+            world = self.groups.world
+            if world.rank == 0:
+                until(lambda: not idle or staged or sealed.is_set(), idle)
+                n = len(staged) if staged else -1 if idle else 0
+            if world.world_size > 1:  # rank 0's count wins: the others give -1
+                t = torch.tensor([n + 1 if world.rank == 0 else 0], dtype=torch.int64,
+                                 device=self.device)
+                n = int(world.all_reduce(t, op="max")[0]) - 1
+                until(lambda: len(staged) >= n and (n >= 0 or sealed.is_set()), idle)
+            return n
+
+        def admit() -> None:  # on the thread about to run a round
+            for _ in range(max(agree(idle=False), 0)):
+                start(staged.popleft())
+
+        batcher.admit = admit
         start(batch)
-        more = True
         try:
-            # The request threads run everything themselves; this one starts those that join.
+            # The request threads run everything themselves; this one stages what joins, and
+            # when none runs, starts the next (or ends).
             while True:
-                alive = [t for t in threads if t.is_alive()]
-                if more:
-                    more = take(block=not alive)
+                if any(t.is_alive() for t in list(threads)):
+                    pull(0.05)
                     continue
-                if not alive:
+                n = agree(idle=True)
+                if n < 0:
                     return
-                alive[0].join(0.05)
+                for _ in range(n):
+                    start(staged.popleft())
         finally:
-            for t in threads:
+            batcher.admit = None
+            for t in list(threads):
                 t.join()
 
     def _loadable(self, reqs: list[DiffusionRequest]
@@ -236,14 +269,14 @@ class ModelRunner:
                 refused[req.request_id] = DiffusionOutput(req.request_id, error=e)
         return runnable, refused
 
-    def _run_call(self, reqs: list[DiffusionRequest], progress: ProgressFn | None,
+    def _run_call(self, reqs: list[DiffusionRequest], turn: object, progress: ProgressFn | None,
                   partial: PartialFn | None, emit) -> None:
         """One pipeline call of step batching, on its own thread."""
         ident = threading.get_ident()
         self._step_threads.add(ident)
         self.batcher.local.sizes = sizes = []
         self.batcher.local.requests = len(reqs)
-        self.batcher.outside.acquire()
+        self.batcher.enter(turn)
         try:
             with torch.inference_mode():
                 outs = self._run(reqs, progress, partial)
@@ -255,7 +288,6 @@ class ModelRunner:
                 f"generation failed: {type(e).__name__}: {e}")) for r in reqs}
         finally:
             self._step_threads.discard(ident)
-            self.batcher.outside.release()
         try:
             emit([outs[req.request_id] for req in reqs])
         finally:

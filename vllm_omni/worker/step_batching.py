@@ -3,7 +3,10 @@ pipeline call on a thread of its own; their denoiser calls meet here, and those 
 run as one batched forward whose output is split back to each request.
 
 A round runs once every running call is either waiting at a denoiser call or finished, so which
-calls share a forward depends on the calls, not on timing. Calls fit together when the denoiser
+calls share a forward depends on the calls, not on timing. Pipeline code runs one call at a time,
+in turns fixed by the calls (start order, then each round's order), and calls that join are
+admitted only as a round is about to run, at a point every rank agrees on (``admit``): so every
+rank of a parallel layout runs the same code, collectives included, in the same order. Calls fit together when the denoiser
 is the same and everything but the per-sample inputs is equal: the per-sample inputs (latents,
 text embeddings, masks, timesteps, guidance, shapes) may differ in content but not in shape
 (prompt lengths aside, where the adapter declares a ``Padding``), so requests of one size share
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +51,7 @@ class _Call:
     requests: int = 1  # requests of the pipeline call it came from
     shared: int = 1  # requests in the forward that served it
     tag: Any = None  # model state its forward needs (a LoRA adapter set): equal to share one
+    turn: Any = None  # its request thread's turn token (StepBatcher.started)
     # What each feature noted on the request thread as it called (``StepBatcher.captures``):
     # a step cache's state for this request and CFG branch.
     captured: dict[str, Any] | None = None
@@ -197,20 +203,19 @@ class StepBatcher:
     def __init__(self, padding: dict[str, Padding] | None = None) -> None:
         self.padding = dict(padding or {})
         self.cv = threading.Condition()
-        self.busy = 0  # request threads running outside a denoiser call
+        # The request threads that may run pipeline code, by turn token, in order: only the
+        # first runs. Pipelines and their modules keep per-call state on themselves (a causal
+        # VAE's feature cache, a prior model's generation state) that two calls side by side
+        # would share; only the forwards of a round run for many.
+        self.turns: deque[object] = deque()
         self.pending: list[_Call] = []
         self.leading = False  # a thread is running a round
-        # Held by the request thread running pipeline code outside a denoiser call: one at a
-        # time, as pipelines and their modules keep per-call state on themselves (a causal VAE's
-        # feature cache, a prior model's generation state) that two calls side by side would
-        # share. Only the forwards of a round run without it.
-        self.outside = threading.Lock()
-        # Per request thread: its call's request count (``requests``), how many requests
-        # shared each of its forwards (``sizes``), and the model state its forwards need
-        # (``tag``, set by a feature in ``prepare_call``).
+        # Per request thread: its turn, its call's request count (``requests``), how many
+        # requests shared each of its forwards (``sizes``), and the model state its forwards
+        # need (``tag``, set by a feature in ``prepare_call``).
         self.local = threading.local()
         # Held while a round's forwards run, and by a feature changing the model between rounds
-        # (loading a LoRA adapter) from a request thread that started during a round.
+        # (loading a LoRA adapter).
         self.model_lock = threading.RLock()
         # Called with a group's tag before its forward (the LoRA feature activates that set).
         self.before_forward = None
@@ -219,17 +224,34 @@ class StepBatcher:
         # cache reads each call's state there, to decide per request).
         self.captures: dict[str, Any] = {}
         self.group: list[_Call] | None = None
+        # Called by the thread about to run a round, on every rank at the same point: starts
+        # the calls that joined (which then go first and take part in the round).
+        self.admit: Callable[[], None] | None = None
 
     # -- request threads --------------------------------------------------------------------
-    def started(self) -> None:
-        """A request thread is about to start (counted before it runs)."""
+    def started(self) -> object:
+        """A request thread is about to start: its turn, queued behind the others."""
+        turn = object()
         with self.cv:
-            self.busy += 1
+            self.turns.append(turn)
+        return turn
+
+    def enter(self, turn: object) -> None:
+        """On the request thread, before its pipeline code: waits for its turn."""
+        self.local.turn = turn
+        with self.cv:
+            while self.turns[0] is not turn:
+                self.cv.wait()
+
+    def _pass_turn(self) -> None:
+        with self.cv:
+            assert self.turns[0] is self.local.turn
+            self.turns.popleft()
+            self.cv.notify_all()
 
     def finished(self) -> None:
         """A request thread is done; if the others all wait, it runs their round first."""
-        with self.cv:
-            self.busy -= 1
+        self._pass_turn()
         self._lead()
 
     def submit(self, module, forward, args: tuple, kwargs: dict[str, Any]) -> Any:
@@ -243,18 +265,17 @@ class StepBatcher:
         call = _Call(module, forward, kwargs, size or 0,
                      (tag, *_key(module, kwargs, size, self.padding)),
                      requests=getattr(self.local, "requests", 1), tag=tag,
-                     captured={name: f() for name, f in self.captures.items()})
+                     captured={name: f() for name, f in self.captures.items()},
+                     turn=self.local.turn)
         with self.cv:
             self.pending.append(call)
-            self.busy -= 1
-        self.outside.release()
+        self._pass_turn()
         # The thread that completes a round runs it: the forwards stay on a thread that was
         # computing anyway (a lone request runs its own, with no hand-off).
         self._lead()
         with self.cv:
-            while not call.done:
+            while not call.done or self.turns[0] is not call.turn:
                 self.cv.wait()
-        self.outside.acquire()
         sizes = getattr(self.local, "sizes", None)
         if sizes is not None:
             sizes.append(call.shared)
@@ -266,11 +287,18 @@ class StepBatcher:
         """Runs the round if every running request waits at a denoiser call (or has finished)
         and no other thread is running one."""
         with self.cv:
-            if self.leading or self.busy or not self.pending:
+            if self.leading or self.turns or not self.pending:
                 return
             self.leading = True
-            calls, self.pending = self.pending, []
+        calls: list[_Call] = []
         try:
+            if self.admit is not None:
+                self.admit()
+                with self.cv:
+                    if self.turns:  # calls joined: they run up to their first forward first
+                        return
+            with self.cv:
+                calls, self.pending = self.pending, []
             # inference_mode also when run from a thread that has left its pipeline call.
             with self.model_lock, torch.inference_mode():
                 self._run(calls)
@@ -278,8 +306,7 @@ class StepBatcher:
             with self.cv:
                 for c in calls:
                     c.done = True
-                # Counted busy here, not as each thread wakes: the next round waits for them.
-                self.busy += len(calls)
+                self.turns.extend(c.turn for c in calls)  # in the round's order
                 self.leading = False
                 self.cv.notify_all()
 
