@@ -207,7 +207,8 @@ def test_teacache_decides_per_request_in_shared_forwards(tiny_qwen_image):
 
 
 @pytest.mark.parametrize("layout, cache", [("U2", None), ("R2", None), ("TP2", None),
-                                           ("VAE-PP2", None), ("U2", "tea_cache")])
+                                           ("VAE-PP2", None), ("CFG2", None),
+                                           ("U2xCFG2", "tea_cache")])
 def test_parallel_layouts_form_the_same_rounds_on_every_rank(tiny_qwen_image, omni, layout,
                                                              cache):
     """Every rank runs the calls' code in the same turns and admits joined requests where rank 0
@@ -245,14 +246,11 @@ def test_parallel_layouts_form_the_same_rounds_on_every_rank(tiny_qwen_image, om
 @pytest.mark.parametrize("settings, why", [
     ({}, "max_num_seqs 1"),
     ({"max_num_seqs": 2, "cache_backend": "cache_dit"}, "cache_dit"),
-    ({"max_num_seqs": 2, "parallel": "CFG2"}, "CFG parallel"),
 ])
 def test_what_step_batching_does_not_run_with_is_refused(tiny_qwen_image, settings, why):
-    from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
+    from vllm_omni.diffusion.data import OmniEngineConfig
 
     settings = dict(settings)
-    if settings.pop("parallel", None):
-        settings["parallel"] = DiffusionParallelConfig(cfg_parallel_size=2)
     with pytest.raises(ValueError, match=why):
         OmniEngineConfig(model=tiny_qwen_image, model_name="m", step_batching=True, **settings)
 

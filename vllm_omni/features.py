@@ -23,6 +23,9 @@ class Feature:
     # True: the feature puts the pipeline's modules on the device itself (offload); else the
     # runner moves the whole pipeline there before the features apply.
     places_model: ClassVar[bool] = False
+    # True: under step batching, its hooks wrap each pipeline call's denoiser calls (outside
+    # the batcher's hook); else they see the batched forwards.
+    outside_batcher: ClassVar[bool] = False
     adapter: Any
     config: Any  # OmniEngineConfig
     plan: Any  # the adapter's ParallelPlan

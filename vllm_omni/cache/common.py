@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -37,14 +38,16 @@ class CacheFeature(Feature):
         adapter.check_cache(config.cache_backend, config.cache_config)
 
     def begin_request(self, num_steps: int, uses_cfg: bool) -> None:
-        self.split_branches = uses_cfg and self.groups.cfg.world_size > 1
+        if not hasattr(self, "call"):  # per pipeline call's thread (step batching runs several)
+            self.call = threading.local()
+        self.call.split_branches = uses_cfg and self.groups.cfg.world_size > 1
         for cache in self.caches:  # per-branch cache state only when branches are calls
             cache.begin_request(num_steps, uses_cfg and self.adapter.cfg_calls == "separate")
 
     def stats(self) -> dict[str, Any]:
         counts = torch.tensor([sum(c.stats.computed for c in self.caches),
                                sum(c.stats.skipped for c in self.caches)])
-        if self.split_branches:
+        if self.call.split_branches:
             # Each rank saw one branch's calls; count both. (Without CFG every rank ran them all.)
             self.groups.cfg.all_reduce(counts)
         return {"transformer_calls_computed": int(counts[0]),

@@ -112,13 +112,10 @@ class OmniEngineConfig:
     def _check_step_batching(self) -> None:
         if not self.step_batching:
             return
-        # Not yet with these: cache-dit keeps its state per model, not per request, and CFG
-        # parallel's hook keeps a call's branch count on the model (docs/serving.md).
+        # Not yet with cache-dit: it keeps its state per model, not per request.
         why = [what for what, on in (
             ("max_num_seqs 1 (there is nothing to batch: set --max-num-seqs N)",
              self.max_num_seqs < 2),
-            ("CFG parallel (each rank computes one branch of a call, in hooks that count a "
-             "call's forwards; rounds mix calls)", self.parallel.cfg_parallel_size > 1),
             ("cache_dit (its cache state is one per model, not per request; tea_cache runs)",
              self.cache_backend == "cache_dit"),
         ) if on]

@@ -9,6 +9,7 @@ after the uncond call (views of it, e.g. Qwen-Image-Edit's slice, see the fill t
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -21,43 +22,50 @@ from vllm_omni.features import ParallelFeature
 HOOK_NAME = "vllm_omni_cfg_parallel"
 
 
+class _PerCall(threading.local):
+    """A pipeline call's branch count: per thread, as step batching runs calls side by side
+    (each on its own thread; the hook is then outside the batcher, so a rank submits only its
+    branch's forwards, and the gathers run in the calls' agreed turns)."""
+
+    def __init__(self) -> None:  # runs once in each thread that reads it
+        self.active, self.call = False, 0
+        self.mine: torch.Tensor | None = None
+        self.placeholders: list[torch.Tensor] = []
+
+
 class CFGParallelHook(ModelHook):
     def __init__(self, comm: GroupComm):
         super().__init__()
         self.comm = comm
-        self.active = False
-        self._call = 0
-        self._mine: torch.Tensor | None = None
-        self._placeholders: list[torch.Tensor | None] = []
+        self.state = _PerCall()
 
     def begin_request(self, uses_cfg: bool) -> None:
         """Each rank computes every call redundantly when a request runs without CFG."""
-        self.active = uses_cfg
-        self._call = 0
-        self._mine = None
-        self._placeholders = []
+        s = self.state
+        s.active, s.call, s.mine, s.placeholders = uses_cfg, 0, None, []
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if not self.active:
+        s = self.state
+        if not s.active:
             return self.fn_ref.original_forward(*args, **kwargs)
         branches = self.comm.world_size
-        branch = self._call % branches
-        self._call += 1
+        branch = s.call % branches
+        s.call += 1
         return_dict = kwargs.get("return_dict", True)
         if branch == self.comm.rank:
             out = self.fn_ref.original_forward(*args, **kwargs)
             sample = out.sample if return_dict else out[0]
-            self._mine = sample
+            s.mine = sample
         else:
             sample = proj_out_like(module, kwargs)
-        self._placeholders.append(sample)
+        s.placeholders.append(sample)
         if branch == branches - 1:
-            everyone = self.comm.all_gather(self._mine.unsqueeze(0), 0)
-            for i, ph in enumerate(self._placeholders):
+            everyone = self.comm.all_gather(s.mine.unsqueeze(0), 0)
+            for i, ph in enumerate(s.placeholders):
                 if i != self.comm.rank:
                     ph.copy_(everyone[i])
-            sample = self._placeholders[-1]
-            self._placeholders, self._mine = [], None
+            sample = s.placeholders[-1]
+            s.placeholders, s.mine = [], None
         if return_dict:
             return Transformer2DModelOutput(sample=sample)
         return (sample,)
@@ -71,13 +79,13 @@ class BatchedCFGParallelHook(ModelHook):
     def __init__(self, comm: GroupComm):
         super().__init__()
         self.comm = comm
-        self.active = False
+        self.state = _PerCall()
 
     def begin_request(self, uses_cfg: bool) -> None:
-        self.active = uses_cfg
+        self.state.active = uses_cfg
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if not self.active:
+        if not self.state.active:
             return self.fn_ref.original_forward(*args, **kwargs)
         if args:
             raise ValueError("batched CFG-parallel expects keyword arguments")
@@ -111,6 +119,9 @@ def proj_out_like(transformer: torch.nn.Module, kwargs: dict) -> torch.Tensor:
 
 class CFGParallelFeature(ParallelFeature):
     name = "cfg_parallel"
+    # Under step batching each call's branch forwards are counted on its own thread, and only
+    # this rank's go to the batcher.
+    outside_batcher = True
 
     def apply(self, pipe, groups) -> None:
         self.groups, self.hooks = groups, []

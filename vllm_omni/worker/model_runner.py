@@ -102,11 +102,16 @@ class ModelRunner:
         self._takes_step_callback = "callback_on_step_end" in inspect.signature(
             self.pipe.__call__).parameters
         self.adapter.on_load(self.pipe)
-        for feature in self.features:
-            feature.apply(self.pipe, self.groups)
         self.denoisers = self.adapter.parallel_plan().denoiser_modules(self.pipe)
-        if self.batcher is not None:
+        batching = self.batcher is not None
+        for feature in self.features:
+            if batching and feature.outside_batcher:  # its hooks go around the batcher's
+                step_batching.install(self.denoisers, self.batcher, self._step_threads)
+                batching = False
+            feature.apply(self.pipe, self.groups)
+        if batching:
             step_batching.install(self.denoisers, self.batcher, self._step_threads)
+        if self.batcher is not None:
             for feature in self.features:
                 feature.use_batcher(self.batcher)
         self._install_timing()
