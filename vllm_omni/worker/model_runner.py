@@ -238,9 +238,13 @@ class ModelRunner:
                 until(lambda: len(staged) >= n and (n >= 0 or sealed.is_set()), idle)
             return n
 
+        def admit_staged(n: int) -> None:
+            # Requests that arrived during one round start together: those with one batch key
+            # share a pipeline call, as without step batching.
+            start([req for _ in range(n) for req in staged.popleft()])
+
         def admit() -> None:  # on the thread about to run a round
-            for _ in range(max(agree(idle=False), 0)):
-                start(staged.popleft())
+            admit_staged(max(agree(idle=False), 0))
 
         batcher.admit = admit
         start(batch)
@@ -254,8 +258,7 @@ class ModelRunner:
                 n = agree(idle=True)
                 if n < 0:
                     return
-                for _ in range(n):
-                    start(staged.popleft())
+                admit_staged(n)
         finally:
             batcher.admit = None
             for t in list(threads):
