@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import inspect
 import logging
@@ -171,8 +170,7 @@ class ModelRunner:
         pipeline call on its own thread; ``emit`` gets each call's outputs as it finishes."""
         batcher = self.batcher
         threads: list[threading.Thread] = []
-        staged: collections.deque[list[DiffusionRequest]] = collections.deque()
-        sealed = threading.Event()
+        joined = step_batching.Joins(joins, batch_id, self.groups.world, self.device)
 
         def start(reqs: list[DiffusionRequest]) -> None:
             """Requests that arrive together with one batch key run as one pipeline call, as
@@ -198,53 +196,8 @@ class ModelRunner:
                     t.start()
                     threads.append(t)
 
-        arrived = threading.Condition()
-
-        def pull(timeout: float) -> None:
-            """Stages what the engine sent (joins start only where every rank agrees). Only
-            this thread reads ``joins``, so they are staged in the order they were sent."""
-            try:
-                msg = joins.get(timeout=timeout)
-            except queue.Empty:
-                return
-            if msg.batch != batch_id:  # left over from an earlier, failed call
-                return
-            if msg.requests:
-                staged.append(msg.requests)
-            else:
-                sealed.set()
-            with arrived:
-                arrived.notify_all()
-
-        def until(ready, idle: bool) -> None:
-            while not ready():
-                if idle:  # this thread
-                    pull(1.0)
-                else:  # a request thread: this one pulls meanwhile
-                    with arrived:
-                        arrived.wait(0.05)
-
-        def agree(idle: bool) -> int:
-            """How many staged joins start now, decided by rank 0 (which, when ``idle``, waits
-            for one or for the end) and waited for by the others. -1: the engine has no more."""
-            world = self.groups.world
-            if world.rank == 0:
-                until(lambda: not idle or staged or sealed.is_set(), idle)
-                n = len(staged) if staged else -1 if idle else 0
-            if world.world_size > 1:  # rank 0's count wins: the others give -1
-                t = torch.tensor([n + 1 if world.rank == 0 else 0], dtype=torch.int64,
-                                 device=self.device)
-                n = int(world.all_reduce(t, op="max")[0]) - 1
-                until(lambda: len(staged) >= n and (n >= 0 or sealed.is_set()), idle)
-            return n
-
-        def admit_staged(n: int) -> None:
-            # Requests that arrived during one round start together: those with one batch key
-            # share a pipeline call, as without step batching.
-            start([req for _ in range(n) for req in staged.popleft()])
-
         def admit() -> None:  # on the thread about to run a round
-            admit_staged(max(agree(idle=False), 0))
+            start(joined.take(joined.agree(idle=False)))
 
         batcher.admit = admit
         start(batch)
@@ -253,12 +206,12 @@ class ModelRunner:
             # when none runs, starts the next (or ends).
             while True:
                 if any(t.is_alive() for t in list(threads)):
-                    pull(0.05)
+                    joined.pull(0.05)
                     continue
-                n = agree(idle=True)
+                n = joined.agree(idle=True)
                 if n < 0:
                     return
-                admit_staged(n)
+                start(joined.take(n))
         finally:
             batcher.admit = None
             for t in list(threads):

@@ -6,11 +6,13 @@ A round runs once every running call is either waiting at a denoiser call or fin
 calls share a forward depends on the calls, not on timing. Pipeline code runs one call at a time,
 in turns fixed by the calls (start order, then each round's order), and calls that join are
 admitted only as a round is about to run, at a point every rank agrees on (``admit``): so every
-rank of a parallel layout runs the same code, collectives included, in the same order. Calls fit together when the denoiser
-is the same and everything but the per-sample inputs is equal: the per-sample inputs (latents,
-text embeddings, masks, timesteps, guidance, shapes) may differ in content but not in shape
-(prompt lengths aside, where the adapter declares a ``Padding``), so requests of one size share
-work whatever their steps, guidance, seeds or progress. A request enters at its first denoiser
+rank of a parallel layout runs the same code, collectives included, in the same order.
+
+Calls fit together when the denoiser is the same and everything but the per-sample inputs is
+equal: the per-sample inputs (latents, text embeddings, masks, timesteps, guidance, shapes) may
+differ in content but not in shape (prompt lengths aside, where the adapter declares a
+``Padding``), so requests of one size share work whatever their steps, guidance, seeds or
+progress. A request enters at its first denoiser
 call and leaves after its last; ``ModelRunner.execute_steps`` starts the calls and those that
 join.
 """
@@ -18,6 +20,7 @@ join.
 from __future__ import annotations
 
 import copy
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -293,7 +296,14 @@ class StepBatcher:
         calls: list[_Call] = []
         try:
             if self.admit is not None:
-                self.admit()
+                try:
+                    self.admit()
+                except BaseException as e:  # the waiting calls fail with it, none hangs
+                    with self.cv:
+                        calls, self.pending = self.pending, []
+                    for c in calls:
+                        c.error = e
+                    return
                 with self.cv:
                     if self.turns:  # calls joined: they run up to their first forward first
                         return
@@ -339,6 +349,60 @@ class StepBatcher:
                 self.group = None
             for c in group:
                 c.shared = sum(x.requests for x in group)
+
+
+class Joins:
+    """The requests the engine sends to a running step batch, staged until every rank starts
+    them at the same point: rank 0 says how many (one all-reduce) and the others wait for as
+    many. Only the runner's own thread reads the queue (``pull``), so every rank stages them in
+    the order sent."""
+
+    def __init__(self, messages: queue.Queue, batch_id: str, world, device) -> None:
+        self.messages, self.batch_id, self.world, self.device = messages, batch_id, world, device
+        self.staged: deque[list] = deque()
+        self.sealed = threading.Event()  # the engine has no more
+        self.arrived = threading.Condition()
+
+    def pull(self, timeout: float) -> None:
+        try:
+            msg = self.messages.get(timeout=timeout)
+        except queue.Empty:
+            return
+        if msg.batch != self.batch_id:  # left over from an earlier, failed call
+            return
+        if msg.requests:
+            self.staged.append(msg.requests)
+        else:
+            self.sealed.set()
+        with self.arrived:
+            self.arrived.notify_all()
+
+    def _until(self, ready, idle: bool) -> None:
+        while not ready():
+            if idle:  # the runner's thread, with no request thread left: it pulls
+                self.pull(1.0)
+            else:  # a request thread about to run a round: the runner's thread pulls
+                with self.arrived:
+                    self.arrived.wait(0.05)
+
+    def agree(self, idle: bool) -> int:
+        """How many staged joins start now: rank 0's count (when ``idle``, it waits for one or
+        for the end), waited for by the others. -1: the engine has no more."""
+        if self.world.rank == 0:
+            self._until(lambda: not idle or self.staged or self.sealed.is_set(), idle)
+            n = len(self.staged) if self.staged else -1 if idle else 0
+        if self.world.world_size > 1:  # rank 0's count wins: the others give -1
+            t = torch.tensor([n + 1 if self.world.rank == 0 else 0], dtype=torch.int64,
+                             device=self.device)
+            n = int(self.world.all_reduce(t, op="max")[0]) - 1
+            self._until(lambda: len(self.staged) >= n and (n >= 0 or self.sealed.is_set()),
+                        idle)
+        return n
+
+    def take(self, n: int) -> list:
+        """The first ``n`` staged joins' requests, together: those that arrived during one round
+        and have one batch key share a pipeline call, as without step batching."""
+        return [req for _ in range(max(n, 0)) for req in self.staged.popleft()]
 
 
 class _BatchingHook(ModelHook):
