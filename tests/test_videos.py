@@ -55,11 +55,12 @@ def _client(server):
     return OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
 
 
-def _wait(server, job_id: str, status=("completed", "failed"), timeout=120) -> dict:
+def _wait(server, job_id: str, status=("completed", "failed"), timeout=120,
+          progress: int = 0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = requests.get(f"{server.url}/v1/videos/{job_id}", timeout=10).json()
-        if job["status"] in status:
+        if job["status"] in status and job["progress"] >= progress:
             return job
         time.sleep(0.1)
     raise TimeoutError(f"{job_id} still {job['status']}")
@@ -113,10 +114,14 @@ def test_delete_stops_a_running_job(t2v):
     r = requests.post(t2v.url + "/v1/videos", timeout=30, json={
         "prompt": "a long one", "size": "32x32", "num_frames": 5, "num_inference_steps": LONG})
     job_id = r.json()["id"]
-    running = _wait(t2v, job_id, status=("in_progress",))
-    assert 0 < running["progress"] < 100
     cancelled = metric(t2v, "vllm_omni:engine_requests_total", outcome="cancelled")
-    r = requests.delete(f"{t2v.url}/v1/videos/{job_id}", timeout=30)
+    try:
+        # Running, and past 1% (4 of 400 steps: "in_progress" comes with the first step, which
+        # is 0% of 400; on a slow machine a poll may see it there).
+        running = _wait(t2v, job_id, status=("in_progress",), progress=1)
+        assert 0 < running["progress"] < 100
+    finally:  # a failure here must not leave a 400-step job in the shared server
+        r = requests.delete(f"{t2v.url}/v1/videos/{job_id}", timeout=30)
     assert r.json() == {"id": job_id, "object": "video.deleted", "deleted": True}
     deadline = time.monotonic() + 30
     while metric(t2v, "vllm_omni:engine_requests_total", outcome="cancelled") == cancelled:
@@ -295,7 +300,7 @@ def test_store_writes_whole_files_or_none_and_sweeps_expired_jobs(tmp_path):
 def test_a_parallel_server_makes_the_same_video(t2v, video_models, tmp_path, layout):
     """`vllm serve` with each parallel layout of the seed's video row (two ranks on gloo; 3 steps
     reach both experts, CFG on by default) against the one-process server: the same frames, up
-    to H.264 of float-rounding-level differences."""
+    to what H.264 makes of float-rounding-level differences."""
     import numpy as np
 
     body = {"prompt": "a fox", "size": "64x32", "num_frames": 9, "num_inference_steps": 3,
@@ -311,7 +316,11 @@ def test_a_parallel_server_makes_the_same_video(t2v, video_models, tmp_path, lay
     a, b = (np.stack([np.asarray(f, dtype=np.int16) for f in _mp4_frames(r.content)])
             for r in (got, one))
     assert a.shape == b.shape == (9, 32, 64, 3)
-    assert np.abs(a - b).max() <= 2
+    # Float rounding (ring attention sums its blocks in another order) can flip an encoder
+    # decision in a block: measured on one CPU, ring gave max 8, mean 0.015, 0.24% of values
+    # off by more than 2 (the others: identical). A wrong layout moves every pixel.
+    d = np.abs(a - b)
+    assert d.max() <= 16 and d.mean() < 0.1 and (d > 2).mean() < 0.01, (d.max(), d.mean())
 
 
 def test_the_playground_runs_a_job_with_a_moving_progress_bar(t2v, page):

@@ -149,9 +149,12 @@ class TeaCache:
 
     def _capture(self) -> tuple[_Request, _State]:
         """On a request thread submitting a denoiser call: its state for the current branch."""
-        context = self.state._context
+        try:
+            name = self.state.context.name
+        except ValueError:  # a pipeline that opens no cache_context: one branch
+            name = "default"
         req = self.local.request
-        return req, req.states.setdefault(context.name if context else "default", _State())
+        return req, req.states.setdefault(name, _State())
 
     def remove(self) -> None:
         for i, block in enumerate(self.blocks):
@@ -168,7 +171,7 @@ class TeaCache:
     def decide(self, modulated: torch.Tensor, s: _State | None = None,
                num_steps: int | None = None) -> bool:
         """True: compute this call. Runs once per denoiser call, on every rank alike."""
-        s = s or self.state.get_state()
+        s = self.state.get_state() if s is None else s
         num_steps = self.num_steps if num_steps is None else num_steps
         step = s.calls
         s.calls += 1
