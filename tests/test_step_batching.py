@@ -164,9 +164,9 @@ def test_adapter_sets_share_forwards_only_with_their_own(tiny_qwen_image, tmp_pa
 @pytest.mark.parametrize("offload", ["enable_cpu_offload", "enable_layerwise_offload"])
 def test_offload_keeps_each_request_equal_to_alone(tiny_qwen_image, offload):
     """Model-level offload swaps whole components: the third request joins while the long
-    second one's rounds run, and its text encoder waits for the round's forward (without that
-    wait, the transformer's weights vanish mid-forward in about half the runs). Layerwise
-    streams the transformer's blocks inside the forwards."""
+    second one's rounds run, and its text encoder runs only on its turn, never during a round's
+    forward (when it could, the transformer's weights vanished mid-forward in about half the
+    runs). Layerwise streams the transformer's blocks inside the forwards."""
     from vllm_omni import Omni, OmniDiffusionSamplingParams
 
     params = [OmniDiffusionSamplingParams(num_inference_steps=steps, width=64, height=64,

@@ -73,16 +73,16 @@ class LoraFeature(Feature):
         the model may briefly hold more than ``max_loras``) and tag its forwards."""
         alive = {t.ident for t in threading.enumerate()}
         me = threading.get_ident()
-        with self.batcher.model_lock:  # not while a round's forwards run
-            self.in_use = {k: v for k, v in self.in_use.items() if k in alive and k != me}
-            busy = set().union(*self.in_use.values()) if self.in_use else set()
-            t0, before = time.perf_counter(), set(self.loaded)
-            for ref in refs:
-                self._load(ref, keep=busy | {r.key for r in refs})
-            if set(self.loaded) != before:  # diffusers may have activated what it loaded
-                self.active = None
-            self.switch_s = time.perf_counter() - t0
-            self.in_use[me] = {r.key for r in refs}
+        # On this call's turn: no round's forwards run meanwhile (StepBatcher.turns).
+        self.in_use = {k: v for k, v in self.in_use.items() if k in alive and k != me}
+        busy = set().union(*self.in_use.values()) if self.in_use else set()
+        t0, before = time.perf_counter(), set(self.loaded)
+        for ref in refs:
+            self._load(ref, keep=busy | {r.key for r in refs})
+        if set(self.loaded) != before:  # diffusers may have activated what it loaded
+            self.active = None
+        self.switch_s = time.perf_counter() - t0
+        self.in_use[me] = {r.key for r in refs}
         self.batcher.local.tag = wanted
 
     def activate(self, tag) -> None:

@@ -21,7 +21,6 @@ open, so a killed worker leaves nothing on disk.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -158,7 +157,6 @@ class OffloadFeature(Feature):
         self.mode = "layerwise" if self.config.enable_layerwise_offload else "model"
         self.units: list[Unit] = []
         self.resident: Unit | None = None
-        self.lock = contextlib.nullcontext()
         self.hooked: list[torch.nn.Module] = []
         self.block_hooks: list[Any] = []
         self.group_offloaded: list[torch.nn.Module] = []
@@ -205,20 +203,14 @@ class OffloadFeature(Feature):
                     lambda m, args, out, unit=unit: unit.offload()))
         model.to(device)
 
-    def use_batcher(self, batcher) -> None:
-        # Step batching: a call that joins may reach its text encoder or VAE while a round's
-        # forwards run; it waits for the round before it swaps the resident component. (No
-        # round starts while a call runs outside its denoiser, so the swap cannot go the other
-        # way.)
-        self.lock = batcher.model_lock
-
     def make_resident(self, unit: Unit) -> None:
-        with self.lock:
-            if self.resident is not unit:
-                if self.resident is not None:
-                    self.resident.offload()
-                unit.onload()
-                self.resident = unit
+        # Step batching: calls swap components only on their turn, never while a round's
+        # forwards run (StepBatcher.turns).
+        if self.resident is not unit:
+            if self.resident is not None:
+                self.resident.offload()
+            unit.onload()
+            self.resident = unit
 
     def stats(self) -> dict[str, Any]:
         return {"offload_mode": self.mode}

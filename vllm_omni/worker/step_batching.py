@@ -209,7 +209,9 @@ class StepBatcher:
         # The request threads that may run pipeline code, by turn token, in order: only the
         # first runs. Pipelines and their modules keep per-call state on themselves (a causal
         # VAE's feature cache, a prior model's generation state) that two calls side by side
-        # would share; only the forwards of a round run for many.
+        # would share; only the forwards of a round run for many, and only while no thread has
+        # a turn, so a call that changes the model (loads a LoRA adapter, swaps an offloaded
+        # component) never does it under a round.
         self.turns: deque[object] = deque()
         self.pending: list[_Call] = []
         self.leading = False  # a thread is running a round
@@ -217,9 +219,6 @@ class StepBatcher:
         # requests shared each of its forwards (``sizes``), and the model state its forwards
         # need (``tag``, set by a feature in ``prepare_call``).
         self.local = threading.local()
-        # Held while a round's forwards run, and by a feature changing the model between rounds
-        # (loading a LoRA adapter).
-        self.model_lock = threading.RLock()
         # Called with a group's tag before its forward (the LoRA feature activates that set).
         self.before_forward = None
         # Called on the request thread as it submits a call, results kept on the call by name;
@@ -310,7 +309,7 @@ class StepBatcher:
             with self.cv:
                 calls, self.pending = self.pending, []
             # inference_mode also when run from a thread that has left its pipeline call.
-            with self.model_lock, torch.inference_mode():
+            with torch.inference_mode():
                 self._run(calls)
         finally:
             with self.cv:
