@@ -134,7 +134,11 @@ class TeaCache:
 
     def use_batcher(self, batcher) -> None:
         self.batcher = batcher
-        batcher.captures[f"tea_cache:{id(self)}"] = self._capture
+        batcher.captures[self.capture_key] = self._capture
+
+    @property
+    def capture_key(self) -> str:  # its entry in each step-batched call's ``captured``
+        return f"tea_cache:{id(self)}"
 
     def begin_request(self, num_steps: int, uses_cfg: bool = False) -> None:
         # CFG needs nothing here: the pipeline names each call's branch through cache_context.
@@ -253,7 +257,6 @@ class _HeadHook(_BlockHook):
     def _rows_forward(self, module, kwargs):
         """Step batching: the forward's calls decide each on its own samples."""
         cache = self.cache
-        key = f"tea_cache:{id(cache)}"
         calls = cache.batcher.group
         modulated = cache.modulated_input(module, kwargs)
         if modulated is None:
@@ -261,7 +264,7 @@ class _HeadHook(_BlockHook):
             return self.fn_ref.original_forward(**kwargs)
         rows, compute = [], []
         for call, part in zip(calls, torch.split(modulated, [c.size for c in calls])):
-            req, s = call.captured[key]
+            req, s = call.captured[cache.capture_key]
             rows.append((call.size, s))
             compute.append(cache.decide(part, s, req.num_steps))
             if compute[-1]:

@@ -10,6 +10,7 @@ on the compute device while the base weights come and go.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
@@ -158,8 +159,6 @@ class LoraFeature(Feature):
             # Another format (kohya, ...): diffusers' converter gives its own keys, which are
             # the ones we can cut. Its network alphas (kept apart by some converters, dropped
             # unless asked for by FLUX's) are folded into the B factors.
-            import inspect
-
             ask = "return_alphas" in inspect.signature(self.pipe.lora_state_dict).parameters
             converted = self.pipe.lora_state_dict(dict(state), **(
                 {"return_alphas": True} if ask else {}))
