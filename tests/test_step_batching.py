@@ -206,6 +206,34 @@ def test_teacache_decides_per_request_in_shared_forwards(tiny_qwen_image):
     assert max(o.metrics["batch_size"] for o in got) > 1
 
 
+def test_cache_dit_keeps_each_requests_state(tiny_qwen_image):
+    """Cache-DiT under step batching: each request keeps its own cache contexts (its steps,
+    CFG branches and cached residuals) while requests take turns step by step, so each equals
+    the request alone with the same cache, skipping as many calls; the forwards are not shared
+    (the library decides once per forward)."""
+    from vllm_omni import Omni, OmniDiffusionSamplingParams
+
+    params = [OmniDiffusionSamplingParams(num_inference_steps=steps, width=64, height=64,
+                                          seed=seed, output_type="np", true_cfg_scale=cfg)
+              for steps, seed, cfg in [(12, 1, 1.0), (7, 2, 4.0), (16, 3, 1.0), (9, 4, 1.0)]]
+    prompts = ["a red fox", {"prompt": "an old lighthouse at dusk", "negative_prompt": "blurry"},
+               "a blue cat", "a green owl in a tall tree"]
+    cache = dict(cache_backend="cache_dit", cache_config={
+        "residual_diff_threshold": 0.4, "max_warmup_steps": 2, "max_continuous_cached_steps": 2,
+        "enable_taylorseer": True})
+    with Omni(tiny_qwen_image, **cache) as engine:
+        want = [engine.generate(p, q, use_tqdm=False)[0] for p, q in zip(prompts, params)]
+    with Omni(tiny_qwen_image, step_batching=True, max_num_seqs=3, **cache) as engine:
+        got = engine.generate(prompts, params, use_tqdm=False)
+        again = engine.generate(prompts[1], params[1], use_tqdm=False)[0]
+    for a, b in zip(want + want[1:2], got + [again], strict=True):
+        assert float(np.abs(a.images[0] - b.images[0]).max()) <= TOL
+        for k in ("transformer_calls_computed", "transformer_calls_skipped"):
+            assert a.metrics[k] == b.metrics[k], k
+    assert all(o.metrics["transformer_calls_skipped"] > 0 for o in got)
+    assert max(o.metrics["batch_size"] for o in got) == 1
+
+
 @pytest.mark.parametrize("layout, cache", [("U2", None), ("R2", None), ("TP2", None),
                                            ("VAE-PP2", None), ("CFG2", None),
                                            ("U2xCFG2", "tea_cache")])
@@ -245,12 +273,15 @@ def test_parallel_layouts_form_the_same_rounds_on_every_rank(tiny_qwen_image, om
 
 @pytest.mark.parametrize("settings, why", [
     ({}, "max_num_seqs 1"),
-    ({"max_num_seqs": 2, "cache_backend": "cache_dit"}, "cache_dit"),
+    ({"max_num_seqs": 2, "cache_backend": "cache_dit",
+      "parallel": {"cfg_parallel_size": 2}}, "cache_dit and cfg_parallel"),
 ])
 def test_what_step_batching_does_not_run_with_is_refused(tiny_qwen_image, settings, why):
-    from vllm_omni.diffusion.data import OmniEngineConfig
+    from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
 
     settings = dict(settings)
+    if "parallel" in settings:
+        settings["parallel"] = DiffusionParallelConfig(**settings["parallel"])
     with pytest.raises(ValueError, match=why):
         OmniEngineConfig(model=tiny_qwen_image, model_name="m", step_batching=True, **settings)
 

@@ -25,6 +25,7 @@ process keeps per branch.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -186,7 +187,12 @@ class _BranchSimilarity:
 
 
 class CacheDiT:
-    """DBCache on one transformer; ``begin_request`` before each pipeline call."""
+    """DBCache on one transformer; ``begin_request`` before each pipeline call.
+
+    Under step batching every request keeps contexts of its own (``use_batcher``), put in
+    place by name before each of its forwards: a context holds all of DBCache's state, so each
+    request decides as it would alone. Its forwards are not shared with other requests',
+    since the library decides once for a whole forward."""
 
     def __init__(self, transformer: torch.nn.Module, config: CacheDiTConfig,
                  reduce: GroupComm | None = None, cfg_parallel: bool = False, target=None):
@@ -199,22 +205,59 @@ class CacheDiT:
         self.transformer = getattr(self.target, "transformer", None) or transformer
         cache_dit.enable_cache(self.target, cache_config=config.db_cache_config(None, False),
                                calibrator_config=config.calibrator_config())
-        manager = self.transformer._context_manager
-        manager.similarity = _BranchSimilarity(manager, reduce)
+        self.manager = self.transformer._context_manager
+        self.manager.similarity = _BranchSimilarity(self.manager, reduce)
+        self.batcher = None
+
+    @property
+    def _contexts(self) -> dict[str, Any]:  # the library's contexts by name, the live ones
+        return self.manager._cached_context_manager
+
+    @property
+    def capture_key(self) -> str:  # its entry in each step-batched call's ``captured``
+        return f"cache_dit:{id(self)}"
+
+    def use_batcher(self, batcher) -> None:
+        self.batcher = batcher
+        self.local = threading.local()  # the request thread's contexts
+        # Never used in a forward: refresh_context rebuilds each request's from these (and
+        # clears the buffers of the one it replaces, which must not be another request's).
+        self.templates = {n: self._contexts[n] for n in self.transformer._context_names}
+        batcher.captures[self.capture_key] = lambda: getattr(self.local, "contexts", {})
+        batcher.before_forward.append(self._put_in_place)
+        batcher.after_forward.append(self._keep)
+        batcher.share_forwards = False
+
+    def _put_in_place(self, group) -> None:
+        self._contexts.update(group[0].captured[self.capture_key])
+
+    def _keep(self, group) -> None:
+        # The library may have replaced a context during the forward (a refresh): keep that.
+        mine = group[0].captured[self.capture_key]
+        for name in mine:
+            mine[name] = self._contexts[name]
 
     def begin_request(self, num_steps: int, uses_cfg: bool) -> None:
         import cache_dit
 
         separate_cfg = uses_cfg and not self.cfg_parallel
+        live = dict(self._contexts) if self.batcher is not None else None
+        if live is not None:
+            self._contexts.update(self.templates)
         cache_dit.refresh_context(
             self.transformer, cache_config=self.config.db_cache_config(num_steps, separate_cfg),
             calibrator_config=self.config.calibrator_config())
+        if live is not None:
+            self.local.contexts = {n: self._contexts[n] for n in self.templates}
+            self._contexts.update({n: live[n] for n in self.templates})
 
     @property
     def stats(self) -> CacheStats:
         """Calls of the last request that ran the whole block stack, and those served from cache
         (only the Fn and Bn blocks ran)."""
-        ctx = self.transformer._context_manager.get_context(self.transformer._context_names[0])
+        name = self.transformer._context_names[0]
+        ctx = (self.local.contexts[name] if self.batcher is not None
+               else self.manager.get_context(name))
         calls = max(ctx.transformer_executed_steps, 0)
         skipped = len(ctx.get_cached_steps()) + len(ctx.get_cfg_cached_steps())
         return CacheStats(computed=calls - skipped, skipped=skipped)
@@ -222,6 +265,8 @@ class CacheDiT:
     def remove(self) -> None:
         import cache_dit
 
+        if self.batcher is not None:
+            self._contexts.update(self.templates)
         cache_dit.disable_cache(self.target)
 
 
@@ -249,3 +294,7 @@ class CacheDiTFeature(CacheFeature):
                                 cfg_parallel=groups.cfg.world_size > 1,
                                 target=self.adapter.cache_dit_target(model))
                        for model in self.denoisers(pipe)]
+
+    def use_batcher(self, batcher) -> None:
+        for cache in self.caches:
+            cache.use_batcher(batcher)

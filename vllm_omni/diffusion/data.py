@@ -112,12 +112,15 @@ class OmniEngineConfig:
     def _check_step_batching(self) -> None:
         if not self.step_batching:
             return
-        # Not yet with cache-dit: it keeps its state per model, not per request.
         why = [what for what, on in (
             ("max_num_seqs 1 (there is nothing to batch: set --max-num-seqs N)",
              self.max_num_seqs < 2),
-            ("cache_dit (its cache state is one per model, not per request; tea_cache runs)",
-             self.cache_backend == "cache_dit"),
+            # cache-dit wraps the denoiser's forward with a swap of its block list; under CFG
+            # parallel that wrapper sits outside the batcher, where request threads would swap
+            # the blocks of one module side by side.
+            ("cache_dit and cfg_parallel_size > 1 together (either one runs; tea_cache runs "
+             "with both)",
+             self.cache_backend == "cache_dit" and self.parallel.cfg_parallel_size > 1),
         ) if on]
         if why:
             raise ValueError(f"step_batching (--step-batching) does not run with {why[0]} in "
@@ -171,7 +174,7 @@ class OmniEngineConfig:
             raise ValueError("max_num_seqs > 1 with a cache backend: the cache decides for a whole "
                              "batch, so an image would depend on the requests batched with it; "
                              "use max_num_seqs 1 (--max-num-seqs 1) with caching, or "
-                             "--step-batching (tea_cache decides per request there)")
+                             "--step-batching (where each request keeps its own cache state)")
         self._check_step_batching()
         for name in ("heartbeat_timeout_s", "cancel_grace_s", "load_timeout_s"):
             v = getattr(self, name)

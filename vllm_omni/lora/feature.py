@@ -44,7 +44,7 @@ class LoraFeature(Feature):
         its forwards with its set, and the set is activated before each batched forward (only
         forwards with equal sets share one)."""
         self.batcher = batcher
-        batcher.before_forward = self.activate
+        batcher.before_forward.append(lambda group: self.activate(group[0].tag))
 
     # -- per call --------------------------------------------------------------------------------
     def prepare_call(self, reqs) -> None:

@@ -219,8 +219,14 @@ class StepBatcher:
         # requests shared each of its forwards (``sizes``), and the model state its forwards
         # need (``tag``, set by a feature in ``prepare_call``).
         self.local = threading.local()
-        # Called with a group's tag before its forward (the LoRA feature activates that set).
-        self.before_forward = None
+        # Called with a group's calls around its forward (the LoRA feature activates their
+        # adapter set; Cache-DiT puts their cache contexts in place, and keeps what became of
+        # them).
+        self.before_forward: list[Callable[[list[_Call]], None]] = []
+        self.after_forward: list[Callable[[list[_Call]], None]] = []
+        # False: every call runs a forward of its own, still in rounds (a cache whose decision
+        # covers a whole forward: Cache-DiT).
+        self.share_forwards = True
         # Called on the request thread as it submits a call, results kept on the call by name;
         # while a forward runs, ``group`` is its calls, in the order of their samples (a step
         # cache reads each call's state there, to decide per request).
@@ -324,7 +330,7 @@ class StepBatcher:
         groups: list[list[_Call]] = []
         masks = {p.mask for p in self.padding.values()}
         for call in calls:
-            for g in groups:
+            for g in groups if self.share_forwards else ():
                 if g[0].key == call.key and _same_shared(g[0], call, masks):
                     g.append(call)
                     break
@@ -332,15 +338,19 @@ class StepBatcher:
                 groups.append([call])
         for group in groups:
             try:
-                if self.before_forward is not None:
-                    self.before_forward(group[0].tag)
+                for f in self.before_forward:
+                    f(group)
                 self.group = group
-                if len(group) == 1:
-                    group[0].result = group[0].forward(**group[0].kwargs)
-                else:
-                    out = group[0].forward(**_merge(group, self.padding))
-                    for c, part in zip(group, _split(out, [c.size for c in group])):
-                        c.result = part
+                try:
+                    if len(group) == 1:
+                        group[0].result = group[0].forward(**group[0].kwargs)
+                    else:
+                        out = group[0].forward(**_merge(group, self.padding))
+                        for c, part in zip(group, _split(out, [c.size for c in group])):
+                            c.result = part
+                finally:
+                    for f in self.after_forward:
+                        f(group)
             except BaseException as e:  # every request of the forward fails with it
                 for c in group:
                     c.error = e
