@@ -208,9 +208,9 @@ def test_teacache_decides_per_request_in_shared_forwards(tiny_qwen_image):
 
 def test_cache_dit_keeps_each_requests_state(tiny_qwen_image):
     """Cache-DiT under step batching: each request keeps its own cache contexts (its steps,
-    CFG branches and cached residuals) while requests take turns step by step, so each equals
-    the request alone with the same cache, skipping as many calls; the forwards are not shared
-    (the library decides once per forward)."""
+    CFG branches, cached residuals and TaylorSeer history) and decides on its own samples in
+    shared forwards where others compute or reuse, so each equals the request alone with the
+    same cache, skipping as many calls."""
     from vllm_omni import Omni, OmniDiffusionSamplingParams
 
     params = [OmniDiffusionSamplingParams(num_inference_steps=steps, width=64, height=64,
@@ -231,12 +231,53 @@ def test_cache_dit_keeps_each_requests_state(tiny_qwen_image):
         for k in ("transformer_calls_computed", "transformer_calls_skipped"):
             assert a.metrics[k] == b.metrics[k], k
     assert all(o.metrics["transformer_calls_skipped"] > 0 for o in got)
-    assert max(o.metrics["batch_size"] for o in got) == 1
+    assert max(o.metrics["batch_size"] for o in got) > 1
+
+
+CACHE_ON = {"tea_cache": {"rel_l1_thresh": 0.6},
+            "cache_dit": {"residual_diff_threshold": 0.6, "max_warmup_steps": 1}}
+
+
+# One of each shape of cache-dit's block wrappers: two stacks (FLUX.1), a BlockAdapter of our
+# own (SD3), and two transformers in turn (Wan2.2's experts, each with its own wrappers).
+CACHE_DIT_FAMILIES = ["flux.1-dev", "sd3.5", "longcat-image", "ovis-image", "wan2.2-t2v"]
+
+
+@pytest.mark.parametrize("family", CACHE_DIT_FAMILIES)
+def test_cache_dit_decides_per_request_in_every_wrapper_shape(family, tiny_models,
+                                                               video_models):
+    from vllm_omni import Omni, OmniDiffusionSamplingParams
+
+    if family in video_models:
+        path, params = video_models[family], dict(width=64, height=64, num_frames=5,
+                                                  guidance_scale=4.0, guidance_scale_2=3.0)
+    else:
+        case = next(c for c in CASES if c.family == family)
+        path, params = tiny_models[family], case.params
+    params = [OmniDiffusionSamplingParams(num_inference_steps=steps, seed=seed,
+                                          output_type="np", **params)
+              for steps, seed in [(7, 1), (3, 2), (6, 3)]]
+    cache = dict(cache_backend="cache_dit", cache_config={
+        "residual_diff_threshold": 0.9, "max_warmup_steps": 1, "max_continuous_cached_steps": 2})
+    prompts = [PROMPT, "an old lighthouse at dusk", "a blue cat asleep in the snow"]
+    # Two in flight: the third joins the first mid-way, so their steps (and so their decisions)
+    # differ within a forward.
+    with Omni(path, step_batching=True, max_num_seqs=2, **cache) as engine:
+        alone = [engine.generate(q, p, use_tqdm=False)[0] for q, p in zip(prompts, params)]
+        together = engine.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(alone, together):
+        x, y = (np.stack(o.videos[0].frames) if o.videos else o.images[0] for o in (a, b))
+        assert float(np.abs(x - y).max()) <= TOL
+        for k in ("transformer_calls_computed", "transformer_calls_skipped"):
+            assert a.metrics[k] == b.metrics[k], k
+    assert sum(o.metrics["transformer_calls_skipped"] for o in together) > 0
+    assert max(o.metrics["batch_size"] for o in together) > 1
 
 
 @pytest.mark.parametrize("layout, cache", [("U2", None), ("R2", None), ("TP2", None),
                                            ("VAE-PP2", None), ("CFG2", None),
-                                           ("U2xCFG2", "tea_cache")])
+                                           ("U2xCFG2", "tea_cache"), ("U2", "cache_dit"),
+                                           ("CFG2", "cache_dit")])
 def test_parallel_layouts_form_the_same_rounds_on_every_rank(tiny_qwen_image, omni, layout,
                                                              cache):
     """Every rank runs the calls' code in the same turns and admits joined requests where rank 0
@@ -248,12 +289,15 @@ def test_parallel_layouts_form_the_same_rounds_on_every_rank(tiny_qwen_image, om
     from vllm_omni.diffusion.data import DiffusionParallelConfig
     from vllm_omni.testing.dist import parse_layout_name
 
-    params = [OmniDiffusionSamplingParams(num_inference_steps=steps, width=64, height=64,
+    params = [OmniDiffusionSamplingParams(num_inference_steps=steps, width=width, height=64,
                                           seed=steps, output_type="np", true_cfg_scale=cfg)
-              for steps, cfg in [(3, 1.0), (5, 4.0), (2, 1.0), (4, 1.0)]]
+              for steps, cfg, width in [(3, 1.0, 64), (5, 4.0, 64), (2, 1.0, 48), (4, 1.0, 64)]]
     prompts = ["a red fox", {"prompt": "an old lighthouse at dusk", "negative_prompt": "blurry"},
                "a blue cat", "a green owl in a tall tree"]
-    kw = dict(cache_backend=cache, cache_config={"rel_l1_thresh": 0.6}) if cache else {}
+    kw = dict(cache_backend=cache, cache_config=CACHE_ON[cache]) if cache else {}
+    if cache == "cache_dit":  # prompts of one token count: only those share a forward there
+        prompts = ["a red fox", {"prompt": "a blue cat", "negative_prompt": "a green owl"},
+                   "a brown dog", "a white swan"]
     if cache:
         with Omni(tiny_qwen_image, **kw) as engine:
             want = engine.generate(prompts, params, use_tqdm=False)
@@ -271,19 +315,11 @@ def test_parallel_layouts_form_the_same_rounds_on_every_rank(tiny_qwen_image, om
         assert sum(o.metrics["transformer_calls_skipped"] for o in got) > 0
 
 
-@pytest.mark.parametrize("settings, why", [
-    ({}, "max_num_seqs 1"),
-    ({"max_num_seqs": 2, "cache_backend": "cache_dit",
-      "parallel": {"cfg_parallel_size": 2}}, "cache_dit and cfg_parallel"),
-])
-def test_what_step_batching_does_not_run_with_is_refused(tiny_qwen_image, settings, why):
-    from vllm_omni.diffusion.data import DiffusionParallelConfig, OmniEngineConfig
+def test_step_batching_without_max_num_seqs_is_refused(tiny_qwen_image):
+    from vllm_omni.diffusion.data import OmniEngineConfig
 
-    settings = dict(settings)
-    if "parallel" in settings:
-        settings["parallel"] = DiffusionParallelConfig(**settings["parallel"])
-    with pytest.raises(ValueError, match=why):
-        OmniEngineConfig(model=tiny_qwen_image, model_name="m", step_batching=True, **settings)
+    with pytest.raises(ValueError, match="max_num_seqs 1"):
+        OmniEngineConfig(model=tiny_qwen_image, model_name="m", step_batching=True)
 
 
 def test_merge_pads_prompts_and_splits_outputs():

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from vllm_omni.cache import cache_dit_rows
 from vllm_omni.cache.common import CacheFeature, CacheStats, preset_settings
 from vllm_omni.distributed.comm import GroupComm
 from vllm_omni.engine.request import InvalidRequestError
@@ -189,10 +190,9 @@ class _BranchSimilarity:
 class CacheDiT:
     """DBCache on one transformer; ``begin_request`` before each pipeline call.
 
-    Under step batching every request keeps contexts of its own (``use_batcher``), put in
-    place by name before each of its forwards: a context holds all of DBCache's state, so each
-    request decides as it would alone. Its forwards are not shared with other requests',
-    since the library decides once for a whole forward."""
+    Under step batching every request keeps contexts of its own (``use_batcher``): a context
+    holds all of DBCache's state. A forward of one call runs with the call's contexts put in
+    place by name; one shared by several calls decides per call (``cache_dit_rows``)."""
 
     def __init__(self, transformer: torch.nn.Module, config: CacheDiTConfig,
                  reduce: GroupComm | None = None, cfg_parallel: bool = False, target=None):
@@ -206,6 +206,7 @@ class CacheDiT:
         cache_dit.enable_cache(self.target, cache_config=config.db_cache_config(None, False),
                                calibrator_config=config.calibrator_config())
         self.manager = self.transformer._context_manager
+        self._forward = self.transformer.forward  # the library's, before other hooks wrap it
         self.manager.similarity = _BranchSimilarity(self.manager, reduce)
         self.batcher = None
 
@@ -226,7 +227,11 @@ class CacheDiT:
         batcher.captures[self.capture_key] = lambda: getattr(self.local, "contexts", {})
         batcher.before_forward.append(self._put_in_place)
         batcher.after_forward.append(self._keep)
-        batcher.share_forwards = False
+        self.wrappers = cache_dit_rows.cached_blocks(self._forward)
+        cache_dit_rows.install(self.wrappers, batcher, self.capture_key)
+        # Prompts of other lengths do not share a forward: a request's cached encoder residual
+        # (and its calibrators' history) keeps its own length, step after step.
+        batcher.padding = {}
 
     def _put_in_place(self, group) -> None:
         self._contexts.update(group[0].captured[self.capture_key])
@@ -266,6 +271,7 @@ class CacheDiT:
         import cache_dit
 
         if self.batcher is not None:
+            cache_dit_rows.remove(self.wrappers)
             self._contexts.update(self.templates)
         cache_dit.disable_cache(self.target)
 

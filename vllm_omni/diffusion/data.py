@@ -110,21 +110,9 @@ class OmniEngineConfig:
         return bool(self.enable_lora or self.lora_path or self.lora_modules)
 
     def _check_step_batching(self) -> None:
-        if not self.step_batching:
-            return
-        why = [what for what, on in (
-            ("max_num_seqs 1 (there is nothing to batch: set --max-num-seqs N)",
-             self.max_num_seqs < 2),
-            # cache-dit wraps the denoiser's forward with a swap of its block list; under CFG
-            # parallel that wrapper sits outside the batcher, where request threads would swap
-            # the blocks of one module side by side.
-            ("cache_dit and cfg_parallel_size > 1 together (either one runs; tea_cache runs "
-             "with both)",
-             self.cache_backend == "cache_dit" and self.parallel.cfg_parallel_size > 1),
-        ) if on]
-        if why:
-            raise ValueError(f"step_batching (--step-batching) does not run with {why[0]} in "
-                             "this release")
+        if self.step_batching and self.max_num_seqs < 2:
+            raise ValueError("step_batching (--step-batching) does not run with max_num_seqs 1: "
+                             "there is nothing to batch; set --max-num-seqs N")
 
     def _check_lora(self) -> None:
         from vllm_omni.lora import NAME

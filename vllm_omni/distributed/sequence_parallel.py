@@ -156,6 +156,12 @@ class SequenceParallelFeature(ParallelFeature):
             sp.apply(model, plan, self.plan.sp_processor and resolve(self.plan.sp_processor))
             self.applied.append(sp)
 
+    def use_batcher(self, batcher) -> None:
+        # The streams are forgotten before each forward by a pre-hook on the model's __call__,
+        # which a batched forward does not go through (it calls the forward): a round of two
+        # forwards (two sizes) would reuse the first one's layout.
+        batcher.before_forward.append(lambda group: [sp.reset() for sp in self.applied])
+
     def remove(self) -> None:
         for sp in self.applied:
             sp.remove()

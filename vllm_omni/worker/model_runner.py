@@ -102,14 +102,17 @@ class ModelRunner:
             self.pipe.__call__).parameters
         self.adapter.on_load(self.pipe)
         self.denoisers = self.adapter.parallel_plan().denoiser_modules(self.pipe)
-        batching = self.batcher is not None
+        # Under step batching, the features that wrap each call's denoiser calls go on after
+        # the batcher's hook (so around it), the rest before: a cache's hooks then see the
+        # batched forwards, on the thread that runs them, whatever their place in the order.
+        outside = [f for f in self.features if self.batcher is not None and f.outside_batcher]
         for feature in self.features:
-            if batching and feature.outside_batcher:  # its hooks go around the batcher's
-                step_batching.install(self.denoisers, self.batcher, self._step_threads)
-                batching = False
-            feature.apply(self.pipe, self.groups)
-        if batching:
+            if feature not in outside:
+                feature.apply(self.pipe, self.groups)
+        if self.batcher is not None:
             step_batching.install(self.denoisers, self.batcher, self._step_threads)
+        for feature in outside:
+            feature.apply(self.pipe, self.groups)
         if self.batcher is not None:
             for feature in self.features:
                 feature.use_batcher(self.batcher)

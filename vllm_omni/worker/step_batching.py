@@ -224,9 +224,6 @@ class StepBatcher:
         # them).
         self.before_forward: list[Callable[[list[_Call]], None]] = []
         self.after_forward: list[Callable[[list[_Call]], None]] = []
-        # False: every call runs a forward of its own, still in rounds (a cache whose decision
-        # covers a whole forward: Cache-DiT).
-        self.share_forwards = True
         # Called on the request thread as it submits a call, results kept on the call by name;
         # while a forward runs, ``group`` is its calls, in the order of their samples (a step
         # cache reads each call's state there, to decide per request).
@@ -330,7 +327,7 @@ class StepBatcher:
         groups: list[list[_Call]] = []
         masks = {p.mask for p in self.padding.values()}
         for call in calls:
-            for g in groups if self.share_forwards else ():
+            for g in groups:
                 if g[0].key == call.key and _same_shared(g[0], call, masks):
                     g.append(call)
                     break
