@@ -315,6 +315,42 @@ def test_parallel_layouts_form_the_same_rounds_on_every_rank(tiny_qwen_image, om
         assert sum(o.metrics["transformer_calls_skipped"] for o in got) > 0
 
 
+def test_a_rank_killed_mid_round_fails_its_calls_and_the_engine_recovers(tiny_qwen_image):
+    """Two requests share rounds under Ulysses; rank 1 is killed mid-way: both fail within
+    seconds (none hangs in a round or a collective), and new workers serve the next ones."""
+    import os
+    import signal
+    import threading
+
+    from vllm_omni import Omni, OmniDiffusionSamplingParams
+    from vllm_omni.diffusion.data import DiffusionParallelConfig
+
+    slow = [OmniDiffusionSamplingParams(num_inference_steps=steps, width=64, height=64, seed=1)
+            for steps in (5000, 4000)]
+    quick = OmniDiffusionSamplingParams(num_inference_steps=3, width=64, height=64, seed=2,
+                                        output_type="np")
+    with Omni(tiny_qwen_image, step_batching=True, max_num_seqs=2,
+              parallel_config=DiffusionParallelConfig(ulysses_degree=2)) as engine:
+        before = engine.worker_pids
+        killed_at: list[float] = []
+
+        def kill():
+            time.sleep(3)
+            killed_at.append(time.monotonic())
+            os.kill(before[1], signal.SIGKILL)
+
+        threading.Thread(target=kill, daemon=True).start()
+        # Rank 0's collective with the dead rank fails (gloo: connection reset), or the
+        # executor sees the death first: either way the requests fail now.
+        with pytest.raises(RuntimeError, match=r"worker rank 1|Connection reset|Connection closed"):
+            engine.generate(["a slow fox", "a slower owl"], slow, use_tqdm=False)
+        assert killed_at and time.monotonic() - killed_at[0] < 10
+        got = engine.generate(["a red fox", "a blue cat"], [quick, quick], use_tqdm=False)
+        assert all(np.isfinite(o.images[0]).all() for o in got)
+        assert max(o.metrics["batch_size"] for o in got) > 1
+        assert not set(engine.worker_pids) & set(before)
+
+
 def test_step_batching_without_max_num_seqs_is_refused(tiny_qwen_image):
     from vllm_omni.diffusion.data import OmniEngineConfig
 
