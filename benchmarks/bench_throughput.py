@@ -15,6 +15,10 @@ one invocation, on this machine.
 
     .venv/bin/python benchmarks/bench_throughput.py                       # tiny model
     .venv/bin/python benchmarks/bench_throughput.py --model qwen-image-bench --size 256x256
+    .venv/bin/python benchmarks/bench_throughput.py --cache-backend cache_dit --cache-config JSON
+
+With a cache both server arms cache, and request batching runs ``--max-num-seqs 1``: a cache
+decides for a whole batch, so that is the only way it runs without step batching.
 
 Prints a table, then one JSON object.
 """
@@ -125,6 +129,10 @@ def main() -> None:
     ap.add_argument("--arms", default="batching,step", help="server arms: batching, step")
     ap.add_argument("--server-threads", type=int, default=None,
                     help="OMP_NUM_THREADS of the server (default: its own choice)")
+    ap.add_argument("--cache-backend", default=None, choices=["tea_cache", "cache_dit"],
+                    help="both arms cache; request batching then runs --max-num-seqs 1, the only "
+                         "way a cache runs without step batching (diffusers stays uncached)")
+    ap.add_argument("--cache-config", default=None, help="JSON, as the server's flag")
     ap.set_defaults(model="qwen-image")
     args = ap.parse_args()
 
@@ -135,13 +143,16 @@ def main() -> None:
     bodies = {k: workload(k, args.requests, args.steps) for k in kinds}
     baseline = {k: diffusers_baseline(model, width, height, bodies[k]) for k in kinds}
 
-    flags = {"batching": [], "step": ["--step-batching"]}
+    flags = {"batching": ["--max-num-seqs", "1" if args.cache_backend else str(args.max_num_seqs)],
+             "step": ["--max-num-seqs", str(args.max_num_seqs), "--step-batching"]}
+    cache = ["--cache-backend", args.cache_backend] if args.cache_backend else []
+    if args.cache_config:
+        cache += ["--cache-config", args.cache_config]
     rows = []
     for arm in args.arms.split(","):
         server, url, _ = start_server(
             model, os.path.join(tempfile.gettempdir(), f"bench_throughput_{arm}.log"),
-            "--max-num-seqs", str(args.max_num_seqs), "--max-queue-len", "1024",
-            "--warmup-sizes", args.size, *flags[arm],
+            "--max-queue-len", "1024", "--warmup-sizes", args.size, *flags[arm], *cache,
             env={"OMP_NUM_THREADS": str(args.server_threads)} if args.server_threads else None)
         try:
             for kind in kinds:
