@@ -281,10 +281,10 @@ def test_cache_dit_decides_per_request_in_every_wrapper_shape(family, tiny_model
 def test_parallel_layouts_form_the_same_rounds_on_every_rank(tiny_qwen_image, omni, layout,
                                                              cache):
     """Every rank runs the calls' code in the same turns and admits joined requests where rank 0
-    says: requests with different steps, CFG and prompt lengths, two in flight so that the
-    others join, each equal the plain one-process engine (parallel layouts: within 1e-4); with
-    TeaCache, each request's skips are agreed over the ranks too. (Without the agreement on
-    joins, this hangs: the ranks' rounds differ.)"""
+    says: requests with different steps, CFG, prompt lengths and sizes (one 48 wide: a round of
+    two forwards), two in flight so that the others join, each equal the plain one-process
+    engine (parallel layouts: within 1e-4); with either cache, each request's skips are agreed
+    over the ranks too. (Without the agreement on joins, this hangs: the ranks' rounds differ.)"""
     from vllm_omni import Omni, OmniDiffusionSamplingParams
     from vllm_omni.diffusion.data import DiffusionParallelConfig
     from vllm_omni.testing.dist import parse_layout_name
