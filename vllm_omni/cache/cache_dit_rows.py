@@ -111,8 +111,6 @@ class _Rows:
 
 
 def _swap_rows(computed, cached, reuse: list[bool], sizes: list[int]):
-    if computed is None:
-        return None
     parts = list(torch.split(computed, sizes))
     for i, part in enumerate(torch.split(cached, sizes)):
         if reuse[i]:
@@ -120,11 +118,21 @@ def _swap_rows(computed, cached, reuse: list[bool], sizes: list[int]):
     return torch.cat(parts)
 
 
-def _forward_two_streams(blocks, rows: _Rows, hidden_states, encoder_hidden_states, *args,
-                         **kwargs):
-    """``CachedBlocks_Pattern_Base.forward`` (patterns 0, 1, 2), decided per call."""
+def _forward(blocks, rows: _Rows, one_stream: bool, hidden_states, *args, **kwargs):
+    """The wrapper's forward, decided per call. Its two families differ in their streams:
+    patterns 0/1/2 (``CachedBlocks_Pattern_Base``) take and return the image and text streams;
+    patterns 3/4/5 take one stream and may return a text stream, whose residual the forward
+    computes itself."""
+    if one_stream:
+        e_in, streams = None, ()
+    elif "encoder_hidden_states" in kwargs:
+        e_in = kwargs.pop("encoder_hidden_states")
+        streams = (e_in,)
+    else:
+        e_in, *args = args
+        streams = (e_in,)
     blocks._check_cache_params()
-    h, e = blocks.call_Fn_blocks(hidden_states, encoder_hidden_states, *args, **kwargs)
+    h, e = blocks.call_Fn_blocks(hidden_states, *streams, *args, **kwargs)
     residual = blocks._get_Fn_residual(hidden_states, h)
     reuse = rows.decide(residual, h)
     if all(reuse):
@@ -133,38 +141,21 @@ def _forward_two_streams(blocks, rows: _Rows, hidden_states, encoder_hidden_stat
         computing = [not r for r in reuse]
         rows.keep_Fn(residual, h, computing)
         cached = rows.apply(h, e, reuse) if any(reuse) else None
-        h2, e2, h_res, e_res = blocks.call_Mn_blocks(h, e, *args, **kwargs)
-        rows.keep_Bn(h2, h_res, e2, e_res, computing)
-        if cached is not None:
-            h2 = _swap_rows(h2, cached[0], reuse, rows.sizes)
-            e2 = _swap_rows(e2, cached[1], reuse, rows.sizes)
-        h, e = h2, e2
-    h, e = blocks.call_Bn_blocks(h, e, *args, **kwargs)
-    return blocks._process_forward_outputs(h, e)
-
-
-def _forward_one_stream(blocks, rows: _Rows, hidden_states, *args, **kwargs):
-    """``CachedBlocks_Pattern_3_4_5.forward``, decided per call."""
-    blocks._check_cache_params()
-    h, e = blocks.call_Fn_blocks(hidden_states, *args, **kwargs)
-    residual = blocks._get_Fn_residual(hidden_states, h)
-    reuse = rows.decide(residual, h)
-    if all(reuse):
-        h, e = rows.apply(h, e, reuse)
-    else:
-        computing = [not r for r in reuse]
-        rows.keep_Fn(residual, h, computing)
-        cached = rows.apply(h, e, reuse) if any(reuse) else None
-        h2, e2, h_res = blocks.call_Mn_blocks(h, *args, **kwargs)
-        e_res = e2 - e if e2 is not None else None
-        rows.keep_Bn(h2, h_res, e2, e_res, computing, always_residual=True)
+        if one_stream:
+            h2, e2, h_res = blocks.call_Mn_blocks(h, *args, **kwargs)
+            e_res = e2 - e if e2 is not None else None
+        else:
+            h2, e2, h_res, e_res = blocks.call_Mn_blocks(h, e, *args, **kwargs)
+        rows.keep_Bn(h2, h_res, e2, e_res, computing, always_residual=one_stream)
         if cached is not None:
             h2 = _swap_rows(h2, cached[0], reuse, rows.sizes)
             if e2 is not None and cached[1] is not None:
                 e2 = _swap_rows(e2, cached[1], reuse, rows.sizes)
         h, e = h2, e2
+    # With no Bn blocks the 3/4/5 family's call_Bn_blocks drops the text stream; the base
+    # family's returns its inputs.
     if blocks.context_manager.Bn_compute_blocks() > 0:
-        h, e = blocks.call_Bn_blocks(h, *args, **kwargs)
+        h, e = blocks.call_Bn_blocks(h, *(() if one_stream else (e,)), *args, **kwargs)
     return blocks._process_forward_outputs(h, e)
 
 
@@ -181,9 +172,8 @@ class _RowsHook(ModelHook):
             return self.fn_ref.original_forward(*args, **kwargs)
         from cache_dit.caching.cache_blocks.pattern_3_4_5 import CachedBlocks_Pattern_3_4_5
 
-        forward = (_forward_one_stream if isinstance(module, CachedBlocks_Pattern_3_4_5)
-                   else _forward_two_streams)
-        return forward(module, _Rows(module, group, self.key), *args, **kwargs)
+        return _forward(module, _Rows(module, group, self.key),
+                        isinstance(module, CachedBlocks_Pattern_3_4_5), *args, **kwargs)
 
 
 def install(wrappers: list[torch.nn.Module], batcher: Any, key: str) -> None:
