@@ -40,6 +40,21 @@ def metric(server, name: str, **labels) -> float:
     return total
 
 
+def kill_later(pid: int, after_s: float) -> list[float]:
+    """SIGKILLs ``pid`` from a thread after ``after_s``; the list gets the kill's monotonic time."""
+    import threading
+
+    killed_at: list[float] = []
+
+    def kill():
+        time.sleep(after_s)
+        killed_at.append(time.monotonic())
+        os.kill(pid, signal.SIGKILL)
+
+    threading.Thread(target=kill, daemon=True).start()
+    return killed_at
+
+
 def decode(b64: str):
     """A ``b64_json`` image from a response, as a PIL image."""
     import base64

@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -22,7 +21,7 @@ import psutil
 import pytest
 import requests
 
-from conftest import VENV_BIN, Server, decode, metric
+from conftest import VENV_BIN, Server, decode, kill_later, metric
 from vllm_omni.utils.proc import free_port
 
 # Ray refuses 127.0.0.1 for a cluster (it swaps in the host's address); the rest of
@@ -120,14 +119,7 @@ def test_ranks_on_two_nodes_equal_mp_and_a_killed_actor_is_replaced(
         before = engine.worker_pids
         slow = OmniDiffusionSamplingParams(num_inference_steps=5000, seed=1, width=64,
                                            height=64)
-        killed_at: list[float] = []
-
-        def kill():
-            time.sleep(3)
-            killed_at.append(time.monotonic())
-            os.kill(before[1], signal.SIGKILL)
-
-        threading.Thread(target=kill, daemon=True).start()
+        killed_at = kill_later(before[1], 3)
         with pytest.raises(RuntimeError, match=r"worker rank 1 \(Ray actor.*died"):
             engine.generate("a slow fox", slow, use_tqdm=False)
         assert killed_at and time.monotonic() - killed_at[0] < 5

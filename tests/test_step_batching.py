@@ -12,7 +12,7 @@ import pytest
 import requests
 import torch
 
-from conftest import Server, metric
+from conftest import Server, kill_later, metric
 from test_models import CASES, INPUTS, PROMPT
 
 # Batched kernels round differently from single ones (fp32 GEMMs over another batch size, and a
@@ -318,10 +318,6 @@ def test_parallel_layouts_form_the_same_rounds_on_every_rank(tiny_qwen_image, om
 def test_a_rank_killed_mid_round_fails_its_calls_and_the_engine_recovers(tiny_qwen_image):
     """Two requests share rounds under Ulysses; rank 1 is killed mid-way: both fail within
     seconds (none hangs in a round or a collective), and new workers serve the next ones."""
-    import os
-    import signal
-    import threading
-
     from vllm_omni import Omni, OmniDiffusionSamplingParams
     from vllm_omni.diffusion.data import DiffusionParallelConfig
 
@@ -332,14 +328,7 @@ def test_a_rank_killed_mid_round_fails_its_calls_and_the_engine_recovers(tiny_qw
     with Omni(tiny_qwen_image, step_batching=True, max_num_seqs=2,
               parallel_config=DiffusionParallelConfig(ulysses_degree=2)) as engine:
         before = engine.worker_pids
-        killed_at: list[float] = []
-
-        def kill():
-            time.sleep(3)
-            killed_at.append(time.monotonic())
-            os.kill(before[1], signal.SIGKILL)
-
-        threading.Thread(target=kill, daemon=True).start()
+        killed_at = kill_later(before[1], 3)
         # Rank 0's collective with the dead rank fails (gloo: connection reset), or the
         # executor sees the death first: either way the requests fail now.
         with pytest.raises(RuntimeError, match=r"worker rank 1|Connection reset|Connection closed"):
