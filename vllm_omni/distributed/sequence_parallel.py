@@ -160,7 +160,11 @@ class SequenceParallelFeature(ParallelFeature):
         # The streams are forgotten before each forward by a pre-hook on the model's __call__,
         # which a batched forward does not go through (it calls the forward): a round of two
         # forwards (two sizes) would reuse the first one's layout.
-        batcher.before_forward.append(lambda group: [sp.reset() for sp in self.applied])
+        batcher.before_forward.append(self._forget_streams)
+
+    def _forget_streams(self, group) -> None:
+        for sp in self.applied:
+            sp.reset()
 
     def remove(self) -> None:
         for sp in self.applied:
