@@ -25,7 +25,6 @@ process keeps per branch.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -35,6 +34,7 @@ from vllm_omni.cache import cache_dit_rows
 from vllm_omni.cache.common import CacheFeature, CacheStats, preset_settings
 from vllm_omni.distributed.comm import GroupComm
 from vllm_omni.engine.request import InvalidRequestError
+from vllm_omni.utils.tasks import TaskLocal
 
 # cache-dit logs its configuration at INFO on stdout from every rank; keep stdout for our logs
 # unless the user asks for its messages (CACHE_DIT_LOG_LEVEL=info). Read when it is imported.
@@ -220,7 +220,7 @@ class CacheDiT:
 
     def use_batcher(self, batcher) -> None:
         self.batcher = batcher
-        self.local = threading.local()  # the request thread's contexts
+        self.local = TaskLocal()  # each step-batched call's contexts
         # Never used in a forward: refresh_context rebuilds each request's from these (and
         # clears the buffers of the one it replaces, which must not be another request's).
         self.templates = {n: self._contexts[n] for n in self.transformer._context_names}

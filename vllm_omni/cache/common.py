@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
 from vllm_omni.features import Feature
+from vllm_omni.utils.tasks import TaskLocal
 
 T = TypeVar("T")
 
@@ -38,8 +38,8 @@ class CacheFeature(Feature):
         adapter.check_cache(config.cache_backend, config.cache_config)
 
     def begin_request(self, num_steps: int, uses_cfg: bool) -> None:
-        if not hasattr(self, "call"):  # per pipeline call's thread (step batching runs several)
-            self.call = threading.local()
+        if not hasattr(self, "call"):  # per pipeline call (step batching runs several)
+            self.call = TaskLocal()
         self.call.split_branches = uses_cfg and self.groups.cfg.world_size > 1
         for cache in self.caches:  # per-branch cache state only when branches are calls
             cache.begin_request(num_steps, uses_cfg and self.adapter.cfg_calls == "separate")

@@ -20,7 +20,6 @@ of the computed rows, so every request gets what it would alone.
 from __future__ import annotations
 
 import inspect
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +30,7 @@ from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
 from vllm_omni.cache.common import CacheFeature, CacheStats, preset_settings
 from vllm_omni.distributed.comm import GroupComm
+from vllm_omni.utils.tasks import TaskLocal
 
 HEAD_HOOK, BLOCK_HOOK = "vllm_omni_teacache_head", "vllm_omni_teacache_block"
 
@@ -122,10 +122,10 @@ class TeaCache:
     batcher: Any = None  # step batching's StepBatcher (use_batcher)
 
     def __post_init__(self):
-        # Its context is the branch diffusers' cache_context names (the pipeline's thread's).
+        # Its context is the branch diffusers' cache_context names (the running call's).
         self.state = StateManager(_State)
         self._stats = CacheStats()
-        self.local = threading.local()  # step batching: the request thread's _Request
+        self.local = TaskLocal()  # step batching: each call's _Request
         self.pass_: _Pass | None = None
 
     @property
@@ -152,7 +152,7 @@ class TeaCache:
         self._stats = CacheStats()
 
     def _capture(self) -> tuple[_Request, _State]:
-        """On a request thread submitting a denoiser call: its state for the current branch."""
+        """In a call's task, as it submits a denoiser call: its state for the current branch."""
         try:
             name = self.state.context.name
         except ValueError:  # a pipeline that opens no cache_context: one branch

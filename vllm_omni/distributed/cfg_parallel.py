@@ -9,7 +9,6 @@ after the uncond call (views of it, e.g. Qwen-Image-Edit's slice, see the fill t
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
@@ -18,26 +17,23 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 
 from vllm_omni.distributed.comm import GroupComm
 from vllm_omni.features import ParallelFeature
+from vllm_omni.utils.tasks import TaskLocal
 
 HOOK_NAME = "vllm_omni_cfg_parallel"
 
 
-class _PerCall(threading.local):
-    """A pipeline call's branch count: per thread, as step batching runs calls side by side
-    (each on its own thread; the hook is then outside the batcher, so a rank submits only its
-    branch's forwards, and the gathers run in the calls' agreed turns)."""
-
-    def __init__(self) -> None:  # runs once in each thread that reads it
-        self.active, self.call = False, 0
-        self.mine: torch.Tensor | None = None
-        self.placeholders: list[torch.Tensor] = []
+def _per_call() -> dict[str, Any]:
+    """A pipeline call's branch count: per task, as step batching runs calls side by side
+    (the hook is then outside the batcher, so a rank submits only its branch's forwards, and
+    the gathers run in the calls' agreed turns)."""
+    return {"active": False, "call": 0, "mine": None, "placeholders": []}
 
 
 class CFGParallelHook(ModelHook):
     def __init__(self, comm: GroupComm):
         super().__init__()
         self.comm = comm
-        self.state = _PerCall()
+        self.state = TaskLocal(_per_call)
 
     def begin_request(self, uses_cfg: bool) -> None:
         """Each rank computes every call redundantly when a request runs without CFG."""
@@ -79,7 +75,7 @@ class BatchedCFGParallelHook(ModelHook):
     def __init__(self, comm: GroupComm):
         super().__init__()
         self.comm = comm
-        self.state = _PerCall()
+        self.state = TaskLocal(_per_call)
 
     def begin_request(self, uses_cfg: bool) -> None:
         self.state.active = uses_cfg
@@ -119,7 +115,7 @@ def proj_out_like(transformer: torch.nn.Module, kwargs: dict) -> torch.Tensor:
 
 class CFGParallelFeature(ParallelFeature):
     name = "cfg_parallel"
-    # Under step batching each call's branch forwards are counted on its own thread, and only
+    # Under step batching each call's branch forwards are counted in its own task, and only
     # this rank's go to the batcher.
     outside_batcher = True
 

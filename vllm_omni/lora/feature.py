@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import inspect
 import logging
-import threading
 import time
 from collections import OrderedDict
 from typing import Any
 
 from vllm_omni.engine.request import InvalidRequestError
 from vllm_omni.features import Feature
+from vllm_omni.utils import tasks
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class LoraFeature(Feature):
     def apply(self, pipe, groups) -> None:
         self.pipe, self.groups = pipe, groups
         self.batcher = None
-        self.in_use: dict[int, set[str]] = {}  # step batching: request thread -> its adapters
+        self.in_use: dict[Any, set[str]] = {}  # step batching: a call's task -> its adapters
         self.loaded: OrderedDict[str, Any] = OrderedDict()  # key -> LoraRef, least recent first
         self.host: OrderedDict[str, dict] = OrderedDict()  # key -> state dict
         self.max_host = self.config.max_cpu_loras or self.config.max_loras
@@ -72,10 +72,9 @@ class LoraFeature(Feature):
     def _prepare_side_by_side(self, refs, wanted: tuple) -> None:
         """Step batching: load this call's adapters (never evicting one a running call uses;
         the model may briefly hold more than ``max_loras``) and tag its forwards."""
-        alive = {t.ident for t in threading.enumerate()}
-        me = threading.get_ident()
-        # On this call's turn: no round's forwards run meanwhile (StepBatcher.turns).
-        self.in_use = {k: v for k, v in self.in_use.items() if k in alive and k != me}
+        me = tasks.current()
+        # On this call's turn: no round's forwards run meanwhile (StepBatcher.ready).
+        self.in_use = {k: v for k, v in self.in_use.items() if not k.dead and k is not me}
         busy = set().union(*self.in_use.values()) if self.in_use else set()
         t0, before = time.perf_counter(), set(self.loaded)
         for ref in refs:

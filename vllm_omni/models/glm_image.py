@@ -9,7 +9,6 @@ can skip it by sending the tokens of an earlier response back.
 
 from __future__ import annotations
 
-import threading
 
 from typing import Any
 
@@ -17,6 +16,7 @@ from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
 from vllm_omni.models.base import ModelSpec
 from vllm_omni.models.image import ImageAdapter
 from vllm_omni.models.options import Option
+from vllm_omni.utils.tasks import TaskLocal
 
 
 class GlmImageAdapter(ImageAdapter):
@@ -76,16 +76,18 @@ class GlmImageAdapter(ImageAdapter):
 
     def on_load(self, pipe: Any) -> None:
         generate = pipe.generate_prior_tokens
-        # By the thread that made them: with step batching, calls run side by side.
-        self._priors: dict[int, Any] = {}
+        # Per call that made them: with step batching, calls run side by side.
+        self._priors = TaskLocal()
 
         def recorded(*args, **kwargs):
             out = generate(*args, **kwargs)
-            self._priors[threading.get_ident()] = out[0]
+            self._priors.tokens = out[0]
             return out
 
         pipe.generate_prior_tokens = recorded
 
     def output_extra(self, pipe: Any) -> dict[str, Any]:
-        prior = getattr(self, "_priors", {}).pop(threading.get_ident(), None)
+        prior = getattr(getattr(self, "_priors", None), "tokens", None)
+        if prior is not None:
+            del self._priors.tokens
         return {} if prior is None else {"prior_token_ids": prior[0].tolist()}

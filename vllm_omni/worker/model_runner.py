@@ -7,7 +7,6 @@ import inspect
 import logging
 import queue
 import resource
-import threading
 import time
 import traceback
 from typing import Any
@@ -23,6 +22,7 @@ from vllm_omni.engine.messages import CANCEL_REASONS
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialFn, ProgressFn
 from vllm_omni.features import Feature, build_features
 from vllm_omni.models.registry import load_model_spec
+from vllm_omni.utils.tasks import TaskLocal
 from vllm_omni.worker import memory, step_batching
 from vllm_omni.worker.steps import (
     NonFiniteError,
@@ -70,14 +70,13 @@ class ModelRunner:
         self.features: list[Feature] = []  # applied in load, in their order
         # Request id -> why it was cancelled, filled as the engine's messages arrive (or None).
         self.cancelled = cancelled
-        self._local = threading.local()  # the timing of the call this thread runs
+        self._local = TaskLocal()  # the timing of the call this task runs
         self._running: list[str] = []  # the ids of the call being run
         self.memory_dims: memory.ModelDims | None = None  # set by load()
-        # Step batching: the request threads' denoiser calls meet in the batcher.
+        # Step batching: the pipeline calls run as the batcher's tasks.
         self.batcher = (step_batching.StepBatcher(
             {k: step_batching.Padding(*v) for k, v in self.adapter.step_padding.items()})
             if config.step_batching else None)
-        self._step_threads: set[int] = set()
 
     @property
     def timing(self) -> "StepTiming":
@@ -104,13 +103,13 @@ class ModelRunner:
         self.denoisers = self.adapter.parallel_plan().denoiser_modules(self.pipe)
         # Under step batching, the features that wrap each call's denoiser calls go on after
         # the batcher's hook (so around it), the rest before: a cache's hooks then see the
-        # batched forwards, on the thread that runs them, whatever their place in the order.
+        # batched forwards as they run, whatever their place in the order.
         outside = [f for f in self.features if self.batcher is not None and f.outside_batcher]
         for feature in self.features:
             if feature not in outside:
                 feature.apply(self.pipe, self.groups)
         if self.batcher is not None:
-            step_batching.install(self.denoisers, self.batcher, self._step_threads)
+            step_batching.install(self.denoisers, self.batcher)
         for feature in outside:
             feature.apply(self.pipe, self.groups)
         if self.batcher is not None:
@@ -165,19 +164,18 @@ class ModelRunner:
                 self._running = []
         return [outputs[r.request_id] for r in batch]
 
-    @torch.inference_mode()
+    @torch.inference_mode()  # the calls' too: torch's modes are per thread, not per greenlet
     def execute_steps(self, batch: list[DiffusionRequest], progress: ProgressFn | None,
                       partial: PartialFn | None, emit, joins: queue.Queue, batch_id: str) -> None:
         """Step batching: runs ``batch`` and the requests that join it (``joins``: lists of
         requests; an empty list when the engine has no more) until all have finished, each
-        pipeline call on its own thread; ``emit`` gets each call's outputs as it finishes."""
-        batcher = self.batcher
-        threads: list[threading.Thread] = []
+        pipeline call as a task of the batcher; ``emit`` gets each call's outputs as it
+        finishes."""
         joined = step_batching.Joins(joins, batch_id, self.groups.world, self.device)
 
         def start(reqs: list[DiffusionRequest]) -> None:
             """Requests that arrive together with one batch key run as one pipeline call, as
-            without step batching; each call on a thread of its own."""
+            without step batching."""
             runnable, refused = self._loadable(reqs)
             if refused:
                 emit(list(refused.values()))
@@ -193,32 +191,21 @@ class ModelRunner:
                     emit([DiffusionOutput(group[i].request_id, error=e)
                           for i, e in refused.items()])
                 for call in calls:
-                    t = threading.Thread(target=self._run_call, args=(
-                        [group[i] for i in call], batcher.started(), progress, partial, emit),
-                        daemon=True)
-                    t.start()
-                    threads.append(t)
+                    reqs = [group[i] for i in call]
+                    self.batcher.start(lambda reqs=reqs: self._run_call(reqs, progress, partial,
+                                                                        emit))
 
-        def admit() -> None:  # on the thread about to run a round
-            start(joined.take(joined.agree(idle=False)))
-
-        batcher.admit = admit
+        self.batcher.admit = lambda: start(joined.take(joined.agree(idle=False)))
         start(batch)
         try:
-            # The request threads run everything themselves; this one stages what joins, and
-            # when none runs, starts the next (or ends).
-            while True:
-                if any(t.is_alive() for t in list(threads)):
-                    joined.pull(0.05)
-                    continue
+            while True:  # when no call runs, the next joins start (or it ends)
+                self.batcher.run()
                 n = joined.agree(idle=True)
                 if n < 0:
                     return
                 start(joined.take(n))
         finally:
-            batcher.admit = None
-            for t in list(threads):
-                t.join()
+            self.batcher.admit = None
 
     def _loadable(self, reqs: list[DiffusionRequest]
                   ) -> tuple[list[DiffusionRequest], dict[str, DiffusionOutput]]:
@@ -233,29 +220,20 @@ class ModelRunner:
                 refused[req.request_id] = DiffusionOutput(req.request_id, error=e)
         return runnable, refused
 
-    def _run_call(self, reqs: list[DiffusionRequest], turn: object, progress: ProgressFn | None,
+    def _run_call(self, reqs: list[DiffusionRequest], progress: ProgressFn | None,
                   partial: PartialFn | None, emit) -> None:
-        """One pipeline call of step batching, on its own thread."""
-        ident = threading.get_ident()
-        self._step_threads.add(ident)
+        """One pipeline call of step batching, in its task."""
         self.batcher.local.sizes = sizes = []
         self.batcher.local.requests = len(reqs)
-        self.batcher.enter(turn)
         try:
-            with torch.inference_mode():
-                outs = self._run(reqs, progress, partial)
+            outs = self._run(reqs, progress, partial)
             for out in outs.values():
                 if sizes:  # requests per denoiser forward it took part in, on average
                     out.metrics["batch_size"] = sum(sizes) / len(sizes)
         except BaseException as e:  # never lose a request
             outs = {r.request_id: DiffusionOutput(r.request_id, error=errors.GenerationError(
                 f"generation failed: {type(e).__name__}: {e}")) for r in reqs}
-        finally:
-            self._step_threads.discard(ident)
-        try:
-            emit([outs[req.request_id] for req in reqs])
-        finally:
-            self.batcher.finished()
+        emit([outs[req.request_id] for req in reqs])
 
     # -- memory ----------------------------------------------------------------------------------
     def estimate_memory(self, reqs: list[DiffusionRequest]) -> memory.MemoryEstimate:

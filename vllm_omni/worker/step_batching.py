@@ -1,6 +1,8 @@
 """Step-level batching (``--step-batching``): every running request drives its own unmodified
-pipeline call on a thread of its own; their denoiser calls meet here, and those that fit together
-run as one batched forward whose output is split back to each request.
+pipeline call, as a task (a greenlet) on the runner's thread; their denoiser calls meet here,
+and those that fit together run as one batched forward whose output is split back to each
+request. Greenlets rather than threads: only one call runs at a time anyway, and torch on a
+CPU runs 15-25% slower on a second thread (``utils/tasks.py``).
 
 A round runs once every running call is either waiting at a denoiser call or finished, so which
 calls share a forward depends on the calls, not on timing. Pipeline code runs one call at a time,
@@ -12,23 +14,27 @@ Calls fit together when the denoiser is the same and everything but the per-samp
 equal: the per-sample inputs (latents, text embeddings, masks, timesteps, guidance, shapes) may
 differ in content but not in shape (prompt lengths aside, where the adapter declares a
 ``Padding``), so requests of one size share work whatever their steps, guidance, seeds or
-progress. A request enters at its first denoiser
-call and leaves after its last; ``ModelRunner.execute_steps`` starts the calls and those that
-join.
+progress. A request enters at its first denoiser call and leaves after its last;
+``ModelRunner.execute_steps`` starts the calls and those that join.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import queue
-import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import greenlet
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+
+from vllm_omni.utils.tasks import TaskLocal
+
+logger = logging.getLogger(__name__)
 
 HOOK = "vllm_omni.step_batching"
 # The denoiser inputs that carry one entry per sample (dim 0 of a tensor, or a list), by the
@@ -50,12 +56,11 @@ class _Call:
     key: tuple
     result: Any = None
     error: BaseException | None = None
-    done: bool = False
     requests: int = 1  # requests of the pipeline call it came from
     shared: int = 1  # requests in the forward that served it
     tag: Any = None  # model state its forward needs (a LoRA adapter set): equal to share one
-    turn: Any = None  # its request thread's turn token (StepBatcher.started)
-    # What each feature noted on the request thread as it called (``StepBatcher.captures``):
+    task: Any = None  # the greenlet of the pipeline call it came from (StepBatcher.start)
+    # What each feature noted in the call's task as it called (``StepBatcher.captures``):
     # a step cache's state for this request and CFG branch.
     captured: dict[str, Any] | None = None
 
@@ -200,66 +205,67 @@ def _split(out: Any, sizes: list[int]) -> list[Any]:
 
 
 class StepBatcher:
-    """Where the request threads' denoiser calls wait until every running request has reached
-    one (or finished); the thread that completes the round runs it for all."""
+    """Runs the pipeline calls of step batching as tasks (greenlets) on the runner's thread,
+    in turns; their denoiser calls wait here until every running call has reached one (or
+    finished), and then run as a round of batched forwards."""
 
     def __init__(self, padding: dict[str, Padding] | None = None) -> None:
         self.padding = dict(padding or {})
-        self.cv = threading.Condition()
-        # The request threads that may run pipeline code, by turn token, in order: only the
-        # first runs. Pipelines and their modules keep per-call state on themselves (a causal
-        # VAE's feature cache, a prior model's generation state) that two calls side by side
-        # would share; only the forwards of a round run for many, and only while no thread has
-        # a turn, so a call that changes the model (loads a LoRA adapter, swaps an offloaded
-        # component) never does it under a round.
-        self.turns: deque[object] = deque()
+        # The calls' tasks, by whose turn is next: only one runs at a time, as pipelines and
+        # their modules keep per-call state on themselves (a causal VAE's feature cache, a
+        # prior model's generation state) that two calls side by side would share. A round's
+        # forwards run only while no task has a turn, so a call that changes the model (loads
+        # a LoRA adapter, swaps an offloaded component) never does it under a round.
+        self.ready: deque[greenlet.greenlet] = deque()
+        self.tasks: set[greenlet.greenlet] = set()  # started and not finished
         self.pending: list[_Call] = []
-        self.leading = False  # a thread is running a round
-        # Per request thread: its turn, its call's request count (``requests``), how many
-        # requests shared each of its forwards (``sizes``), and the model state its forwards
-        # need (``tag``, set by a feature in ``prepare_call``).
-        self.local = threading.local()
+        self.hub: greenlet.greenlet | None = None  # the runner's own greenlet, running rounds
+        # Per task: its call's request count (``requests``), how many requests shared each of
+        # its forwards (``sizes``), and the model state its forwards need (``tag``, set by a
+        # feature in ``prepare_call``).
+        self.local = TaskLocal()
         # Called with a group's calls around its forward (the LoRA feature activates their
         # adapter set; Cache-DiT puts their cache contexts in place, and keeps what became of
         # them).
         self.before_forward: list[Callable[[list[_Call]], None]] = []
         self.after_forward: list[Callable[[list[_Call]], None]] = []
-        # Called on the request thread as it submits a call, results kept on the call by name;
-        # while a forward runs, ``group`` is its calls, in the order of their samples (a step
-        # cache reads each call's state there, to decide per request).
+        # Called in the task as it submits a call, results kept on the call by name; while a
+        # forward runs, ``group`` is its calls, in the order of their samples (a step cache
+        # reads each call's state there, to decide per request).
         self.captures: dict[str, Any] = {}
         self.group: list[_Call] | None = None
-        # Called by the thread about to run a round, on every rank at the same point: starts
-        # the calls that joined (which then go first and take part in the round).
+        # Called before each round, on every rank at the same point: starts the calls that
+        # joined (which then go first and take part in the round).
         self.admit: Callable[[], None] | None = None
 
-    # -- request threads --------------------------------------------------------------------
-    def started(self) -> object:
-        """A request thread is about to start: its turn, queued behind the others."""
-        turn = object()
-        with self.cv:
-            self.turns.append(turn)
-        return turn
+    def start(self, fn: Callable[[], None]) -> None:
+        """A pipeline call as a task, its turn queued behind the others' (``run`` runs it).
+        ``fn`` must not raise: it reports its own failure."""
+        task = greenlet.greenlet(fn, parent=greenlet.getcurrent())
+        self.tasks.add(task)
+        self.ready.append(task)
 
-    def enter(self, turn: object) -> None:
-        """On the request thread, before its pipeline code: waits for its turn."""
-        self.local.turn = turn
-        with self.cv:
-            while self.turns[0] is not turn:
-                self.cv.wait()
+    def in_task(self) -> bool:
+        return greenlet.getcurrent() in self.tasks
 
-    def _pass_turn(self) -> None:
-        with self.cv:
-            assert self.turns[0] is self.local.turn
-            self.turns.popleft()
-            self.cv.notify_all()
-
-    def finished(self) -> None:
-        """A request thread is done; if the others all wait, it runs their round first."""
-        self._pass_turn()
-        self._lead()
+    def run(self) -> None:
+        """On the runner's thread: gives the tasks their turns and runs their rounds until
+        every task has finished."""
+        self.hub = greenlet.getcurrent()
+        while self.ready or self.pending:
+            while self.ready:
+                task = self.ready.popleft()
+                try:
+                    task.switch()  # back when it submits a denoiser call or finishes
+                except Exception:  # it could not report its outcome: the others go on
+                    logger.exception("a step batching call failed")
+                if task.dead:
+                    self.tasks.discard(task)
+            if self.pending:
+                self._round()
 
     def submit(self, module, forward, args: tuple, kwargs: dict[str, Any]) -> Any:
+        """In a task: its denoiser call, run in the next round."""
         if args:  # diffusers pipelines call their denoisers by keyword; name what is not
             import inspect
 
@@ -271,16 +277,9 @@ class StepBatcher:
                      (tag, *_key(module, kwargs, size, self.padding)),
                      requests=getattr(self.local, "requests", 1), tag=tag,
                      captured={name: f() for name, f in self.captures.items()},
-                     turn=self.local.turn)
-        with self.cv:
-            self.pending.append(call)
-        self._pass_turn()
-        # The thread that completes a round runs it: the forwards stay on a thread that was
-        # computing anyway (a lone request runs its own, with no hand-off).
-        self._lead()
-        with self.cv:
-            while not call.done or self.turns[0] is not call.turn:
-                self.cv.wait()
+                     task=greenlet.getcurrent())
+        self.pending.append(call)
+        self.hub.switch()  # back once the round has run
         sizes = getattr(self.local, "sizes", None)
         if sizes is not None:
             sizes.append(call.shared)
@@ -288,39 +287,25 @@ class StepBatcher:
             raise call.error
         return call.result
 
-    def _lead(self) -> None:
-        """Runs the round if every running request waits at a denoiser call (or has finished)
-        and no other thread is running one."""
-        with self.cv:
-            if self.leading or self.turns or not self.pending:
-                return
-            self.leading = True
-        calls: list[_Call] = []
-        try:
-            if self.admit is not None:
-                try:
-                    self.admit()
-                except BaseException as e:  # the waiting calls fail with it, none hangs
-                    with self.cv:
-                        calls, self.pending = self.pending, []
-                    for c in calls:
-                        c.error = e
-                    return
-                with self.cv:
-                    if self.turns:  # calls joined: they run up to their first forward first
-                        return
-            with self.cv:
+    def _round(self) -> None:
+        """Every task waits at a denoiser call (or has finished): the calls that joined start
+        first, then the round runs, and its tasks resume in its order."""
+        if self.admit is not None:
+            try:
+                self.admit()
+            except BaseException as e:  # the waiting calls fail with it, none hangs
                 calls, self.pending = self.pending, []
-            # inference_mode also when run from a thread that has left its pipeline call.
-            with torch.inference_mode():
-                self._run(calls)
-        finally:
-            with self.cv:
                 for c in calls:
-                    c.done = True
-                self.turns.extend(c.turn for c in calls)  # in the round's order
-                self.leading = False
-                self.cv.notify_all()
+                    c.error = e
+                self.ready.extend(c.task for c in calls)
+                return
+            if self.ready:  # calls joined: they run up to their first forward first
+                return
+        calls, self.pending = self.pending, []
+        try:
+            self._run(calls)
+        finally:
+            self.ready.extend(c.task for c in calls)
 
     def _run(self, calls: list[_Call]) -> None:
         """The waiting calls, grouped by what fits together, one forward per group."""
@@ -360,49 +345,47 @@ class StepBatcher:
 class Joins:
     """The requests the engine sends to a running step batch, staged until every rank starts
     them at the same point: rank 0 says how many (one all-reduce) and the others wait for as
-    many. Only the runner's own thread reads the queue (``pull``), so every rank stages them in
-    the order sent."""
+    many. Only the runner's thread reads the queue, between rounds, so every rank stages them
+    in the order sent."""
 
     def __init__(self, messages: queue.Queue, batch_id: str, world, device) -> None:
         self.messages, self.batch_id, self.world, self.device = messages, batch_id, world, device
         self.staged: deque[list] = deque()
-        self.sealed = threading.Event()  # the engine has no more
-        self.arrived = threading.Condition()
+        self.sealed = False  # the engine has no more
 
-    def pull(self, timeout: float) -> None:
+    def _pull(self, timeout: float | None) -> bool:
+        """Stages the next message, waiting up to ``timeout`` (None: not at all); False if
+        there was none."""
         try:
-            msg = self.messages.get(timeout=timeout)
+            msg = (self.messages.get_nowait() if timeout is None
+                   else self.messages.get(timeout=timeout))
         except queue.Empty:
-            return
+            return False
         if msg.batch != self.batch_id:  # left over from an earlier, failed call
-            return
+            return True
         if msg.requests:
             self.staged.append(msg.requests)
         else:
-            self.sealed.set()
-        with self.arrived:
-            self.arrived.notify_all()
+            self.sealed = True
+        return True
 
-    def _until(self, ready, idle: bool) -> None:
+    def _until(self, ready) -> None:
         while not ready():
-            if idle:  # the runner's thread, with no request thread left: it pulls
-                self.pull(1.0)
-            else:  # a request thread about to run a round: the runner's thread pulls
-                with self.arrived:
-                    self.arrived.wait(0.05)
+            self._pull(1.0)
 
     def agree(self, idle: bool) -> int:
         """How many staged joins start now: rank 0's count (when ``idle``, it waits for one or
         for the end), waited for by the others. -1: the engine has no more."""
+        while self._pull(None):  # what arrived while the calls ran
+            pass
         if self.world.rank == 0:
-            self._until(lambda: not idle or self.staged or self.sealed.is_set(), idle)
+            self._until(lambda: not idle or self.staged or self.sealed)
             n = len(self.staged) if self.staged else -1 if idle else 0
         if self.world.world_size > 1:  # rank 0's count wins: the others give -1
             t = torch.tensor([n + 1 if self.world.rank == 0 else 0], dtype=torch.int64,
                              device=self.device)
             n = int(self.world.all_reduce(t, op="max")[0]) - 1
-            self._until(lambda: len(self.staged) >= n and (n >= 0 or self.sealed.is_set()),
-                        idle)
+            self._until(lambda: len(self.staged) >= n and (n >= 0 or self.sealed))
         return n
 
     def take(self, n: int) -> list:
@@ -412,24 +395,23 @@ class Joins:
 
 
 class _BatchingHook(ModelHook):
-    """Sends a request thread's denoiser call to the batcher (the runner's own calls, e.g. a
-    warm-up outside step batching, run as usual)."""
+    """Sends a step batching call's denoiser call to the batcher (the runner's own calls, e.g.
+    a warm-up outside step batching, run as usual)."""
 
-    def __init__(self, batcher: StepBatcher, threads: set[int]):
+    def __init__(self, batcher: StepBatcher):
         super().__init__()
         self.batcher = batcher
-        self.threads = threads
 
     def new_forward(self, module, *args, **kwargs):
-        if threading.get_ident() not in self.threads:
+        if not self.batcher.in_task():
             return self.fn_ref.original_forward(*args, **kwargs)
         return self.batcher.submit(module, self.fn_ref.original_forward, args, kwargs)
 
 
-def install(denoisers: list[torch.nn.Module], batcher: StepBatcher, threads: set[int]) -> None:
+def install(denoisers: list[torch.nn.Module], batcher: StepBatcher) -> None:
     for module in denoisers:
         HookRegistry.check_if_exists_or_initialize(module).register_hook(
-            _BatchingHook(batcher, threads), HOOK)
+            _BatchingHook(batcher), HOOK)
 
 
 def pipeline_view(pipe: Any) -> Any:
