@@ -205,7 +205,7 @@ class OffloadFeature(Feature):
 
     def make_resident(self, unit: Unit) -> None:
         # Step batching: calls swap components only on their turn, never while a round's
-        # forwards run (StepBatcher.turns).
+        # forwards run (StepBatcher.ready).
         if self.resident is not unit:
             if self.resident is not None:
                 self.resident.offload()
