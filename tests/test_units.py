@@ -68,3 +68,34 @@ def test_readme_model_table_is_generated_from_the_adapters():
     with open(readme_path()) as f:
         text = f.read()
     assert replace_in(text) == text, "run: python -m vllm_omni.models.support_table --write"
+
+
+def test_task_local_is_per_greenlet_and_per_thread():
+    import threading
+
+    import greenlet
+
+    from vllm_omni.utils.tasks import TaskLocal
+
+    local = TaskLocal(lambda: {"n": 0})
+    local.n = 1
+    seen = []
+
+    def task(value):
+        seen.append(local.n)  # a fresh task starts from the factory
+        local.n = value
+        greenlet.getcurrent().parent.switch()
+        seen.append(local.n)  # its own value survives the other task's turn
+
+    a, b = greenlet.greenlet(task), greenlet.greenlet(task)
+    a.switch(2)
+    b.switch(3)
+    a.switch()
+    b.switch()
+    thread = threading.Thread(target=lambda: seen.append(local.n))
+    thread.start()
+    thread.join()
+    assert seen == [0, 0, 2, 3, 0] and local.n == 1
+    del local.n
+    with pytest.raises(AttributeError):
+        local.n
