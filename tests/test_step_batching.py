@@ -396,3 +396,46 @@ def test_merge_builds_the_mask_when_one_call_has_none():
     no_masks = [sb._Call(module, None, {**c.kwargs, "encoder_hidden_states_mask": None}, c.size,
                          c.key) for c in calls]
     assert sb._merge(no_masks, pad)["encoder_hidden_states_mask"] is None
+
+
+def test_a_steps_cfg_branches_share_one_round_and_results_come_back():
+    """Two calls of CFG (two denoiser calls a step each) and one without: each round holds
+    every call's whole step, as one forward, and each call gets what it would alone."""
+    from vllm_omni.worker import step_batching as sb
+
+    class Denoiser(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj_out = torch.nn.Linear(2, 3)
+            self.forwards = []
+
+        def forward(self, hidden_states, timestep, return_dict=True):
+            self.forwards.append(hidden_states.shape[0])
+            return (self.proj_out(hidden_states) * timestep[:, None, None],)
+
+    torch.manual_seed(0)
+    model, batcher = Denoiser(), sb.StepBatcher()
+    sb.install([model], batcher)
+    results: dict[str, list] = {}
+
+    def run(name, branches, steps):
+        def call():
+            batcher.begin_call(branches)
+            x, t = torch.randn(1, 4, 2), torch.rand(1)
+            got = []
+            for _ in range(steps):
+                outs = [model(hidden_states=x + i, timestep=t, return_dict=False)[0]
+                        for i in range(branches)]
+                got.append(sum(outs))
+            alone = sum(model.proj_out(x + i) * t[:, None, None] for i in range(branches))
+            results[name] = (got, alone)
+        return call
+
+    with torch.inference_mode():
+        batcher.start(run("cfg", 2, 3))
+        batcher.start(run("cfg-short", 2, 1))
+        batcher.start(run("plain", 1, 2))
+        batcher.run()
+    assert model.forwards == [5, 3, 2]  # rounds: 2+2+1 samples, then 2+1, then 2
+    for got, alone in results.values():
+        assert all(torch.allclose(g, alone, atol=1e-6) for g in got)

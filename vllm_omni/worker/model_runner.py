@@ -368,6 +368,10 @@ class ModelRunner:
                 feature.prepare_call(reqs)
             for feature in self.features:
                 feature.begin_request(reqs[0].num_inference_steps, uses_cfg)
+            if self.batcher is not None:  # a step's CFG branches in one round (begin_call)
+                self.batcher.begin_call(2 if uses_cfg and self.adapter.cfg_calls == "separate"
+                                        and "cfg_parallel" in self.adapter.features
+                                        and self.groups.cfg.world_size == 1 else 1)
             # Per-request generators, in image order: each image's noise is what it would be alone.
             generators = [g for r in reqs for g in make_generators(r.seed, r.num_images_per_prompt)]
             self.adapter.output_extra(self.pipe)  # drops what a failed earlier call left behind

@@ -31,7 +31,9 @@ from typing import Any
 import greenlet
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from diffusers.models.modeling_outputs import Transformer2DModelOutput as _Output
 
+from vllm_omni.distributed.cfg_parallel import proj_out_like
 from vllm_omni.utils.tasks import TaskLocal
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,9 @@ class _Call:
     # What each feature noted in the call's task as it called (``StepBatcher.captures``):
     # a step cache's state for this request and CFG branch.
     captured: dict[str, Any] | None = None
+    # A CFG branch that is not the step's last: what its task got back at once, filled in
+    # when the round runs (StepBatcher.begin_call).
+    placeholder: torch.Tensor | None = None
 
 
 def _sample_count(kwargs: dict[str, Any]) -> int | None:
@@ -255,6 +260,9 @@ class StepBatcher:
         while self.ready or self.pending:
             while self.ready:
                 task = self.ready.popleft()
+                if task.dead:  # ended between a step's branches (its error is its own)
+                    self.tasks.discard(task)
+                    continue
                 try:
                     task.switch()  # back when it submits a denoiser call or finishes
                 except Exception:  # it could not report its outcome: the others go on
@@ -263,6 +271,15 @@ class StepBatcher:
                     self.tasks.discard(task)
             if self.pending:
                 self._round()
+
+    def begin_call(self, branches: int) -> None:
+        """In a task, as its pipeline call starts: how many denoiser calls (CFG branches, one
+        call each) make one of its steps. Every branch but the last gets a placeholder at
+        once, filled in when the round runs, so the step's branches share one round (and one
+        forward) instead of taking one round each. That is the pipelines' own order: the
+        first branches' outputs are read only after the last branch's call returns, which
+        CFG parallel relies on too; so ``branches`` > 1 only where the adapter declares it."""
+        self.local.branches, self.local.branch, self.local.deferred = branches, 0, []
 
     def submit(self, module, forward, args: tuple, kwargs: dict[str, Any]) -> Any:
         """In a task: its denoiser call, run in the next round."""
@@ -279,12 +296,25 @@ class StepBatcher:
                      captured={name: f() for name, f in self.captures.items()},
                      task=greenlet.getcurrent())
         self.pending.append(call)
+        branches = getattr(self.local, "branches", 1)
+        if branches > 1:
+            branch = self.local.branch
+            self.local.branch = (branch + 1) % branches
+            if branch < branches - 1:
+                call.placeholder = proj_out_like(module, kwargs)
+                self.local.deferred.append(call)
+                return (_Output(sample=call.placeholder) if kwargs.get("return_dict", True)
+                        else (call.placeholder,))
         self.hub.switch()  # back once the round has run
+        calls = [*getattr(self.local, "deferred", ()), call]
+        if branches > 1:
+            self.local.deferred = []
         sizes = getattr(self.local, "sizes", None)
-        if sizes is not None:
-            sizes.append(call.shared)
-        if call.error is not None:
-            raise call.error
+        for c in calls:
+            if sizes is not None:
+                sizes.append(c.shared)
+            if c.error is not None:
+                raise c.error
         return call.result
 
     def _round(self) -> None:
@@ -297,7 +327,7 @@ class StepBatcher:
                 calls, self.pending = self.pending, []
                 for c in calls:
                     c.error = e
-                self.ready.extend(c.task for c in calls)
+                self.ready.extend(dict.fromkeys(c.task for c in calls))
                 return
             if self.ready:  # calls joined: they run up to their first forward first
                 return
@@ -305,7 +335,7 @@ class StepBatcher:
         try:
             self._run(calls)
         finally:
-            self.ready.extend(c.task for c in calls)
+            self.ready.extend(dict.fromkeys(c.task for c in calls))  # each task once
 
     def _run(self, calls: list[_Call]) -> None:
         """The waiting calls, grouped by what fits together, one forward per group."""
@@ -330,6 +360,10 @@ class StepBatcher:
                         out = group[0].forward(**_merge(group, self.padding))
                         for c, part in zip(group, _split(out, [c.size for c in group])):
                             c.result = part
+                    for c in group:
+                        if c.placeholder is not None:
+                            c.placeholder.copy_(c.result[0] if isinstance(c.result, tuple)
+                                                else c.result.sample)
                 finally:
                     for f in self.after_forward:
                         f(group)
@@ -338,8 +372,10 @@ class StepBatcher:
                     c.error = e
             finally:
                 self.group = None
+            # Requests, not calls: a step's CFG branches may share the forward.
+            shared = sum({c.task: c.requests for c in group}.values())
             for c in group:
-                c.shared = sum(x.requests for x in group)
+                c.shared = shared
 
 
 class Joins:
