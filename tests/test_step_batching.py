@@ -439,3 +439,22 @@ def test_a_steps_cfg_branches_share_one_round_and_results_come_back():
     assert model.forwards == [5, 3, 2]  # rounds: 2+2+1 samples, then 2+1, then 2
     for got, alone in results.values():
         assert all(torch.allclose(g, alone, atol=1e-6) for g in got)
+
+    # A call declared with two branches that makes one call a step would read a placeholder
+    # before the round fills it: it fails at its next step instead.
+    errors = []
+
+    def one_call_a_step():
+        batcher.begin_call(2)
+        x = torch.randn(1, 4, 2)
+        try:
+            for t in (0.9, 0.5):
+                x = x + model(hidden_states=x, timestep=torch.tensor([t]),
+                              return_dict=False)[0][..., :2]
+        except RuntimeError as e:
+            errors.append(str(e))
+
+    with torch.inference_mode():
+        batcher.start(one_call_a_step)
+        batcher.run()
+    assert errors and "different timesteps" in errors[0]

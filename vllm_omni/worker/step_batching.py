@@ -209,6 +209,13 @@ def _split(out: Any, sizes: list[int]) -> list[Any]:
     raise ValueError(f"cannot split a denoiser output of type {type(out).__name__}")
 
 
+def _same_timestep(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    ta, tb = a.get("timestep"), b.get("timestep")
+    if not (isinstance(ta, torch.Tensor) and isinstance(tb, torch.Tensor)):
+        return True
+    return ta.shape == tb.shape and torch.equal(ta, tb)
+
+
 class StepBatcher:
     """Runs the pipeline calls of step batching as tasks (greenlets) on the runner's thread,
     in turns; their denoiser calls wait here until every running call has reached one (or
@@ -305,6 +312,12 @@ class StepBatcher:
                 self.local.deferred.append(call)
                 return (_Output(sample=call.placeholder) if kwargs.get("return_dict", True)
                         else (call.placeholder,))
+            if not all(_same_timestep(d.kwargs, kwargs) for d in self.local.deferred):
+                # The pipeline read a placeholder before it was filled: fail, never an image
+                # made from it.
+                raise RuntimeError("a step's CFG branches were called at different timesteps: "
+                                   "the model's adapter declares CFG calls its pipeline does "
+                                   "not make")
         self.hub.switch()  # back once the round has run
         calls = [*getattr(self.local, "deferred", ()), call]
         if branches > 1:
