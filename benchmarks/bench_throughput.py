@@ -6,8 +6,9 @@ plain diffusers, request batching and step batching, on two workloads.
 
 The baseline is what a user without a server does: one diffusers pipeline, one request after the
 other, the same requests. Each server arm is a real ``vllm serve MODEL --omni`` process:
-``batching`` is ``--max-num-seqs N`` (requests of one batch key run as one pipeline call),
-``step`` adds ``--step-batching`` (each request runs its own steps; denoiser calls are shared).
+``batching`` is ``--max-num-seqs N --no-step-batching`` (requests of one batch key run as one
+pipeline call), ``step`` is ``--max-num-seqs N --step-batching``, the default (each request runs
+its own steps; denoiser calls are shared).
 Clients send ``--requests`` requests at each concurrency over HTTP (b64 PNG responses, so encoding
 and transfer are paid too). Time to first step is the server's own mean, from arrival to the
 request's first denoiser call (``vllm_omni:time_to_first_step_seconds``). Everything runs in this
@@ -143,7 +144,8 @@ def main() -> None:
     bodies = {k: workload(k, args.requests, args.steps) for k in kinds}
     baseline = {k: diffusers_baseline(model, width, height, bodies[k]) for k in kinds}
 
-    flags = {"batching": ["--max-num-seqs", "1" if args.cache_backend else str(args.max_num_seqs)],
+    flags = {"batching": ["--max-num-seqs", "1" if args.cache_backend else str(args.max_num_seqs),
+                          "--no-step-batching"],
              "step": ["--max-num-seqs", str(args.max_num_seqs), "--step-batching"]}
     cache = ["--cache-backend", args.cache_backend] if args.cache_backend else []
     if args.cache_config:

@@ -62,7 +62,8 @@ def test_offline_equals_diffusers_and_batches_like_alone(audio_model):
     # A memory limit that fits two waveforms in one call but not three (the estimate is per
     # waveform: the VAE decodes the whole window, whatever the clip's length).
     limit = sum(_estimate(audio_model, n) for n in (2, 3)) // 2
-    with Omni(model=audio_model, max_num_seqs=2, max_request_memory=limit) as omni:
+    with Omni(model=audio_model, max_num_seqs=2, max_request_memory=limit,
+              step_batching=False) as omni:
         [out] = omni.generate(prompts[0], _params(audio_start_in_s=0.1, audio_end_in_s=0.4),
                               use_tqdm=False)
         [audio] = out.audios

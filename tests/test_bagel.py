@@ -338,6 +338,14 @@ def test_step_batching_is_refused_with_the_alternative(bagel_dir):
         spec.adapter.check_engine(OmniEngineConfig(model=bagel_dir, model_name="b",
                                                    step_batching=True,
                                                    max_num_seqs=4, device="cpu"))
+    # Left to the model, BAGEL batches whole calls (and a cache then needs one in flight).
+    config = OmniEngineConfig(model=bagel_dir, model_name="b", max_num_seqs=4, device="cpu")
+    spec.adapter.check_engine(config)
+    assert config.step_batching is False
+    with pytest.raises(ValueError, match="max_num_seqs > 1 with a cache backend"):
+        spec.adapter.check_engine(OmniEngineConfig(model=bagel_dir, model_name="b",
+                                                   max_num_seqs=4, device="cpu",
+                                                   cache_backend="tea_cache"))
 
 
 def test_offline_omni_generates_and_edits(bagel_dir, pipe):

@@ -58,7 +58,7 @@ def test_batched_images_equal_each_request_alone(tiny_qwen_image, omni):
     params = [p(seed=1), p(seed=2, num_images_per_prompt=1), p(seed=3, width=48), p(seed=4),
               p(seed=5)]
     alone = omni.generate(prompts, params, use_tqdm=False)
-    with Omni(model=tiny_qwen_image, max_num_seqs=4) as engine:
+    with Omni(model=tiny_qwen_image, max_num_seqs=4, step_batching=False) as engine:
         batched = engine.generate(prompts, params, use_tqdm=False)
     assert [o.metrics["batch_size"] for o in batched] == [4, 4, 1, 4, 4]
     for a, b in zip(alone, batched):
@@ -69,11 +69,21 @@ def test_batched_images_equal_each_request_alone(tiny_qwen_image, omni):
             assert float(np.abs(x - y).max()) <= 1e-5
 
 
-def test_batching_with_a_cache_is_refused(tiny_qwen_image):
-    from vllm_omni import Omni
+def test_batching_with_a_cache_is_refused_and_step_batching_is_the_default(tiny_qwen_image):
+    from vllm_omni.diffusion.data import OmniEngineConfig
+    from vllm_omni.models.registry import load_model_spec
+
+    def config(**kw):
+        return OmniEngineConfig(model=tiny_qwen_image, model_name="m", **kw)
 
     with pytest.raises(ValueError, match="max_num_seqs > 1 with a cache backend"):
-        Omni(model=tiny_qwen_image, max_num_seqs=2, cache_backend="tea_cache")
+        config(max_num_seqs=2, cache_backend="tea_cache", step_batching=False)
+    # Left to the model (None), step batching runs wherever there is more than one in flight.
+    adapter = load_model_spec(tiny_qwen_image).adapter
+    for max_num_seqs, on in ((2, True), (1, False)):
+        c = config(max_num_seqs=max_num_seqs, cache_backend="tea_cache")
+        adapter.check_engine(c)
+        assert c.step_batching is on
 
 
 @pytest.mark.parametrize("name", ["U2xCFG2", "R2xTP2"])
@@ -88,7 +98,7 @@ def test_batching_under_a_parallel_layout(tiny_qwen_image, omni, name):
     params = [OmniDiffusionSamplingParams(num_inference_steps=4, width=80, height=48, seed=i,
                                           true_cfg_scale=3.0, output_type="np") for i in range(3)]
     alone = omni.generate(prompts, params, use_tqdm=False)
-    with Omni(model=tiny_qwen_image, max_num_seqs=4,
+    with Omni(model=tiny_qwen_image, max_num_seqs=4, step_batching=False,
               parallel_config=DiffusionParallelConfig(**parse_layout_name(name))) as engine:
         batched = engine.generate(prompts, params, use_tqdm=False)
     assert [o.metrics["batch_size"] for o in batched] == [3, 3, 3]

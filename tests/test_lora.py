@@ -108,7 +108,7 @@ def test_hot_swap_composition_eviction_and_batching(loras, tiny_qwen_image, omni
     base = omni.generate("a fox", _params(), use_tqdm=False)[0].images[0]
     modules = {"ghibli": loras["ghibli"], "ink": loras["ink"]}
     with Omni(model=tiny_qwen_image, lora_modules=modules, max_loras=2, max_cpu_loras=2,
-              max_num_seqs=2) as engine:
+              max_num_seqs=2, step_batching=False) as engine:
         def run(*lora_sets):
             outs = engine.generate(["a fox"] * len(lora_sets),
                                    [_params(lora=s) for s in lora_sets], use_tqdm=False)

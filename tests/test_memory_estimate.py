@@ -173,7 +173,8 @@ def test_a_batch_is_split_into_calls_that_fit_and_only_what_never_fits_is_refuse
 def capped(tiny_qwen_image):
     from vllm_omni import Omni
 
-    with Omni(model=tiny_qwen_image, max_request_memory=CAP, max_num_seqs=4) as engine:
+    with Omni(model=tiny_qwen_image, max_request_memory=CAP, max_num_seqs=4,
+              step_batching=False) as engine:
         yield engine
 
 

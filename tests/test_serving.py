@@ -19,7 +19,7 @@ LONG = 50000  # steps: minutes on the tiny model (~4 ms a step at 256x256), so i
 @pytest.fixture(scope="module")
 def server(tiny_qwen_image, tmp_path_factory):
     s = Server(tiny_qwen_image, "--max-queue-len", str(QUEUE), "--request-timeout", str(TIMEOUT_S),
-               "--max-num-seqs", "4",
+               "--max-num-seqs", "4", "--no-step-batching",
                "--max-images-per-request", "2", "--max-inference-steps", str(LONG),
                "--max-pixels", str(256 * 256), "--max-upload-mb", "0.05",
                "--warmup-sizes", "64x64,48x80",

@@ -103,16 +103,25 @@ class OmniEngineConfig:
     distributed_executor_backend: str = "mp"
     # Step-level batching (--step-batching): the max_num_seqs requests in flight each run their
     # own pipeline call and share denoiser forwards step by step (worker/step_batching.py).
-    step_batching: bool = False
+    # None: on wherever it can run (max_num_seqs > 1 and a model that has it), settled by the
+    # model's gate (ModelAdapter.check_engine); False: request batching.
+    step_batching: bool | None = None
 
     @property
     def lora_enabled(self) -> bool:
         return bool(self.enable_lora or self.lora_path or self.lora_modules)
 
-    def _check_step_batching(self) -> None:
+    def check_step_batching(self) -> None:
+        """Also once the model has settled ``None`` (ModelAdapter.check_engine)."""
         if self.step_batching and self.max_num_seqs < 2:
             raise ValueError("step_batching (--step-batching) does not run with max_num_seqs 1: "
                              "there is nothing to batch; set --max-num-seqs N")
+        if self.max_num_seqs > 1 and self.cache_backend != "none" and self.step_batching is False:
+            raise ValueError("max_num_seqs > 1 with a cache backend and without step batching: "
+                             "the cache decides for a whole batch, so an image would depend on "
+                             "the requests batched with it; use max_num_seqs 1 (--max-num-seqs 1) "
+                             "with caching, or step batching (each request keeps its own cache "
+                             "state)")
 
     def _check_lora(self) -> None:
         from vllm_omni.lora import NAME
@@ -158,12 +167,7 @@ class OmniEngineConfig:
                 or not 1 <= self.max_num_seqs <= 256:
             raise ValueError(f"max_num_seqs must be an integer from 1 to 256, got "
                              f"{self.max_num_seqs!r}")
-        if self.max_num_seqs > 1 and self.cache_backend != "none" and not self.step_batching:
-            raise ValueError("max_num_seqs > 1 with a cache backend: the cache decides for a whole "
-                             "batch, so an image would depend on the requests batched with it; "
-                             "use max_num_seqs 1 (--max-num-seqs 1) with caching, or "
-                             "--step-batching (where each request keeps its own cache state)")
-        self._check_step_batching()
+        self.check_step_batching()
         for name in ("heartbeat_timeout_s", "cancel_grace_s", "load_timeout_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:

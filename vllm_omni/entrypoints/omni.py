@@ -76,7 +76,7 @@ class Omni:
         max_num_seqs: int = 1,
         max_request_memory: int | str | None = None,
         distributed_executor_backend: str = "mp",
-        step_batching: bool = False,
+        step_batching: bool | None = None,
     ):
         from vllm_omni.engine.core import EngineCore
 

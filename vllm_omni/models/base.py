@@ -399,12 +399,18 @@ class ModelAdapter:
         matrix, then each requested feature's own check."""
         from vllm_omni.features import feature_classes
 
+        if config.step_batching is None:  # left to the model: on wherever it runs
+            config.step_batching = config.max_num_seqs > 1 and self.runs_step_batching
+            config.check_step_batching()
         self.check_features(config)
         for feature in feature_classes(config):
             feature.check(self, config)
 
-    # Step batching (worker/step_batching.py): denoiser inputs whose length may differ between
-    # requests, as input name -> (dim, name of the bool mask input the denoiser honours).
+    # Step batching (worker/step_batching.py): whether the model runs it (its pipeline calls a
+    # denoiser whose inputs the batcher can concatenate), and the denoiser inputs whose length
+    # may differ between requests, as input name -> (dim, name of the bool mask input the
+    # denoiser honours).
+    runs_step_batching: ClassVar[bool] = True
     step_padding: ClassVar[dict[str, tuple[int, str]]] = {}
 
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:

@@ -101,12 +101,15 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
                        help="Largest estimated peak memory one batch may take beyond the loaded "
                             "model, e.g. 8GiB (400 beyond, naming the estimate). The device's free "
                             "memory (RAM on CPU) always limits it too; 0 turns the check off."),
-        g.add_argument("--step-batching", action="store_true",
+        g.add_argument("--step-batching", action=argparse.BooleanOptionalAction, default=None,
                        help="Batch at the denoiser call: the --max-num-seqs requests in flight "
                             "each run their own steps and share one transformer forward per "
                             "step wherever their inputs have the same shapes (different steps, "
                             "guidance and seeds allowed); a new request starts at the next step "
-                            "instead of waiting for a batch to end."),
+                            "instead of waiting for a batch to end. On by default with "
+                            "--max-num-seqs > 1 wherever the model runs it (all but BAGEL); "
+                            "--no-step-batching batches whole pipeline calls of one batch key "
+                            "instead."),
         g.add_argument("--max-upload-mb", type=float, default=50.0,
                        help="Largest request body in MiB, uploads included (413 beyond)."),
         g.add_argument("--header-read-timeout", type=_positive(float), default=10.0,

@@ -103,11 +103,13 @@ class BagelAdapter(ImageAdapter):
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
         return kwargs.get("cfg_text_scale", 4.0) > 1
 
+    # Its denoiser call is one packed forward over per-request contexts, not a batch of
+    # diffusers inputs the step batcher could concatenate.
+    runs_step_batching = False
+
     def check_engine(self, config) -> None:
         super().check_engine(config)
         if config.step_batching:
-            # Its denoiser call is one packed forward over per-request contexts, not a batch of
-            # diffusers inputs the step batcher could concatenate.
             raise ValueError("--step-batching does not run BAGEL yet; requests of one size "
                              "and settings are batched into one call (--max-num-seqs)")
 
