@@ -18,7 +18,7 @@ def test_help_lists_omni_flags():
     for flag in ("--usp", "--ring", "--cfg-parallel-size", "--vae-patch-parallel-size",
                  "--cache-backend", "--cache-config", "--enable-cpu-offload", "--lora-path",
                  "--enable-layerwise-offload", "--quantization-config",
-                 "--api-key", "--served-model-name", "--port"):
+                 "--no-step-batching", "--api-key", "--served-model-name", "--port"):
         assert flag in r.stdout, flag
 
 
