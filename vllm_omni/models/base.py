@@ -395,8 +395,9 @@ class ModelAdapter:
         return None
 
     def check_engine(self, config) -> None:
-        """The one gate for an engine config (CLI, offline API, every worker): the declared
-        matrix, then each requested feature's own check."""
+        """The one gate for an engine config (CLI, offline API, every worker): settles what was
+        left to the model (step batching), then the declared matrix and each requested
+        feature's own check."""
         from vllm_omni.features import feature_classes
 
         if config.step_batching is None:  # left to the model: on wherever it runs
