@@ -9,7 +9,6 @@ can skip it by sending the tokens of an earlier response back.
 
 from __future__ import annotations
 
-
 from typing import Any
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
