@@ -401,17 +401,19 @@ class ModelAdapter:
         from vllm_omni.features import feature_classes
 
         if config.step_batching is None:  # left to the model: on wherever it runs
-            config.step_batching = config.max_num_seqs > 1 and self.runs_step_batching
+            config.step_batching = config.max_num_seqs > 1 and not self.step_batching_refused
             config.check_step_batching()
+        elif config.step_batching and self.step_batching_refused:
+            raise ValueError(self.step_batching_refused)
         self.check_features(config)
         for feature in feature_classes(config):
             feature.check(self, config)
 
-    # Step batching (worker/step_batching.py): whether the model runs it (its pipeline calls a
-    # denoiser whose inputs the batcher can concatenate), and the denoiser inputs whose length
-    # may differ between requests, as input name -> (dim, name of the bool mask input the
-    # denoiser honours).
-    runs_step_batching: ClassVar[bool] = True
+    # Step batching (worker/step_batching.py): why the model cannot run it (None: it can, its
+    # pipeline calling a denoiser whose inputs the batcher concatenates), and the denoiser
+    # inputs whose length may differ between requests, as input name -> (dim, name of the bool
+    # mask input the denoiser honours).
+    step_batching_refused: ClassVar[str | None] = None
     step_padding: ClassVar[dict[str, tuple[int, str]]] = {}
 
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:

@@ -70,7 +70,7 @@ class ModelRunner:
         self.features: list[Feature] = []  # applied in load, in their order
         # Request id -> why it was cancelled, filled as the engine's messages arrive (or None).
         self.cancelled = cancelled
-        self._local = TaskLocal()  # the timing of the call this task runs
+        self._local = TaskLocal(lambda: {"timing": StepTiming()})  # of the call this task runs
         self._running: list[str] = []  # the ids of the call being run
         self.memory_dims: memory.ModelDims | None = None  # set by load()
         # Step batching: the pipeline calls run as the batcher's tasks.
@@ -80,10 +80,7 @@ class ModelRunner:
 
     @property
     def timing(self) -> "StepTiming":
-        t = getattr(self._local, "timing", None)
-        if t is None:
-            t = self._local.timing = StepTiming()
-        return t
+        return self._local.timing
 
     @timing.setter
     def timing(self, value: "StepTiming") -> None:

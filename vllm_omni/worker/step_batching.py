@@ -233,9 +233,10 @@ class StepBatcher:
         self.pending: list[_Call] = []
         self.hub: greenlet.greenlet | None = None  # the runner's own greenlet, running rounds
         # Per task: its call's request count (``requests``), how many requests shared each of
-        # its forwards (``sizes``), and the model state its forwards need (``tag``, set by a
-        # feature in ``prepare_call``).
-        self.local = TaskLocal()
+        # its forwards (``sizes``, when counted), the model state its forwards need (``tag``,
+        # set by a feature in ``prepare_call``), and its CFG branches (``begin_call``).
+        self.local = TaskLocal(lambda: {"requests": 1, "sizes": None, "tag": None,
+                                        "branches": 1, "branch": 0, "deferred": []})
         # Called with a group's calls around its forward (the LoRA feature activates their
         # adapter set; Cache-DiT puts their cache contexts in place, and keeps what became of
         # them).
@@ -296,36 +297,32 @@ class StepBatcher:
             params = list(inspect.signature(forward).parameters)
             kwargs = {**dict(zip(params, args)), **kwargs}
         size = _sample_count(kwargs)
-        tag = getattr(self.local, "tag", None)
+        local = self.local
         call = _Call(module, forward, kwargs, size or 0,
-                     (tag, *_key(module, kwargs, size, self.padding)),
-                     requests=getattr(self.local, "requests", 1), tag=tag,
+                     (local.tag, *_key(module, kwargs, size, self.padding)),
+                     requests=local.requests, tag=local.tag,
                      captured={name: f() for name, f in self.captures.items()},
                      task=greenlet.getcurrent())
         self.pending.append(call)
-        branches = getattr(self.local, "branches", 1)
-        if branches > 1:
-            branch = self.local.branch
-            self.local.branch = (branch + 1) % branches
-            if branch < branches - 1:
+        if local.branches > 1:
+            branch = local.branch
+            local.branch = (branch + 1) % local.branches
+            if branch < local.branches - 1:
                 call.placeholder = proj_out_like(module, kwargs)
-                self.local.deferred.append(call)
+                local.deferred.append(call)
                 return (_Output(sample=call.placeholder) if kwargs.get("return_dict", True)
                         else (call.placeholder,))
-            if not all(_same_timestep(d.kwargs, kwargs) for d in self.local.deferred):
+            if not all(_same_timestep(d.kwargs, kwargs) for d in local.deferred):
                 # The pipeline read a placeholder before it was filled: fail, never an image
                 # made from it.
                 raise RuntimeError("a step's CFG branches were called at different timesteps: "
                                    "the model's adapter declares CFG calls its pipeline does "
                                    "not make")
         self.hub.switch()  # back once the round has run
-        calls = [*getattr(self.local, "deferred", ()), call]
-        if branches > 1:
-            self.local.deferred = []
-        sizes = getattr(self.local, "sizes", None)
+        calls, local.deferred = [*local.deferred, call], []
         for c in calls:
-            if sizes is not None:
-                sizes.append(c.shared)
+            if local.sizes is not None:
+                local.sizes.append(c.shared)
             if c.error is not None:
                 raise c.error
         return call.result

@@ -105,12 +105,7 @@ class BagelAdapter(ImageAdapter):
 
     # Its denoiser call is one packed forward over per-request contexts, not a batch of
     # diffusers inputs the step batcher could concatenate.
-    runs_step_batching = False
-
-    def check_engine(self, config) -> None:
-        super().check_engine(config)
-        if config.step_batching:
-            raise ValueError("--step-batching does not run BAGEL yet; requests of one size "
+    step_batching_refused = ("--step-batching does not run BAGEL yet; requests of one size "
                              "and settings are batched into one call (--max-num-seqs)")
 
     def stochastic_scheduler(self) -> str | None:
