@@ -5,6 +5,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 VLLM = os.path.join(os.path.dirname(sys.executable), "vllm")
 
 
@@ -12,14 +14,30 @@ def run(*args, timeout=120):
     return subprocess.run([VLLM, *args], capture_output=True, text=True, timeout=timeout)
 
 
-def test_help_lists_omni_flags():
-    r = run("serve", "--omni", "--help")
-    assert r.returncode == 0, r.stderr
+def refused(capsys, *argv) -> str:
+    """``vllm serve ARGV --omni`` past stock vLLM's hook (whose routing the two subprocess tests
+    here cover), in this process: it must exit with status 2 before starting anything; its stderr.
+    A process start costs ~20 s of vLLM imports; these checks need none."""
+    from vllm_omni.entrypoints.cli.main import _serve
+
+    with pytest.raises(SystemExit) as e:
+        _serve(["serve", *argv, "--omni"], None)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_help_lists_omni_flags(capsys):
+    from vllm_omni.entrypoints.cli.main import _serve
+
+    with pytest.raises(SystemExit) as e:
+        _serve(["serve", "--omni", "--help"], None)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
     for flag in ("--usp", "--ring", "--cfg-parallel-size", "--vae-patch-parallel-size",
                  "--cache-backend", "--cache-config", "--enable-cpu-offload", "--lora-path",
                  "--enable-layerwise-offload", "--quantization-config",
                  "--no-step-batching", "--api-key", "--served-model-name", "--port"):
-        assert flag in r.stdout, flag
+        assert flag in out, flag
 
 
 def test_rejects_vllm_flags_it_would_ignore(tiny_qwen_image):
@@ -53,22 +71,21 @@ def _session(proc) -> int | None:
         return None
 
 
-def test_rejects_impossible_layout_before_starting(tiny_qwen_image):
+def test_rejects_impossible_layout_before_starting(tiny_qwen_image, capsys):
     # The tiny model has 2 heads: Ulysses 3 cannot split them; the message names --usp 2.
-    r = run("serve", tiny_qwen_image, "--omni", "--usp", "3")
-    assert r.returncode == 2 and "2 attention heads" in r.stderr and "--usp 2" in r.stderr
-    r = run("serve", tiny_qwen_image, "--omni", "--usp", "2", "--vae-patch-parallel-size", "4")
-    assert r.returncode == 2 and "vae_patch_parallel_size <= 2" in r.stderr
-    r = run("serve", tiny_qwen_image, "--omni", "--cache-config", "{bad")
-    assert r.returncode == 2 and "not valid JSON" in r.stderr
+    err = refused(capsys, tiny_qwen_image, "--usp", "3")
+    assert "2 attention heads" in err and "--usp 2" in err
+    err = refused(capsys, tiny_qwen_image, "--usp", "2", "--vae-patch-parallel-size", "4")
+    assert "vae_patch_parallel_size <= 2" in err
+    assert "not valid JSON" in refused(capsys, tiny_qwen_image, "--cache-config", "{bad")
     # vLLM's parser takes it; the diffusion engine has no single-process executor.
-    r = run("serve", tiny_qwen_image, "--omni", "--distributed-executor-backend", "uni")
-    assert r.returncode == 2 and "must be one of mp, ray" in r.stderr
+    err = refused(capsys, tiny_qwen_image, "--distributed-executor-backend", "uni")
+    assert "must be one of mp, ray" in err
 
 
-def test_rejects_unknown_model_dir(tmp_path):
-    r = run("serve", str(tmp_path / "missing"), "--omni")
-    assert r.returncode == 2 and "neither a pipeline directory nor a hub id" in r.stderr
+def test_rejects_unknown_model_dir(tmp_path, capsys):
+    err = refused(capsys, str(tmp_path / "missing"))
+    assert "neither a pipeline directory nor a hub id" in err
 
 
 def test_without_omni_vllm_cli_does_not_reach_us():
@@ -90,8 +107,8 @@ def test_general_plugin_entry_point_is_registered():
     register()  # idempotent, cheap
 
 
-def test_refuses_features_outside_the_models_support_matrix(tiny_models):
+def test_refuses_features_outside_the_models_support_matrix(tiny_models, capsys):
     # FLUX.1-dev: Cache-DiT, tensor parallel and LoRA only (README model table).
-    r = run("serve", tiny_models["flux.1-dev"], "--omni", "--cache-backend", "tea_cache")
-    assert r.returncode == 2 and "does not support TeaCache" in r.stderr, r.stderr
-    assert "Supported with this model: Cache-DiT, Tensor Parallel, LoRA\n" in r.stderr
+    err = refused(capsys, tiny_models["flux.1-dev"], "--cache-backend", "tea_cache")
+    assert "does not support TeaCache" in err, err
+    assert "Supported with this model: Cache-DiT, Tensor Parallel, LoRA\n" in err
