@@ -303,7 +303,7 @@ def test_killed_engine_core_leaves_no_orphans(supervised):
     assert len(core) == 1
     descendants = core[0].children(recursive=True)
     titles = " ".join(" ".join(p.cmdline()) for p in descendants)
-    assert "worker_rank0" in titles and "forkserver" in titles
+    assert "worker_rank0" in titles and "worker_fork_server" in titles
     core[0].kill()
     t0 = time.monotonic()
     wait_for(lambda: all(_exited(p) for p in descendants), 2.0,

@@ -35,23 +35,40 @@ class _Listeners(NamedTuple):
     on_progress: Callable[[int, int], None] | None
 
 
+def _fork_safe() -> bool:
+    """No thread of ours to copy half-way, and no CUDA context, which a fork cannot use."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    return threading.active_count() == 1 and not (torch and torch.cuda.is_initialized())
+
+
 class EngineCoreProcess:
     """The engine core process, started before its config is known (``start()``, then
     ``AsyncOmniEngine(config, core)``): its workers' fork server then imports torch and diffusers
     while the API server is still importing vLLM's argument parser, seconds of each."""
 
-    def __init__(self, config: OmniEngineConfig | None = None):
-        ctx = mp.get_context("spawn")
+    def __init__(self, config: OmniEngineConfig | None = None, fork: bool = False):
+        """``fork``: a fork of this process, not a fresh interpreter, so that the core and its
+        workers' fork server inherit what this process has imported (vLLM and torch: ~10 s of
+        CPU each time). Only from a process whose one thread is the caller's."""
+        fork = fork and _fork_safe()
+        ctx = mp.get_context("fork" if fork else "spawn")
+        if fork:  # one resource tracker, this process's, as a spawned core would share it
+            from multiprocessing import resource_tracker
+
+            resource_tracker.ensure_running()
         self.in_queue, self.out_queue = ctx.Queue(), ctx.Queue()
         # Not a daemon: the core starts worker processes of its own.
         self.proc = ctx.Process(target=run_engine_core, name="vllm_omni_engine_core",
-                                args=(config, self.in_queue, self.out_queue))
+                                args=(config, self.in_queue, self.out_queue, fork))
         start_process(self.proc)
         self.claimed = config is not None
 
     @classmethod
     def start(cls) -> "EngineCoreProcess":
-        return cls(None)
+        """At the start of ``vllm serve``, which has imported vLLM and started no thread."""
+        return cls(None, fork=True)
 
     def configure(self, config: OmniEngineConfig) -> None:
         assert not self.claimed, "an engine core serves one engine"

@@ -193,24 +193,27 @@ def _cancelled(req: DiffusionRequest, reason: str, when: str) -> DiffusionOutput
     return DiffusionOutput(req.request_id, error=errors.cancelled(reason, when))
 
 
-def run_engine_core(config: OmniEngineConfig | None, in_queue, out_queue) -> None:
+def run_engine_core(config: OmniEngineConfig | None, in_queue, out_queue,
+                    forked: bool = False) -> None:
     """Engine core process. In: (``Configure`` first when ``config`` is None) then
     ``AddRequest`` | ``AbortRequest`` | ``Shutdown``. Out: ``EngineReady`` or
     ``EngineStartupFailed``, then ``DiffusionOutput``, ``Progress``, ``PartialImage`` and
-    ``EngineStatus`` (see engine/messages.py)."""
+    ``EngineStatus`` (see engine/messages.py). ``forked``: this process is a fork of the API
+    server (``EngineCoreProcess``), with one thread until ``watch_parent``."""
     set_process_title("engine_core")
-    logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
+    logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"), force=True,
                         format="%(levelname)s %(asctime)s [engine_core] %(message)s")
-    watch_parent()  # the API server died: exit; our workers then exit by the same watch
-    if config is None:
+    if config is None or (forked and config.distributed_executor_backend == "mp"):
         # Started early: the workers' fork server imports torch and diffusers while the API
-        # server is still parsing its flags.
+        # server is still parsing its flags. Before any thread of ours, so that it may fork.
         from vllm_omni.executor.multiproc import start_fork_server
 
         try:
-            start_fork_server()
+            start_fork_server(fork=forked)
         except Exception as e:  # the first worker starts it then; only the head start is lost
             logger.warning("could not start the fork server early: %s", e)
+    watch_parent()  # the API server died: exit; our workers then exit by the same watch
+    if config is None:
         msg = in_queue.get()
         if not isinstance(msg, m.Configure):
             return  # Shutdown: the server did not start after all

@@ -33,7 +33,7 @@ class DataParallelEngine:
         self.config = config
         configs = replica_configs(config)
         # Every core starts before any is waited for, so the replicas load side by side.
-        cores = [core if r == 0 and core is not None else EngineCoreProcess(c)
+        cores = [core if r == 0 and core is not None else EngineCoreProcess(c, fork=True)
                  for r, c in enumerate(configs)]
         if core is not None:
             core.configure(configs[0])

@@ -20,7 +20,7 @@ from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.engine.errors import WorkerDiedError
 from vllm_omni.engine import messages as m
 from vllm_omni.executor.base import Executor, WorkerStartupError
-from vllm_omni.utils.proc import start_process
+from vllm_omni.utils.proc import set_process_title, start_process
 from vllm_omni.worker.worker import worker_main
 
 logger = logging.getLogger(__name__)
@@ -41,12 +41,62 @@ def worker_context():
     return ctx
 
 
-def start_fork_server() -> None:
-    """Starts the fork server now rather than at the first worker (it preloads for seconds)."""
+def start_fork_server(fork: bool = False) -> None:
+    """Starts the fork server now rather than at the first worker (it preloads for seconds).
+
+    ``fork``: as a fork of this process, which then must have no thread but the caller's; it
+    inherits the modules imported here and imports only the rest. Otherwise (and where the
+    standard library's fork server is not the one this knows) a fresh interpreter."""
     from multiprocessing import forkserver
 
     worker_context()
+    if fork:
+        _fork_fork_server(forkserver._forkserver)
     forkserver.ensure_running()
+
+
+def _fork_fork_server(server) -> None:
+    """``ForkServer.ensure_running`` (Python 3.10-3.12), with ``os.fork`` where it starts a
+    fresh interpreter: the same listener, "alive" pipe and ``forkserver.main`` loop."""
+    import socket
+    from multiprocessing import connection, forkserver, resource_tracker
+
+    fields = ("_lock", "_forkserver_pid", "_forkserver_address", "_forkserver_alive_fd",
+              "_preload_modules")
+    if not all(hasattr(server, f) for f in fields) or hasattr(server, "_forkserver_authkey"):
+        return
+    resource_tracker.ensure_running()
+    with server._lock:
+        if server._forkserver_pid is not None:
+            return
+        address = connection.arbitrary_address("AF_UNIX")
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(address)
+        os.chmod(address, 0o600)
+        listener.listen()
+        alive_r, alive_w = os.pipe()
+        keep = {0, 1, 2, listener.fileno(), alive_r}
+        pid = os.fork()
+        if pid == 0:  # the fork server: nothing of the engine's open but its streams
+            code = 1
+            try:
+                set_process_title("worker_fork_server")
+                for fd in map(int, os.listdir("/proc/self/fd")):
+                    if fd not in keep:
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass
+                forkserver.main(listener.fileno(), alive_r, server._preload_modules)
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0
+            finally:
+                os._exit(code)
+        os.close(alive_r)
+        listener.close()
+        server._forkserver_address = address
+        server._forkserver_alive_fd = alive_w
+        server._forkserver_pid = pid
 
 
 class MultiprocExecutor(Executor):

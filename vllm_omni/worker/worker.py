@@ -132,7 +132,8 @@ def worker_main(rank: int, config: OmniEngineConfig, init_method: str, work_queu
     if environ is not None:  # the engine's environment now, not the fork server's at its start
         os.environ.clear()
         os.environ.update(environ)
-    logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"),
+    # force: a fork server forked from the engine core holds the core's handler
+    logging.basicConfig(level=os.environ.get("VLLM_OMNI_LOG_LEVEL", "INFO"), force=True,
                         format=f"%(levelname)s %(asctime)s [worker{rank}] %(message)s")
 
     def beat() -> None:
