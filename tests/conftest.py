@@ -87,6 +87,21 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {f: build(f, str(root / f)) for f in FAMILIES}
 
 
+# Limits that keep requests small (a fuzzer's too); the shared edit server runs with them.
+SMALL_LIMITS = ("--max-pixels", str(64 * 64), "--max-inference-steps", "2",
+                "--max-images-per-request", "2", "--request-timeout", "30")
+
+
+@pytest.fixture(scope="session")
+def edit_server(tiny_models, tmp_path_factory):
+    """Qwen-Image-Edit-2509 (one to three input images) under SMALL_LIMITS, shared by the model,
+    fuzz and playground tests: a server start is ~20 s of imports."""
+    s = Server(tiny_models["qwen-image-edit-2509"], *SMALL_LIMITS,
+               log_path=str(tmp_path_factory.mktemp("logs") / "edit.log"))
+    yield s
+    s.stop()
+
+
 # The seed's video models (tests/test_video_models.py, tests/test_model_features.py).
 VIDEO_FAMILIES = ("wan2.2-t2v", "wan2.2-i2v", "wan2.2-ti2v")
 

@@ -4,29 +4,16 @@ answers without a 5xx, and every error is in OpenAI's shape."""
 import pytest
 import requests
 
-from conftest import Server
+from conftest import SMALL_LIMITS, Server
 
 schemathesis = pytest.importorskip("schemathesis")
 
 
 # Small limits keep every valid request fast: whatever schemathesis generates runs in ms.
-LIMITS = ("--max-pixels", str(64 * 64), "--max-inference-steps", "2",
-          "--max-images-per-request", "2", "--request-timeout", "30")
-
-
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_qwen_image, tmp_path_factory):
-    s = Server(tiny_qwen_image, *LIMITS,
+    s = Server(tiny_qwen_image, *SMALL_LIMITS,
                log_path=str(tmp_path_factory.mktemp("logs") / "fuzz.log"))
-    yield s
-    s.stop()
-
-
-@pytest.fixture(scope="module")
-def fuzz_edit_server(tiny_models, tmp_path_factory):
-    """An edit model (one to three input images), for /v1/images/edits."""
-    s = Server(tiny_models["qwen-image-edit-2509"], *LIMITS,
-               log_path=str(tmp_path_factory.mktemp("logs") / "fuzz-edit.log"))
     yield s
     s.stop()
 
@@ -75,14 +62,14 @@ def test_schemathesis_finds_no_server_error(fuzz_server, mode):
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
-def test_schemathesis_finds_no_server_error_on_edits(fuzz_edit_server, mode):
+def test_schemathesis_finds_no_server_error_on_edits(edit_server, mode):
     """The edits route, multipart and JSON as /openapi.json describes them. Random bytes are not
     images, so valid answers come from the hand-made request after the run."""
     import io
 
     from PIL import Image
 
-    url = fuzz_edit_server.url
+    url = edit_server.url  # an edit model (one to three input images)
     seen = _fuzz(url, mode, 100, path="/v1/images/edits")
     print(f"edits {mode}: status counts {dict(sorted(seen.items()))}")
     assert any(400 <= s < 500 for s in seen)

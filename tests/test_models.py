@@ -149,20 +149,22 @@ SERVER_ARGS = {"qwen-image-edit": ("--max-upload-mb", "1")}
 
 
 @pytest.fixture(scope="module")
-def servers(tiny_models, tmp_path_factory):
-    """One ``vllm serve`` per family, started a few at a time (imports dominate start-up)."""
+def servers(tiny_models, edit_server, tmp_path_factory):
+    """One ``vllm serve`` per family, started a few at a time (imports dominate start-up);
+    Qwen-Image-Edit-2509's is the shared one."""
     logs = tmp_path_factory.mktemp("family-logs")
     started: dict[str, Server] = {}
+    cases = [c for c in CASES if c.family != "qwen-image-edit-2509"]
     try:
-        for i in range(0, len(CASES), 3):
-            group = CASES[i:i + 3]
+        for i in range(0, len(cases), 3):
+            group = cases[i:i + 3]
             for case in group:
                 started[case.family] = Server(tiny_models[case.family],
                                               *SERVER_ARGS.get(case.family, ()), wait=False,
                                               log_path=str(logs / f"{case.family}.log"))
             for case in group:
                 started[case.family].wait_healthy(300)
-        yield started
+        yield {**started, "qwen-image-edit-2509": edit_server}
     finally:
         for s in started.values():
             s.stop()

@@ -10,11 +10,8 @@ import io
 import json
 import subprocess
 
-import pytest
 import requests
 from PIL import Image
-
-from conftest import Server
 
 
 def _open(page, server, path: str = "/") -> None:
@@ -122,14 +119,6 @@ def test_the_curl_and_python_snippets_reproduce_the_result(server, page, tmp_pat
     resp = namespace["resp"]
     assert resp.status_code == 200
     assert resp.json()["data"][0]["b64_json"] == answer["data"][0]["b64_json"]
-
-
-@pytest.fixture(scope="module")
-def edit_server(tiny_models, tmp_path_factory):
-    s = Server(tiny_models["qwen-image-edit-2509"], "--max-inference-steps", "2",
-               log_path=str(tmp_path_factory.mktemp("logs") / "edit.log"))
-    yield s
-    s.stop()
 
 
 def test_edit_sends_the_chosen_images(edit_server, page, tmp_path):

@@ -294,13 +294,14 @@ def test_store_writes_whole_files_or_none_and_sweeps_expired_jobs(tmp_path):
         store.close()
 
 
-@pytest.mark.parametrize("layout", [("--usp", "2"), ("--ring", "2"),
-                                    ("--cfg-parallel-size", "2"), ("--tensor-parallel-size", "2")],
-                         ids=lambda a: a[0].strip("-"))
+@pytest.mark.parametrize("layout", [("--usp", "2", "--cfg-parallel-size", "2"),
+                                    ("--ring", "2", "--tensor-parallel-size", "2")],
+                         ids=lambda a: "+".join(f.strip("-") for f in a[::2]))
 def test_a_parallel_server_makes_the_same_video(t2v, video_models, tmp_path, layout):
-    """`vllm serve` with each parallel layout of the seed's video row (two ranks on gloo; 3 steps
-    reach both experts, CFG on by default) against the one-process server: the same frames, up
-    to what H.264 makes of float-rounding-level differences."""
+    """`vllm serve` with each parallel flag of the seed's video row, two to a server (four ranks
+    on gloo; 3 steps reach both experts, CFG on by default), against the one-process server: the
+    same frames, up to what H.264 makes of float-rounding-level differences. (Each layout alone
+    is proven exact offline, tests/test_model_features.py.)"""
     import numpy as np
 
     body = {"prompt": "a fox", "size": "64x32", "num_frames": 9, "num_inference_steps": 3,
