@@ -374,3 +374,16 @@ def test_workers_that_do_not_stop_are_restarted_after_the_grace_period(deadline_
     r = requests.post(deadline_server.url + GEN, json=SMALL, timeout=120)
     assert r.status_code == 200, r.text[:300]
     assert worker(deadline_server).pid != stuck.pid
+
+
+def test_a_killed_api_server_leaves_no_orphans(deadline_server):
+    """Last on this server. SIGKILL to the API server alone (no process group): its engine core,
+    the workers' fork server and the workers, all forks of it, exit at once, each watching its
+    parent."""
+    descendants = psutil.Process(deadline_server.proc.pid).children(recursive=True)
+    titles = " ".join(" ".join(p.cmdline()) for p in descendants)
+    assert all(t in titles for t in ("engine_core", "worker_fork_server", "worker_rank0"))
+    deadline_server.proc.kill()
+    deadline_server.proc.wait(10)
+    wait_for(lambda: all(_exited(p) for p in descendants), 3.0,
+             "the engine core, fork server and workers exited")
