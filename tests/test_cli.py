@@ -10,10 +10,6 @@ import pytest
 VLLM = os.path.join(os.path.dirname(sys.executable), "vllm")
 
 
-def run(*args, timeout=120):
-    return subprocess.run([VLLM, *args], capture_output=True, text=True, timeout=timeout)
-
-
 def refused(capsys, *argv) -> str:
     """``vllm serve ARGV --omni`` past stock vLLM's hook (whose routing the two subprocess tests
     here cover), in this process: it must exit with status 2 before starting anything; its stderr.
