@@ -78,13 +78,15 @@ def test_a_replica_whose_worker_dies_leaves_the_other_serving(dp_server):
     os.kill(victim.pid, signal.SIGKILL)
     _wait(lambda: metric(dp_server, "vllm_omni:replica_ready", replica="1") == 0, 30,
           "replica 1 out of service")
-    # Meanwhile the server stays healthy and replica 0 takes every request.
+    # Meanwhile the server stays healthy and replica 0 takes the requests. Replica 1 may be back
+    # before the last (its restart forks a worker in about a second) and take its share.
     assert requests.get(dp_server.url + "/health", timeout=5).status_code == 200
-    before = _served(dp_server, 0)
+    before = [_served(dp_server, 0), _served(dp_server, 1)]
     for seed in range(4):
         r = requests.post(dp_server.url + GEN, json={**BODY, "seed": seed}, timeout=120)
         assert r.status_code == 200, r.text
-    assert _served(dp_server, 0) == before + 4
+    grew = [_served(dp_server, r) - b for r, b in enumerate(before)]
+    assert grew[0] >= 1 and sum(grew) == 4, grew
     # Replica 1 restarts its workers and takes requests again.
     _wait(lambda: metric(dp_server, "vllm_omni:replica_ready", replica="1") == 1, 120,
           "replica 1 back")
