@@ -220,7 +220,6 @@ def test_jobs_survive_a_killed_server(video_models, tmp_path):
     finally:
         os.killpg(s.proc.pid, signal.SIGKILL)
         s.proc.wait(10)
-        s.log.close()
     s = Server(video_models["wan2.2-t2v"], *args, log_path=str(tmp_path / "b.log"))
     try:
         listed = {v["id"] for v in requests.get(s.url + "/v1/videos", timeout=10)
