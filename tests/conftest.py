@@ -95,7 +95,7 @@ SMALL_LIMITS = ("--max-pixels", str(64 * 64), "--max-inference-steps", "2",
 @pytest.fixture(scope="session")
 def edit_server(tiny_models, tmp_path_factory):
     """Qwen-Image-Edit-2509 (one to three input images) under SMALL_LIMITS, shared by the model,
-    fuzz and playground tests: a server start is ~20 s of imports."""
+    fuzz and playground tests."""
     s = Server(tiny_models["qwen-image-edit-2509"], *SMALL_LIMITS,
                log_path=str(tmp_path_factory.mktemp("logs") / "edit.log"))
     yield s
