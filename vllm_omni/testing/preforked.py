@@ -24,6 +24,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 
 import setproctitle  # a dependency of vLLM's
 
@@ -38,14 +39,16 @@ class Preforked:
 
     def __init__(self, vllm: str):
         self.vllm = vllm  # argv[0] of the servers, the `vllm` script of this environment
+        self._lock = threading.Lock()  # one request and its answer at a time on the pipes
         self.proc = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True)
 
     def start(self, argv: list[str], env: dict[str, str], log_path: str) -> ServerProcess:
         request = {"argv": [self.vllm, *argv], "env": env, "cwd": os.getcwd(), "log": log_path}
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        with self._lock:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"the preforked interpreter exited ({self.proc.wait()})")
         return ServerProcess(int(line))
