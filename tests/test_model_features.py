@@ -60,6 +60,9 @@ MORE_LAYOUTS = {
     "wan2.2-i2v": {"sequence_parallel": ["R2"]},
     "wan2.2-ti2v": {"sequence_parallel": ["R2", "U2xR2"]},
 }
+# Of those, the ones also run with an adapter loaded and asked for (beside each feature's own
+# layout): ring attention over the two Wan experts.
+LORA_MORE_LAYOUTS = {"wan2.2-t2v": ["R2"]}
 # Cache-DiT under parallel layouts: the same calls skipped, the same output as one process.
 CACHE_LAYOUTS = {"wan2.2-t2v": ["U2", "CFG2"]}
 
@@ -143,25 +146,62 @@ def _spec(model_dir: str):
 
 
 @pytest.mark.parametrize("family", sorted(REQUESTS))
-def test_parallel_features_reproduce_one_process(family, feature_models, singles):
-    spec = _spec(feature_models[family])
+def test_parallel_features_reproduce_one_process(family, feature_models, singles, tmp_path):
+    """Each parallel feature the model declares gives the one-process output, on ranks that
+    have an adapter loaded: for a request without it, and for one with it (under tensor
+    parallelism its factors are cut like their layers: FLUX's packed blocks on their own). One
+    rank group runs both requests: a group's start costs more than a tiny model's request."""
+    from vllm_omni.testing.tiny_lora import build
+
+    model = feature_models[family]
+    spec = _spec(model)
     declared = [f for f in LAYOUTS if f in spec.adapter.features]
     if family == "flux.2-klein-4b":  # step-distilled: no CFG to split (tested on the base model)
         declared = [f for f in declared if f != "cfg_parallel"]
     if not declared:
         pytest.skip(f"{spec.pipeline_class} declares no parallel feature")
+    lora = "lora" in spec.adapter.features and build(model, str(tmp_path / "tiny.safetensors"))
+    adapters = {"lora_modules": {"tiny": lora}} if lora else {}
+    with_lora: dict[bool, list] = {}  # tall -> the one-process output with the adapter
     for feature in declared:
         tall = feature == "vae_patch_parallel"
-        want = singles(family, tall=tall)
+        want = [singles(family, tall=tall)]
+        if lora:
+            if tall not in with_lora:
+                with_lora[tall], _ = _lora_generate(_config(model, **adapters), family, tall=tall)
+            want.append(with_lora[tall])
         more = MORE_LAYOUTS.get(family, {}).get(feature, [])
-        for layout in [LAYOUTS[feature], *map(parse_layout_name, more)]:
-            config = _config(feature_models[family], layout)
-            results = run_ranks(_rank, config.world_size, config, family, _steps(family), tall,
-                                timeout=300)
-            for images in results:
-                assert len(images) == len(want)
-                for got, w in zip(images, want):
-                    assert np.abs(got - w).max() < TOL, (family, layout)
+        for name in [None, *more]:
+            layout = LAYOUTS[feature] if name is None else parse_layout_name(name)
+            # The adapter on each feature's layout, and on the further ones that need it.
+            both = bool(lora) and (name is None or name in LORA_MORE_LAYOUTS.get(family, ()))
+            config = _config(model, layout, **adapters)
+            for outputs in run_ranks(_plain_and_lora_rank, config.world_size, config, family,
+                                     tall, both, timeout=300):
+                assert len(outputs) == (2 if both else 1)
+                for images, wanted, what in zip(outputs, want, ("plain", "lora")):
+                    assert len(images) == len(wanted)
+                    for got, w in zip(images, wanted):
+                        assert np.abs(got - w).max() < TOL, (family, layout, what)
+
+
+def _plain_and_lora_rank(rank, world, config, family, tall, lora):
+    from vllm_omni.distributed.groups import torch_groups
+    from vllm_omni.testing.edit_area import apply_from_env
+    from vllm_omni.worker.model_runner import ModelRunner
+
+    apply_from_env()
+    runner = ModelRunner(config, rank, torch.device("cpu"), torch_groups(config.parallel.layout))
+    runner.load()
+    reqs = [_request(runner.spec, family, _steps(family), tall)]
+    if lora:
+        reqs.append(_lora_request(runner.spec, config, family, tall=tall))
+    outputs = []
+    for req in reqs:  # one at a time: each as the one-process reference ran it
+        out = runner.execute([req])[0]
+        assert out.error is None, out.error
+        outputs.append([np.asarray(im) for im in out.images or [v.frames for v in out.videos]])
+    return outputs
 
 
 @pytest.mark.parametrize("family", sorted(CACHE_LAYOUTS))
@@ -329,45 +369,16 @@ def _lora_rank(rank, world, config, family, tall):
     return _lora_generate(config, family, rank, torch_groups(config.parallel.layout), tall)[0]
 
 
-# Beyond each declared feature's layout: ring attention over the two Wan experts.
-LORA_MORE_LAYOUTS = {"wan2.2-t2v": ["R2"]}
-# Where the step caches are checked under an adapter too.
-LORA_CACHED = ("qwen-image-2512", "wan2.2-t2v", "flux.1-dev")
-
-
-@pytest.mark.parametrize("family", list(REQUESTS))
-def test_lora_under_parallel_layouts_and_caches_reproduces_one_process(family, feature_models,
-                                                                       tmp_path):
-    """Each parallel feature the model declares, with an adapter loaded on every rank, gives
-    the one-process output (under tensor parallelism its factors are cut like their layers:
-    FLUX's packed blocks on their own); a step cache at threshold 0 changes nothing under it
-    either."""
+@pytest.mark.parametrize("family", ["qwen-image-2512", "wan2.2-t2v", "flux.1-dev"])
+def test_a_step_cache_at_threshold_zero_changes_nothing_under_an_adapter(family, feature_models,
+                                                                        tmp_path):
+    """(The adapter under every parallel layout: test_parallel_features_reproduce_one_process.)"""
     from vllm_omni.testing.tiny_lora import build
 
     model = feature_models[family]
     spec = _spec(model)
-    declared = [f for f in LAYOUTS if f in spec.adapter.features]
-    if family == "flux.2-klein-4b":  # step-distilled: no CFG to split (the base model has it)
-        declared = [f for f in declared if f != "cfg_parallel"]
-    layouts = [(LAYOUTS[f], f == "vae_patch_parallel") for f in declared]
-    layouts += [(parse_layout_name(n), False) for n in LORA_MORE_LAYOUTS.get(family, [])]
-    if not layouts and family not in LORA_CACHED:
-        pytest.skip(f"{spec.pipeline_class} declares no parallel feature")
     lora = build(model, str(tmp_path / "tiny.safetensors"))
-    wants = {}
-    for layout, tall in layouts:
-        if tall not in wants:
-            wants[tall], _ = _lora_generate(_config(model, lora_modules={"tiny": lora}), family,
-                                            tall=tall)
-        config = _config(model, layout, lora_modules={"tiny": lora})
-        for images in run_ranks(_lora_rank, config.world_size, config, family, tall,
-                                timeout=300):
-            for got, w in zip(images, wants[tall]):
-                assert np.abs(got - w).max() < TOL, (family, layout)
-    if family not in LORA_CACHED:
-        return
-    want = wants.get(False) or _lora_generate(_config(model, lora_modules={"tiny": lora}),
-                                              family)[0]
+    want, _ = _lora_generate(_config(model, lora_modules={"tiny": lora}), family)
     backend = "tea_cache" if spec.adapter.teacache_coefficients else "cache_dit"
     cache_config = ({"rel_l1_thresh": 0.0} if backend == "tea_cache"
                     else {"residual_diff_threshold": 0.0})
