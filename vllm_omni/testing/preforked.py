@@ -1,6 +1,6 @@
 """``vllm serve --omni`` started from a preforked interpreter, for the tests.
 
-Most of a server start is importing vLLM and its argument parser (~12 s of CPU each, on this
+Most of a server start is importing vLLM and its argument parser (~15 s of a ~17 s start on this
 project's 2-core machines), and the suite starts dozens of servers. ``python -m
 vllm_omni.testing.preforked`` imports those once and then forks one process per server it is
 asked for. The child becomes what ``vllm serve ARGS`` would be: its own session, the given
