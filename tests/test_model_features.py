@@ -63,6 +63,8 @@ MORE_LAYOUTS = {
 # Of those, the ones also run with an adapter loaded and asked for (beside each feature's own
 # layout): ring attention over the two Wan experts.
 LORA_MORE_LAYOUTS = {"wan2.2-t2v": ["R2"]}
+assert all(name in sum(MORE_LAYOUTS[family].values(), [])
+           for family, names in LORA_MORE_LAYOUTS.items() for name in names)
 # Cache-DiT under parallel layouts: the same calls skipped, the same output as one process.
 CACHE_LAYOUTS = {"wan2.2-t2v": ["U2", "CFG2"]}
 
@@ -150,7 +152,7 @@ def test_parallel_features_reproduce_one_process(family, feature_models, singles
     """Each parallel feature the model declares gives the one-process output, on ranks that
     have an adapter loaded: for a request without it, and for one with it (under tensor
     parallelism its factors are cut like their layers: FLUX's packed blocks on their own). One
-    rank group runs both requests: a group's start costs more than a tiny model's request."""
+    rank group runs both requests, which saves a group's start and model load."""
     from vllm_omni.testing.tiny_lora import build
 
     model = feature_models[family]
@@ -372,7 +374,8 @@ def _lora_rank(rank, world, config, family, tall):
 @pytest.mark.parametrize("family", ["qwen-image-2512", "wan2.2-t2v", "flux.1-dev"])
 def test_a_step_cache_at_threshold_zero_changes_nothing_under_an_adapter(family, feature_models,
                                                                         tmp_path):
-    """(The adapter under every parallel layout: test_parallel_features_reproduce_one_process.)"""
+    """A step cache at threshold 0 changes nothing under an adapter, in one process (the
+    adapter under the parallel layouts: test_parallel_features_reproduce_one_process)."""
     from vllm_omni.testing.tiny_lora import build
 
     model = feature_models[family]
