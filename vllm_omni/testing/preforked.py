@@ -5,9 +5,10 @@ project's 2-core machines), and the suite starts dozens of servers. ``python -m
 vllm_omni.testing.preforked`` imports those once and then forks one process per server it is
 asked for. The child becomes what ``vllm serve ARGS`` would be: its own session, the given
 environment, working directory and log file, and ``sys.argv``; it then runs stock vLLM's CLI
-``main`` and exits through the interpreter's normal shutdown. Only the imports are shared: no
-vllm_omni module is imported before the fork, so the test hooks that read the environment at
-import (``vllm_omni.testing.hooks``) read the server's.
+``main`` and exits through the interpreter's normal shutdown. Only the imports are shared, and
+of vllm_omni only what every process of the tests imports at start (the platform fix, the test
+hooks' installer, this module): the test hooks that read the environment when their module is
+imported (``vllm_omni.testing.hooks``) read the server's.
 
 Protocol: one JSON object per line on stdin (``argv``, ``env``, ``cwd``, ``log``); the pid of
 the forked server comes back as one line on stdout. The preforked process exits when its stdin
