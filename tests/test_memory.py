@@ -19,6 +19,7 @@ from test_model_features import (  # noqa: F401  (fixtures)
     _generate,
     _rank,
     _request,
+    _run,
     _steps,
     feature_models,
     singles,
@@ -41,10 +42,7 @@ def _runner(config, family):
 
     runner = ModelRunner(config, 0, torch.device("cpu"))
     runner.load()
-    out = runner.execute([_request(runner.spec, family, _steps(family))])[0]
-    assert out.error is None, out.error
-    return runner, [np.asarray(im) for im in out.images or [v.frames for v in out.videos]], \
-        out.metrics
+    return runner, *_run(runner, _request(runner.spec, family, _steps(family)))
 
 
 def _state(model) -> dict[str, torch.Tensor]:

@@ -101,15 +101,21 @@ def _request(spec, family: str, steps: int, tall: bool = False):
     return InputProcessor(spec).process(PROMPT, params, images=INPUTS[:r.get("inputs", 0)])
 
 
+def _run(runner, req):
+    """One request alone through the runner: its images (or each video's frames) as arrays,
+    and its metrics."""
+    out = runner.execute([req])[0]
+    assert out.error is None, out.error
+    return [np.asarray(im) for im in out.images or [v.frames for v in out.videos]], out.metrics
+
+
 def _generate(config: OmniEngineConfig, family: str, steps: int, rank: int = 0, groups=None,
               tall: bool = False):
     from vllm_omni.worker.model_runner import ModelRunner
 
     runner = ModelRunner(config, rank, torch.device("cpu"), groups)
     runner.load()
-    out = runner.execute([_request(runner.spec, family, steps, tall)])[0]
-    assert out.error is None, out.error
-    return [np.asarray(im) for im in out.images or [v.frames for v in out.videos]], out.metrics
+    return _run(runner, _request(runner.spec, family, steps, tall))
 
 
 def _rank(rank, world, config, family, steps, tall=False):
@@ -198,12 +204,8 @@ def _plain_and_lora_rank(rank, world, config, family, tall, lora):
     reqs = [_request(runner.spec, family, _steps(family), tall)]
     if lora:
         reqs.append(_lora_request(runner.spec, config, family, tall=tall))
-    outputs = []
-    for req in reqs:  # one at a time: each as the one-process reference ran it
-        out = runner.execute([req])[0]
-        assert out.error is None, out.error
-        outputs.append([np.asarray(im) for im in out.images or [v.frames for v in out.videos]])
-    return outputs
+    # One at a time: each as the one-process reference ran it.
+    return [_run(runner, req)[0] for req in reqs]
 
 
 @pytest.mark.parametrize("family", sorted(CACHE_LAYOUTS))
@@ -293,6 +295,7 @@ def test_lora_equals_diffusers_own_loader(family, feature_models, singles, tmp_p
     0.7 gives what diffusers' own loader and set_adapters give on the same pipeline (Wan2.2 A14B:
     into both experts), and changes the output."""
     from vllm_omni.engine.input_processor import InputProcessor
+    from vllm_omni.engine.request import Video
     from vllm_omni.inputs.data import OmniDiffusionSamplingParams
     from vllm_omni.lora import LoraRegistry
     from vllm_omni.lora.feature import with_adapter_loader
@@ -313,10 +316,8 @@ def test_lora_equals_diffusers_own_loader(family, feature_models, singles, tmp_p
                                          **r.get("params", {}))
     req = InputProcessor(spec, loras=LoraRegistry.from_config(config)).process(
         PROMPT, params, images=INPUTS[:r.get("inputs", 0)])
-    out = runner.execute([req])[0]
-    assert out.error is None, out.error
-    assert out.metrics["lora_adapters"] == 1
-    ours = [np.asarray(im) for im in out.images or [v.frames for v in out.videos]]
+    ours, metrics = _run(runner, req)
+    assert metrics["lora_adapters"] == 1
 
     pipe = spec.adapter.load(torch.float32)  # diffusers' loader (BAGEL: our own)
     pipe.set_progress_bar_config(disable=True)
@@ -332,8 +333,7 @@ def test_lora_equals_diffusers_own_loader(family, feature_models, singles, tmp_p
     result = pipe(**spec.adapter.pipeline_kwargs(req), output_type="np",
                   generator=make_generators(SEED, 1))
     theirs = spec.adapter.flatten_output(spec.adapter.artifacts(result, [req]))
-    theirs = [np.asarray(im) for im in theirs] if out.images else [np.asarray(v.frames)
-                                                                  for v in theirs]
+    theirs = [np.asarray(a.frames if isinstance(a, Video) else a) for a in theirs]
     assert len(ours) == len(theirs) > 0
     for a, b, base in zip(ours, theirs, singles(family)):
         assert np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max() <= 1e-5
@@ -358,9 +358,7 @@ def _lora_generate(config, family, rank=0, groups=None, tall=False):
 
     runner = ModelRunner(config, rank, torch.device("cpu"), groups)
     runner.load()
-    out = runner.execute([_lora_request(runner.spec, config, family, tall=tall)])[0]
-    assert out.error is None, out.error
-    return [np.asarray(im) for im in out.images or [v.frames for v in out.videos]], out.metrics
+    return _run(runner, _lora_request(runner.spec, config, family, tall=tall))
 
 
 def _lora_rank(rank, world, config, family, tall):
