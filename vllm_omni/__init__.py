@@ -4,19 +4,17 @@ __version__ = "0.1.0"
 
 __all__ = ["Omni", "OmniDiffusionSamplingParams", "DiffusionParallelConfig", "__version__"]
 
+_LAZY = {
+    "Omni": "vllm_omni.entrypoints.omni",
+    "OmniDiffusionSamplingParams": "vllm_omni.inputs.data",
+    "DiffusionParallelConfig": "vllm_omni.diffusion.data",
+}
+
 
 def __getattr__(name):
     # Lazy, so that the .pth platform hook and vLLM's plugin loader stay cheap to import.
-    if name == "Omni":
-        from vllm_omni.entrypoints.omni import Omni
+    if name not in _LAZY:
+        raise AttributeError(name)
+    import importlib
 
-        return Omni
-    if name == "OmniDiffusionSamplingParams":
-        from vllm_omni.inputs.data import OmniDiffusionSamplingParams
-
-        return OmniDiffusionSamplingParams
-    if name == "DiffusionParallelConfig":
-        from vllm_omni.diffusion.data import DiffusionParallelConfig
-
-        return DiffusionParallelConfig
-    raise AttributeError(name)
+    return getattr(importlib.import_module(_LAZY[name]), name)

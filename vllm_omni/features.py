@@ -94,7 +94,7 @@ ORDER = {
     # First: it replaces the weights that the features after it shard or wrap.
     "fp8": "vllm_omni.quantization.fp8:Fp8Feature",
     "tensor_parallel": "vllm_omni.distributed.tensor_parallel:TensorParallelFeature",
-    # After TP: its deltas must shard like their layer (until they do, LoRA refuses TP).
+    # After TP: its factors over a parallel layer are cut like the layer (shard_lora).
     "lora": "vllm_omni.lora.feature:LoraFeature",
     "cpu_offload": "vllm_omni.offload.offload:OffloadFeature",
     "sequence_parallel": "vllm_omni.distributed.sequence_parallel:SequenceParallelFeature",
@@ -116,7 +116,7 @@ def resolve(path: str) -> Any:
 def feature_classes(config) -> list[type[Feature]]:
     """The built features ``config`` asks for, in order."""
     wanted = requested(config)
-    return [resolve(path) for name, path in ORDER.items() if path and name in wanted]
+    return [resolve(path) for name, path in ORDER.items() if name in wanted]
 
 
 def build_features(adapter, config, device=None) -> list[Feature]:

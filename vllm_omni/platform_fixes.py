@@ -81,10 +81,6 @@ def install_torchvision_hook() -> None:
         sys.meta_path.insert(0, _TorchvisionFinder())
 
 
-def _site_packages() -> str:
-    return sysconfig.get_paths()["purelib"]
-
-
 def install() -> None:
     """Idempotent: safe to run after every ``pip install``."""
     import torch
@@ -93,10 +89,8 @@ def install() -> None:
         # Nothing in this package imports torchaudio/torchcodec; their CUDA builds break imports.
         present = [p for p in ("torchaudio", "torchcodec") if importlib.util.find_spec(p)]
         if present:
-            subprocess.check_call(
-                [sys.executable, "-m", "pip", "uninstall", "-y", "-q", *present]
-            )
-    path = os.path.join(_site_packages(), PTH_NAME)
+            subprocess.check_call([sys.executable, "-m", "pip", "uninstall", "-y", "-q", *present])
+    path = os.path.join(sysconfig.get_paths()["purelib"], PTH_NAME)
     with open(path, "w") as f:
         f.write(_PTH_LINE)
     # Prove the fix in a fresh interpreter, the way worker processes will see it.

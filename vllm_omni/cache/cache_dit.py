@@ -66,15 +66,12 @@ class CacheDiTConfig:
     preset: str | None = None  # a model's named settings (see the adapters); other keys override it
 
     @classmethod
-    def keys(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
-
-    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CacheDiTConfig":
-        unknown = set(d) - set(cls.keys())
+        keys = [f.name for f in fields(cls)]
+        unknown = set(d) - set(keys)
         if unknown:
             raise ValueError(f"unknown cache_dit cache_config key(s): "
-                             f"{', '.join(sorted(unknown))}; accepted: {', '.join(cls.keys())}")
+                             f"{', '.join(sorted(unknown))}; accepted: {', '.join(keys)}")
         c = cls(**d)
         c._check()
         return c

@@ -124,13 +124,11 @@ def _forward(blocks, rows: _Rows, one_stream: bool, hidden_states, *args, **kwar
     patterns 3/4/5 take one stream and may return a text stream, whose residual the forward
     computes itself."""
     if one_stream:
-        e_in, streams = None, ()
+        streams = ()
     elif "encoder_hidden_states" in kwargs:
-        e_in = kwargs.pop("encoder_hidden_states")
-        streams = (e_in,)
+        streams = (kwargs.pop("encoder_hidden_states"),)
     else:
-        e_in, *args = args
-        streams = (e_in,)
+        streams, args = (args[0],), args[1:]
     blocks._check_cache_params()
     h, e = blocks.call_Fn_blocks(hidden_states, *streams, *args, **kwargs)
     residual = blocks._get_Fn_residual(hidden_states, h)

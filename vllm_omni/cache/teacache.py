@@ -172,11 +172,8 @@ class TeaCache:
             y = y * x + c
         return max(y, 0.0)  # a negative "distance" would let the cache run ahead; floor it
 
-    def decide(self, modulated: torch.Tensor, s: _State | None = None,
-               num_steps: int | None = None) -> bool:
+    def decide(self, modulated: torch.Tensor, s: _State, num_steps: int) -> bool:
         """True: compute this call. Runs once per denoiser call, on every rank alike."""
-        s = self.state.get_state() if s is None else s
-        num_steps = self.num_steps if num_steps is None else num_steps
         step = s.calls
         s.calls += 1
         prev, s.prev_modulated = s.prev_modulated, modulated
@@ -233,7 +230,6 @@ class _HeadHook(_BlockHook):
     def new_forward(self, module, *args, **kwargs):
         cache = self.cache
         kwargs = _bind(module, args, kwargs)  # some models call their blocks positionally
-        args = ()
         if cache.batcher is not None and cache.batcher.group is not None:
             return self._rows_forward(module, kwargs)
         s = self.state_manager.get_state()
@@ -241,18 +237,17 @@ class _HeadHook(_BlockHook):
         if modulated is None:  # not a denoising call (BAGEL extending a prompt): run as is
             s.skip, s.head_input = False, None
             return self.fn_ref.original_forward(**kwargs)
-        compute = cache.decide(modulated)
+        compute = cache.decide(modulated, s, cache.num_steps)
         s.skip = not compute
         if compute:
             cache.stats.computed += 1
             s.head_input = tuple(kwargs[n] for n in cache.io.inputs)
-            out = self.fn_ref.original_forward(*args, **kwargs)
+            out = self.fn_ref.original_forward(**kwargs)
             if self.is_tail:
                 _record(cache, s, out)
             return out
         cache.stats.skipped += 1
-        return _apply_residual(cache, s, kwargs)
-
+        return _passthrough(cache, kwargs, s.residual)
 
     def _rows_forward(self, module, kwargs):
         """Step batching: the forward's calls decide each on its own samples."""
@@ -324,8 +319,7 @@ def _bind(module, args, kwargs) -> dict[str, Any]:
     """The call's arguments by parameter name."""
     if not args:
         return kwargs
-    sig = inspect.signature(module.forward)
-    return dict(sig.bind_partial(*args, **kwargs).arguments)
+    return dict(inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments)
 
 
 def _record(cache: TeaCache, s: _State, out) -> None:
@@ -336,21 +330,16 @@ def _record(cache: TeaCache, s: _State, out) -> None:
     s.head_input = None
 
 
-def _passthrough(cache: TeaCache, kwargs):
+def _passthrough(cache: TeaCache, kwargs, residual: tuple | None = None):
+    """A skipped stack's output: its inputs, plus the cached ``residual`` when given."""
+    ins = [kwargs[name] for name in cache.io.inputs]
+    if residual is not None:
+        ins = [x + r for x, r in zip(ins, residual)]
     if cache.io.outputs is None:
-        return kwargs[cache.io.inputs[0]]
+        return ins[0]
     out = [None] * len(cache.io.outputs)
-    for i, name in zip(cache.io.outputs, cache.io.inputs):
-        out[i] = kwargs[name]
-    return tuple(out)
-
-
-def _apply_residual(cache: TeaCache, s: _State, kwargs):
-    if cache.io.outputs is None:
-        return kwargs[cache.io.inputs[0]] + s.residual[0]
-    out = [None] * len(cache.io.outputs)
-    for i, name, r in zip(cache.io.outputs, cache.io.inputs, s.residual):
-        out[i] = kwargs[name] + r
+    for i, x in zip(cache.io.outputs, ins):
+        out[i] = x
     return tuple(out)
 
 
@@ -358,12 +347,9 @@ def apply_teacache(blocks: Sequence[torch.nn.Module], cache: TeaCache) -> TeaCac
     """Hooks ``cache`` onto a transformer's block list (called with keyword arguments)."""
     cache.blocks = list(blocks)
     for i, block in enumerate(blocks):
-        registry = HookRegistry.check_if_exists_or_initialize(block)
-        is_tail = i == len(blocks) - 1
-        if i == 0:
-            registry.register_hook(_HeadHook(cache, is_tail), HEAD_HOOK)
-        else:
-            registry.register_hook(_BlockHook(cache, is_tail), BLOCK_HOOK)
+        hook = (_HeadHook if i == 0 else _BlockHook)(cache, is_tail=i == len(blocks) - 1)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(
+            hook, HEAD_HOOK if i == 0 else BLOCK_HOOK)
     return cache
 
 
@@ -373,7 +359,7 @@ class TeaCacheFeature(CacheFeature):
     def apply(self, pipe, groups) -> None:
         a = self.adapter
         config = TeaCacheConfig.from_dict(self.config.cache_config).resolve(
-            a.teacache_presets, self.adapter.spec.pipeline_class)
+            a.teacache_presets, a.spec.pipeline_class)
         self.groups, self.caches = groups, []
         for model in self.denoisers(pipe):
             blocks = a.teacache_blocks(model)

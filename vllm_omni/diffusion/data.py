@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 CACHE_BACKENDS = ("none", "tea_cache", "cache_dit")
@@ -52,9 +52,7 @@ class DiffusionParallelConfig:
         return self.layout.world_size
 
     def replica(self, rank: int) -> "DiffusionParallelConfig":
-        import dataclasses
-
-        return dataclasses.replace(self, data_parallel_rank=rank)
+        return replace(self, data_parallel_rank=rank)
 
 
 @dataclass
@@ -160,9 +158,8 @@ class OmniEngineConfig:
         if self.cache_backend is None:
             self.cache_backend = "none"
         if self.cache_backend not in CACHE_BACKENDS:
-            raise ValueError(
-                f"cache_backend must be one of {', '.join(CACHE_BACKENDS)}, got {self.cache_backend!r}"
-            )
+            raise ValueError(f"cache_backend must be one of {', '.join(CACHE_BACKENDS)}, got "
+                             f"{self.cache_backend!r}")
         if isinstance(self.max_num_seqs, bool) or not isinstance(self.max_num_seqs, int) \
                 or not 1 <= self.max_num_seqs <= 256:
             raise ValueError(f"max_num_seqs must be an integer from 1 to 256, got "
@@ -185,10 +182,6 @@ class OmniEngineConfig:
         check_backend(self.distributed_executor_backend)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        self.check_supported()
-
-    def check_supported(self) -> None:
-        """Features that are part of the public contract but not built yet fail loudly."""
         if self.cache_backend == "none" and self.cache_config:
             raise ValueError("cache_config was given without a cache backend; "
                              "add --cache-backend tea_cache (or cache_backend=...)")

@@ -58,7 +58,6 @@ def check_layout(plan: ParallelPlan, p: DiffusionParallelConfig) -> None:
     split = p.ulysses_degree * p.tensor_parallel_size
     if plan.num_heads % split:
         ok = [d for d in _divisors(plan.num_heads) if d > 1]
-        hint = ""
         if p.tensor_parallel_size == 1 or plan.num_heads % p.tensor_parallel_size:
             near = min(ok, key=lambda d: (abs(d - split), d))
             hint = f" (e.g. --usp {near} with --tensor-parallel-size 1)" if p.tensor_parallel_size == 1 \

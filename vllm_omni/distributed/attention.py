@@ -16,6 +16,7 @@ length has to be divisible by the parallel degree.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -31,14 +32,9 @@ def balanced_sizes(n: int, parts: int) -> list[int]:
 
 
 def offsets(sizes: Sequence[int]) -> list[int]:
-    out, acc = [], 0
-    for s in sizes:
-        out.append(acc)
-        acc += s
-    return out
+    return list(itertools.accumulate(sizes, initial=0))[:-1]
 
 
-# -- one block of attention with its log-sum-exp ----------------------------------------------------
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        key_mask: torch.Tensor | None, scale: float | None = None,
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +85,6 @@ def merge_partials(out: torch.Tensor, lse: torch.Tensor, out_b: torch.Tensor,
     return out * wa + out_b * wb, new
 
 
-# -- Ulysses all-to-all --------------------------------------------------------------------------
 def seq_to_heads(x: torch.Tensor, comm: GroupComm, seq_sizes: Sequence[int]) -> torch.Tensor:
     """[B, L_mine, H, D] -> [B, sum(seq_sizes), H / P, D]."""
     p = comm.world_size
@@ -108,7 +103,6 @@ def heads_to_seq(x: torch.Tensor, comm: GroupComm, seq_sizes: Sequence[int]) -> 
     return out.reshape(p, n, b, h, d).permute(2, 1, 0, 3, 4).reshape(b, n, p * h, d)
 
 
-# -- ring --------------------------------------------------------------------------------------------
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: GroupComm,
                    block_sizes: Sequence[int], block_masks: Sequence[torch.Tensor | None],
                    scale: float | None = None) -> torch.Tensor:
@@ -134,7 +128,6 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, comm: Grou
     return out.to(q.dtype)
 
 
-# -- both ------------------------------------------------------------------------------------------
 def sequence_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                 ulysses: GroupComm, ring: GroupComm, seq_sizes: Sequence[int],
                                 key_masks: Sequence[torch.Tensor | None] | None = None,

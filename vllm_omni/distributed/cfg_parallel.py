@@ -62,23 +62,13 @@ class CFGParallelHook(ModelHook):
                     ph.copy_(everyone[i])
             sample = s.placeholders[-1]
             s.placeholders, s.mine = [], None
-        if return_dict:
-            return Transformer2DModelOutput(sample=sample)
-        return (sample,)
+        return Transformer2DModelOutput(sample=sample) if return_dict else (sample,)
 
 
-class BatchedCFGParallelHook(ModelHook):
+class BatchedCFGParallelHook(CFGParallelHook):
     """CFG parallelism for pipelines that run both branches as one doubled batch (SD3, whose
     transformer gets ``cat([uncond, cond])``): rank i runs batch half i, and the halves are
     all-gathered back into the full batch, which the pipeline splits itself."""
-
-    def __init__(self, comm: GroupComm):
-        super().__init__()
-        self.comm = comm
-        self.state = TaskLocal(_per_call)
-
-    def begin_request(self, uses_cfg: bool) -> None:
-        self.state.active = uses_cfg
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not self.state.active:

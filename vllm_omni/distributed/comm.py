@@ -25,7 +25,6 @@ class GroupComm:
         if self.world_size > 1 and group is None:
             raise ValueError(f"group {name} spans ranks {self.ranks} but has no process group")
         self.bytes_sent = 0
-        self.calls = 0
 
     @classmethod
     def single(cls, name: str) -> "GroupComm":
@@ -34,20 +33,14 @@ class GroupComm:
     def __repr__(self) -> str:
         return f"GroupComm({self.name}, rank {self.rank}/{self.world_size}, ranks={self.ranks})"
 
-    def _count(self, nbytes: float) -> None:
-        self.bytes_sent += int(nbytes)
-        self.calls += 1
-
     def reset_counters(self) -> None:
         self.bytes_sent = 0
-        self.calls = 0
 
-    # -- collectives ---------------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """Sum (or "min", "max") over the group, in place."""
         if self.world_size == 1:
             return x
-        self._count(2 * (self.world_size - 1) / self.world_size * _nbytes(x))
+        self.bytes_sent += int(2 * (self.world_size - 1) / self.world_size * x.nbytes)
         ops = {"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}
         dist.all_reduce(x, op=ops[op], group=self.group)
         return x
@@ -68,7 +61,7 @@ class GroupComm:
             pad = list(x.shape)
             pad[dim] = longest - x.shape[dim]
             x = torch.cat([x, x.new_zeros(pad)], dim=dim)
-        self._count((self.world_size - 1) * _nbytes(x))
+        self.bytes_sent += (self.world_size - 1) * x.nbytes
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         dist.all_gather(parts, x, group=self.group)
         if sizes is not None:
@@ -82,8 +75,8 @@ class GroupComm:
         if self.world_size == 1:
             return x
         x = x.contiguous()
-        row = _nbytes(x) // max(x.shape[0], 1)
-        self._count(row * (x.shape[0] - in_splits[self.rank]))
+        row = x.nbytes // max(x.shape[0], 1)
+        self.bytes_sent += row * (x.shape[0] - in_splits[self.rank])
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         dist.all_to_all_single(out, x, output_split_sizes=list(out_splits),
                                input_split_sizes=list(in_splits), group=self.group)
@@ -95,7 +88,7 @@ class GroupComm:
         prev = self.ranks[(self.rank - 1) % self.world_size]
         x = x.contiguous()
         buf = x.new_empty(tuple(recv_shape))
-        self._count(_nbytes(x))
+        self.bytes_sent += x.nbytes
         ops = [dist.P2POp(dist.isend, x, nxt, self.group), dist.P2POp(dist.irecv, buf, prev, self.group)]
         return RingTransfer(dist.batch_isend_irecv(ops), buf, x)
 
@@ -110,7 +103,3 @@ class RingTransfer:
         for w in self._works:
             w.wait()
         return self._buf
-
-
-def _nbytes(x: torch.Tensor) -> int:
-    return x.numel() * x.element_size()

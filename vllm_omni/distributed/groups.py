@@ -15,8 +15,6 @@ KINDS = ("tp", "ulysses", "ring", "sp", "cfg", "branch", "vae", "world")
 
 @dataclass
 class ParallelGroups:
-    layout: RankLayout
-    rank: int
     tp: GroupComm
     ulysses: GroupComm
     ring: GroupComm
@@ -28,17 +26,14 @@ class ParallelGroups:
 
     @classmethod
     def single(cls) -> "ParallelGroups":
-        return cls(RankLayout(), 0, *(GroupComm.single(k) for k in KINDS))
-
-    def comms(self) -> dict[str, GroupComm]:
-        return {k: getattr(self, k) for k in KINDS}
+        return cls(*(GroupComm.single(k) for k in KINDS))
 
     def bytes_sent(self) -> dict[str, int]:
-        return {k: c.bytes_sent for k, c in self.comms().items()}
+        return {k: getattr(self, k).bytes_sent for k in KINDS}
 
     def reset_counters(self) -> None:
-        for c in self.comms().values():
-            c.reset_counters()
+        for k in KINDS:
+            getattr(self, k).reset_counters()
 
 
 MakeGroup = Callable[[str, list[list[int]]], "dist.ProcessGroup | None"]
@@ -56,7 +51,7 @@ def build_groups(layout: RankLayout, rank: int, make_group: MakeGroup) -> Parall
             continue
         group = make_group(kind, all_groups[kind])
         comms[kind] = GroupComm(kind, mine, group if len(mine) > 1 else None)
-    return ParallelGroups(layout, rank, **comms)
+    return ParallelGroups(**comms)
 
 
 def torch_groups(layout: RankLayout) -> ParallelGroups:
@@ -84,9 +79,8 @@ def vllm_groups(layout: RankLayout, local_rank: int, backend: str) -> ParallelGr
     from vllm.distributed import parallel_state
 
     def make(kind: str, all_ranks: list[list[int]]):
-        coord = parallel_state.init_model_parallel_group(
+        return parallel_state.init_model_parallel_group(
             all_ranks, local_rank, backend, group_name=f"omni_{kind}",
-            use_device_communicator=False)
-        return coord.device_group
+            use_device_communicator=False).device_group
 
     return build_groups(layout, dist.get_rank(), make)

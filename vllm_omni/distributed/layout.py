@@ -12,6 +12,7 @@ the only parallel feature the denoiser runs replicated on those N ranks.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 
@@ -62,26 +63,15 @@ class RankLayout:
         axes = {"tp": self.tp, "ulysses": self.ulysses, "ring": self.ring, "cfg": self.cfg}
         out: dict[str, list[list[int]]] = {
             k: [] for k in ("tp", "ulysses", "ring", "sp", "cfg", "branch")}
-        seen: dict[str, set[tuple[int, ...]]] = {k: set() for k in out}
         for rank in range(self.world_size):
             c = self.coords(rank)
             for kind in out:
                 varying = {"sp": ("ring", "ulysses"), "branch": ("ring", "ulysses", "tp")}.get(
                     kind, (kind,))
                 fixed = {k: c[k] for k in axes if k not in varying}
-                ranks = []
-                if kind in ("sp", "branch"):
-                    for r in range(self.ring):
-                        for u in range(self.ulysses):
-                            for t in (range(self.tp) if kind == "branch" else (c["tp"],)):
-                                ranks.append(self.rank_of(ring=r, ulysses=u, replica=c["replica"],
-                                                          **{**fixed, "tp": t}))
-                else:
-                    for i in range(axes[kind]):
-                        ranks.append(self.rank_of(**{kind: i}, replica=c["replica"], **fixed))
-                key = tuple(ranks)
-                if key not in seen[kind]:
-                    seen[kind].add(key)
+                ranks = [self.rank_of(**fixed, **dict(zip(varying, at)), replica=c["replica"])
+                         for at in itertools.product(*(range(axes[k]) for k in varying))]
+                if ranks not in out[kind]:
                     out[kind].append(ranks)
         out["vae"] = [list(range(self.vae))] + [[r] for r in range(self.vae, self.world_size)]
         out["world"] = [list(range(self.world_size))]  # per-step agreement (cancellation)

@@ -57,9 +57,6 @@ class SequenceParallel:
         sizes = [int(s) for s in self.sp.all_gather(n, 0).tolist()]
         return self.sp.all_gather(x, dim, sizes)
 
-    def shard_sizes(self, name: str) -> list[int]:
-        return balanced_sizes(self.totals[name], self.world_size)
-
     # -- attention -------------------------------------------------------------------------------
     def joint_layout(self, streams: Sequence[str], masks: dict[str, str] | None = None,
                      ) -> tuple[list[int], list[torch.Tensor | None] | None]:
@@ -70,7 +67,7 @@ class SequenceParallel:
         key = f"joint:{','.join(streams)}"
         if key in self.memo:
             return self.memo[key]
-        sizes = [self.shard_sizes(s) for s in streams]
+        sizes = [balanced_sizes(self.totals[s], self.world_size) for s in streams]
         totals = [sum(sz[r] for sz in sizes) for r in range(self.world_size)]
         full_masks = {s: self.full.get((masks or {}).get(s, "")) for s in streams}
         if all(m is None or bool(m.all()) for m in full_masks.values()):
@@ -115,7 +112,7 @@ class SequenceParallel:
                 module = modules[name]
                 if isinstance(spec, ContextParallelOutput):
                     self._handles.append(module.register_forward_hook(
-                        _gather_output_hook(self, spec.gather_dim)))
+                        lambda m, args, out, dim=spec.gather_dim: self.gather(out, dim)))
                     continue
                 inputs = {k: v for k, v in spec.items()
                           if isinstance(v, ContextParallelInput) and not v.split_output}
@@ -233,12 +230,5 @@ def _split_outputs_hook(sp: SequenceParallel, module_name: str, outputs: dict[in
         for index, cpi in outputs.items():
             out[index] = sp.split(out[index], cpi.split_dim, f"{module_name}.{index}")
         return out[0] if single else type(output)(out)
-
-    return hook
-
-
-def _gather_output_hook(sp: SequenceParallel, dim: int):
-    def hook(mod, args, output):
-        return sp.gather(output, dim)
 
     return hook

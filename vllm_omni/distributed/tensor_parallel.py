@@ -214,17 +214,16 @@ def apply_tensor_parallel(model: torch.nn.Module, plan: dict[str, Any], comm: Gr
                       if name.count(".") == p.count(".") and fnmatch.fnmatchcase(name, p)), None)
         if style is None:
             continue
-        parent_name, _, attr = name.rpartition(".")
         if style == "sharded_rmsnorm" and isinstance(module, torch.nn.RMSNorm):
-            setattr(modules[parent_name], attr, ShardedRMSNorm(module, comm))
-            if module.weight is not None:
-                module.weight.data = module.weight.data.new_empty(0)
-            replaced.append((modules[parent_name], attr, module))
-            continue
-        if not isinstance(module, torch.nn.Linear):
-            raise ValueError(f"tensor-parallel plan names {name}, a {type(module).__name__}, not a Linear")
-        cls, blocks = _layer(style, module, name)
-        setattr(modules[parent_name], attr, cls(module, comm, blocks))
+            layer = ShardedRMSNorm(module, comm)
+        elif not isinstance(module, torch.nn.Linear):
+            raise ValueError(f"tensor-parallel plan names {name}, a {type(module).__name__}, "
+                             "not a Linear")
+        else:
+            cls, blocks = _layer(style, module, name)
+            layer = cls(module, comm, blocks)
+        parent_name, _, attr = name.rpartition(".")
+        setattr(modules[parent_name], attr, layer)
         for p in module.parameters():
             p.data = p.data.new_empty(0)
         replaced.append((modules[parent_name], attr, module))

@@ -78,10 +78,10 @@ class VaePatchParallel:
         self.comm.all_reduce(stats)
         mean = stats[0] / stats[2]
         var = (stats[1] / stats[2] - mean * mean).clamp_min(0)
-        shape = (x.shape[0], norm.num_groups) + (1,) * (x.dim() - 2)
+        shape = (x.shape[0], norm.num_groups) + (1,) * (x.dim() - 1)  # broadcasts over xg
         xg = x.reshape(x.shape[0], norm.num_groups, -1, *x.shape[2:])
-        mean = mean.to(x.dtype).view(*shape[:2], 1, *shape[2:])
-        inv = torch.rsqrt(var + norm.eps).to(x.dtype).view(*shape[:2], 1, *shape[2:])
+        mean = mean.to(x.dtype).view(shape)
+        inv = torch.rsqrt(var + norm.eps).to(x.dtype).view(shape)
         out = ((xg - mean) * inv).reshape(x.shape)
         if norm.affine:
             affine = (1, -1) + (1,) * (x.dim() - 2)

@@ -117,10 +117,6 @@ class AsyncOmniEngine:
         """The data-parallel replicas (``DataParallelEngine`` has several)."""
         return [self]
 
-    @property
-    def core_pid(self) -> int:
-        return self._proc.pid
-
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.config.load_timeout_s + 60
         while True:

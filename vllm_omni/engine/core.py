@@ -103,14 +103,19 @@ class EngineCore:
         try:
             results = self.executor.execute(batch, on_progress, poll, on_partial)
         except WorkerDiedError as e:
-            logger.error("%s; failing %d in-flight request(s) and restarting workers", e, len(batch))
-            cancelled = self.executor.cancelled
-            results = [_cancelled(r, cancelled[r.request_id], "and its workers were restarted")
-                       if r.request_id in cancelled
-                       else _failed(r, WorkerDiedError(f"generation failed: {e}")) for r in batch]
-            # Answer the failed requests first; the (slow) restart happens on the next step.
-            self.needs_restart = True
+            results = self._workers_died(e, batch)
         return outputs + self.scheduler.finish(batch, results)
+
+    def _workers_died(self, e: Exception, reqs: list[DiffusionRequest]
+                      ) -> list[DiffusionOutput]:
+        """The answers to the requests in flight when the workers died (those cancelled: as
+        such). Answered first; the (slow) restart happens on the next step."""
+        logger.error("%s; failing %d in-flight request(s) and restarting workers", e, len(reqs))
+        self.needs_restart = True
+        cancelled = self.executor.cancelled
+        return [_cancelled(r, cancelled[r.request_id], "and its workers were restarted")
+                if r.request_id in cancelled
+                else _failed(r, WorkerDiedError(f"generation failed: {e}")) for r in reqs]
 
     def _run_steps(self, batch: list[DiffusionRequest], on_progress, poll, on_partial,
                    on_output) -> list[DiffusionOutput]:
@@ -151,15 +156,9 @@ class EngineCore:
         try:
             self.executor.execute(batch, on_progress, poll_and_top_up, on_partial, output)
         except Exception as e:  # a dead worker, or a failure of the step loop itself
-            logger.error("%s; failing %d in-flight request(s) and restarting workers", e,
-                         len(running))
             sealed = True  # nothing joins a call that is over
-            cancelled = self.executor.cancelled
-            for r in list(running.values()):
-                output(_cancelled(r, cancelled[r.request_id], "and its workers were restarted")
-                       if r.request_id in cancelled
-                       else _failed(r, WorkerDiedError(f"generation failed: {e}")))
-            self.needs_restart = True
+            for out in self._workers_died(e, list(running.values())):
+                output(out)
         return done
 
     def restart(self) -> None:

@@ -20,18 +20,14 @@ from vllm_omni.engine.async_engine import AsyncOmniEngine, EngineCoreProcess
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest
 
 
-def replica_configs(config: OmniEngineConfig) -> list[OmniEngineConfig]:
-    return [dataclasses.replace(config, parallel=config.parallel.replica(r))
-            for r in range(config.parallel.data_parallel_size)]
-
-
 class DataParallelEngine:
     """The ``AsyncOmniEngine`` interface over several replicas of it."""
 
     def __init__(self, config: OmniEngineConfig, core: EngineCoreProcess | None = None):
         """``core``: one started early, for replica 0."""
         self.config = config
-        configs = replica_configs(config)
+        configs = [dataclasses.replace(config, parallel=config.parallel.replica(r))
+                   for r in range(config.parallel.data_parallel_size)]
         # Every core starts before any is waited for, so the replicas load side by side.
         cores = [core if r == 0 and core is not None else EngineCoreProcess(c, fork=True)
                  for r, c in enumerate(configs)]

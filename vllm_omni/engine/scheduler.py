@@ -33,8 +33,6 @@ class Scheduler:
         return bool(self.waiting)
 
     def schedule(self) -> list[DiffusionRequest]:
-        if not self.waiting:
-            return []
         batch: list[DiffusionRequest] = []
         key = None
         for rid, req in list(self.waiting.items()):

@@ -21,7 +21,7 @@ from vllm_omni.models.registry import load_model_spec, resolve_model_dir
 class OmniRequestOutput:
     request_id: str
     prompt: str
-    images: list[Any] = field(default_factory=list)  # PIL images; float32 HxWxC arrays for output_type="np"
+    images: list[Any] = field(default_factory=list)  # PIL, or float32 HxWxC (output_type="np")
     videos: list[Video] = field(default_factory=list)  # frames and fps
     audios: list[Audio] = field(default_factory=list)  # samples and sample rate
     seed: int | None = None
@@ -129,7 +129,8 @@ class Omni:
     def generate(
         self,
         prompts: PromptType | Sequence[PromptType],
-        sampling_params: OmniDiffusionSamplingParams | Sequence[OmniDiffusionSamplingParams] | None = None,
+        sampling_params: (OmniDiffusionSamplingParams | Sequence[OmniDiffusionSamplingParams]
+                          | None) = None,
         use_tqdm: bool = True,
     ) -> list[OmniRequestOutput]:
         if isinstance(prompts, (str, dict)):

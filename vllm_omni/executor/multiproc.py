@@ -131,16 +131,10 @@ class MultiprocExecutor(Executor):
     def pids(self) -> list[int]:
         return [p.pid for p in self.workers]
 
-    def _dead_worker(self) -> str | None:
+    def unhealthy(self) -> str | None:
         for rank, p in enumerate(self.workers):
             if not p.is_alive():
                 return f"worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
-        return None
-
-    def unhealthy(self) -> str | None:
-        dead = self._dead_worker()
-        if dead:
-            return dead
         now, limit = time.monotonic(), self.config.heartbeat_timeout_s
         for rank, beat in enumerate(self.heartbeats):
             if now - beat > limit:

@@ -113,10 +113,10 @@ class RankActor:
                 return out
 
 
-def bundles(world_size: int, gpu: bool, environ=os.environ) -> list[dict[str, float]]:
+def bundles(world_size: int, gpu: bool) -> list[dict[str, float]]:
     """One bundle per rank: a GPU (or a CPU), plus the rank's entry of ``BUNDLES_ENV``."""
     base = {"GPU": 1.0} if gpu else {"CPU": 1.0}
-    raw = environ.get(BUNDLES_ENV)
+    raw = os.environ.get(BUNDLES_ENV)
     if not raw:
         return [dict(base) for _ in range(world_size)]
     try:
@@ -132,8 +132,8 @@ def bundles(world_size: int, gpu: bool, environ=os.environ) -> list[dict[str, fl
     return [{**base, **{k: float(v) for k, v in d.items()}} for d in extra]
 
 
-def _strategy(environ=os.environ) -> str:
-    strategy = environ.get(STRATEGY_ENV, "PACK")
+def _strategy() -> str:
+    strategy = os.environ.get(STRATEGY_ENV, "PACK")
     if strategy not in STRATEGIES:
         raise ValueError(f"{STRATEGY_ENV} must be one of {', '.join(STRATEGIES)}, "
                          f"got {strategy!r}")
@@ -237,8 +237,7 @@ class RayExecutor(Executor):
 
     def _load(self, gpu: bool) -> None:
         ray = self._ray
-        init_method = ray.get(self.actors[0].rendezvous.options(
-            concurrency_group="control").remote(), timeout=60)
+        init_method = ray.get(self._control(0, "rendezvous"), timeout=60)
         # Ray gives each GPU actor its own device as CUDA_VISIBLE_DEVICES, so it is device 0
         # there, whatever --device named on the driver.
         config = self.config

@@ -113,9 +113,7 @@ class LoraRegistry:
         self.modules[name] = ref.path
 
     def remove(self, name: str) -> None:
-        if name not in self.modules:
-            raise KeyError(name)
-        del self.modules[name]
+        del self.modules[name]  # KeyError for a name never added
 
     def resolve(self, entries: Any, model_adapter: str | None = None) -> tuple[LoraRef, ...]:
         """A request's adapters: ``model_adapter`` (the name it gave as ``model``), then its

@@ -62,11 +62,7 @@ class LoraFeature(Feature):
         self.active = None
         for ref in refs:
             self._load(ref, keep={r.key for r in refs})
-        if refs:
-            self._set([k for k, _ in wanted], [s for _, s in wanted])
-        elif self.loaded:
-            self._disable()
-        self.active = wanted
+        self.activate(wanted)
         self.switch_s = time.perf_counter() - t0
 
     def _prepare_side_by_side(self, refs, wanted: tuple) -> None:
@@ -86,7 +82,8 @@ class LoraFeature(Feature):
         self.batcher.local.tag = wanted
 
     def activate(self, tag) -> None:
-        """Before a batched forward: the adapter set its calls were tagged with."""
+        """Puts an adapter set in place (before a batched forward: the one its calls were
+        tagged with)."""
         wanted = tag or ()
         if wanted == self.active:
             return
@@ -149,8 +146,7 @@ class LoraFeature(Feature):
     def _for_ranks(self, state: dict, ref) -> dict:
         """A copy of ``state`` (the loaders pop from the dict they get) with the factors of
         tensor-parallel layers cut to this rank's parts."""
-        tp = self.config.parallel.tensor_parallel_size > 1
-        if not tp:
+        if self.config.parallel.tensor_parallel_size <= 1:
             return dict(state)
         from vllm_omni.distributed.tensor_parallel import shard_lora_state
 

@@ -74,9 +74,6 @@ FEATURES = {
     "vae_patch_parallel": "VAE-Patch-Parallel",
     "fp8": "FP8",
 }
-# The columns this release has (each adapter declares its own cells; the engine refuses the rest).
-RELEASED = ("tea_cache", "cache_dit", "sequence_parallel", "cfg_parallel", "tensor_parallel",
-            "cpu_offload", "lora", "vae_patch_parallel", "fp8")
 
 
 class ModelAdapter:
@@ -312,7 +309,7 @@ class ModelAdapter:
         missing = [f for f in requested(config) if f not in self.features]
         if missing:
             names = ", ".join(FEATURES[f] for f in missing)
-            have = ", ".join(FEATURES[f] for f in RELEASED if f in self.features) or "none"
+            have = ", ".join(v for f, v in FEATURES.items() if f in self.features) or "none"
             model = self.models[0][0] if self.models else self.name
             raise ValueError(f"{self.spec.pipeline_class} ({model}) does not support {names}. "
                              f"Supported with this model: {have}")
@@ -362,11 +359,10 @@ class ModelAdapter:
     def check_cache(self, backend: str, cache_config: dict[str, Any]) -> None:
         if backend == "none":
             return
-        if backend == "tea_cache" and self.teacache_coefficients is None \
-                and "coefficients" not in cache_config:
-            raise ValueError(f"{self.spec.pipeline_class} has no TeaCache support (no rescaling "
-                             "coefficients for it); use --cache-backend none")
         if backend == "tea_cache":
+            if self.teacache_coefficients is None and "coefficients" not in cache_config:
+                raise ValueError(f"{self.spec.pipeline_class} has no TeaCache support (no "
+                                 "rescaling coefficients for it); use --cache-backend none")
             from vllm_omni.cache.teacache import TeaCacheConfig
 
             TeaCacheConfig.from_dict(cache_config).resolve(self.teacache_presets,

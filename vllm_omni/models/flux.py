@@ -6,7 +6,7 @@ from typing import Any
 
 from vllm_omni.engine.request import DiffusionRequest
 from vllm_omni.models.base import ModelSpec, read_json
-from vllm_omni.models.image import ImageAdapter, decode_packed_latents
+from vllm_omni.models.image import ImageAdapter, packed_preview
 from vllm_omni.models.options import GUIDANCE_SCALE
 
 
@@ -24,13 +24,11 @@ class FluxAdapter(ImageAdapter):
     empty_negative = ""
     default_steps = 28
     has_preview = True
+    preview = packed_preview
 
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:
         # FluxPipeline: do_true_cfg = true_cfg_scale > 1 and a negative prompt is given.
         return kwargs.get("true_cfg_scale", 1.0) > 1 and kwargs.get("negative_prompt") is not None
-
-    def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
-        return decode_packed_latents(pipe, latents, reqs[0].height, reqs[0].width)
 
 
 class Flux2KleinAdapter(ImageAdapter):
@@ -42,8 +40,6 @@ class Flux2KleinAdapter(ImageAdapter):
     pipeline_classes = ("Flux2KleinPipeline",)
     features = frozenset({"cfg_parallel", "tensor_parallel", "lora"})
     negative_prompt = False  # the pipeline's negative branch is always the empty prompt
-    cfg_field = "guidance_scale"
-    cfg_default = 4.0
 
     def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
         spec = super().load_spec(model_dir, pipeline_class)

@@ -23,7 +23,6 @@ class GlmImageAdapter(ImageAdapter):
     models = (("GLM-Image", "zai-org/GLM-Image"),)
     pipeline_classes = ("GlmImagePipeline",)
     features = frozenset({"lora"})
-    cfg_field = "guidance_scale"
     cfg_default = 1.5
     negative_prompt = False  # the pipeline's negative branch is fixed (no negative prompt text)
     # The prior's token grid is one token per 32 pixels (GlmImageProcessor._get_target_shape).
@@ -41,17 +40,13 @@ class GlmImageAdapter(ImageAdapter):
         spec.extra["codebook"] = int(config.get("prior_vq_quantizer_codebook_size", 16384))
         return spec
 
-    @staticmethod
-    def prior_tokens(width: int, height: int) -> int:
-        # One token per 32 pixels, upsampled 2x per side for the DiT (GlmImagePipeline).
-        return (height // 32) * (width // 32) * 4
-
     def validate(self, req: DiffusionRequest, given: set[str]) -> None:
         super().validate(req, given)
         ids = req.options.get("prior_token_ids")
         if ids is None:
             return
-        want = self.prior_tokens(req.width, req.height)
+        # One token per 32 pixels, upsampled 2x per side for the DiT (GlmImagePipeline).
+        want = (req.height // 32) * (req.width // 32) * 4
         if len(ids) != want:
             raise InvalidRequestError(
                 f"prior_token_ids has {len(ids)} tokens; a {req.width}x{req.height} image takes "

@@ -2,8 +2,8 @@
 
 A family adapter sets a few class attributes (which request option scales guidance, whether a
 negative prompt is accepted, the pipeline's defaults), declares its own ``options`` and overrides
-only what its pipeline does differently. Nothing here wraps the pipeline: ``pipeline_kwargs`` is exactly the keyword
-arguments of one ``pipeline.__call__``.
+only what its pipeline does differently. Nothing here wraps the pipeline: ``pipeline_kwargs`` is
+exactly the keyword arguments of one ``pipeline.__call__``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ class ImageAdapter(ModelAdapter):
     # from cfg_default (Qwen-Image: true_cfg_scale 4.0 applies once a negative prompt is there).
     cfg_default_with_negative: ClassVar[float | None] = None
     default_steps: ClassVar[int] = 50
-    # The pipeline's default output side in latent pixels (``default_sample_size``).
-    default_sample_size: ClassVar[int] = 128
     # Latent side multiple beyond the VAE factor (2 for FLUX-style 2x2 packing or patch 2).
     latent_multiple: ClassVar[int] = 2
 
@@ -47,8 +45,8 @@ class ImageAdapter(ModelAdapter):
                 int(config.get("num_layers", 1)) + int(config.get("num_single_layers", 0)))
 
     def sample_size(self, model_dir: str) -> int:
-        """The pipeline's default output side in latent pixels."""
-        return self.default_sample_size
+        """The pipeline's default output side in latent pixels (``default_sample_size``)."""
+        return 128
 
     def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
         config = self.transformer_config(model_dir)
@@ -121,9 +119,10 @@ class ImageAdapter(ModelAdapter):
         return kwargs
 
     def runs_cfg(self, scale: float | None, has_negative: bool = False) -> bool:
-        """Whether the pipeline runs CFG at this requested scale (None: its default)."""
+        """Whether the pipeline runs CFG at this requested scale (None: its default, or the
+        checkpoint's own where the spec records one: the video and audio models)."""
         if scale is None:
-            scale = self.cfg_default
+            scale = self.spec.extra.get("guidance_scale", self.cfg_default)
             if has_negative and self.cfg_default_with_negative is not None:
                 scale = self.cfg_default_with_negative
         return scale > self.cfg_above
@@ -153,14 +152,16 @@ class ImageAdapter(ModelAdapter):
         return kwargs
 
 
-def decode_packed_latents(pipe: Any, latents: Any, height: int, width: int) -> list[Any]:
-    """FLUX-style previews: unpack 2x2-packed latents, undo the VAE scaling, decode."""
-    x = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
-    return decode_latents(pipe, x)
-
-
-def decode_latents(pipe: Any, x: Any) -> list[Any]:
+# ``ModelAdapter.preview`` implementations, assigned as methods (``preview = latent_preview``).
+def latent_preview(adapter: Any, pipe: Any, latents: Any, reqs: list) -> list[Any]:
+    """Previews of latents in the VAE's own layout: undo the VAE scaling, decode."""
     vae = pipe.vae
-    x = x.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+    x = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     image = vae.decode(x, return_dict=False)[0]
     return pipe.image_processor.postprocess(image, output_type="pil")
+
+
+def packed_preview(adapter: Any, pipe: Any, latents: Any, reqs: list) -> list[Any]:
+    """FLUX-style previews: unpack 2x2-packed latents, then as ``latent_preview``."""
+    x = pipe._unpack_latents(latents, reqs[0].height, reqs[0].width, pipe.vae_scale_factor)
+    return latent_preview(adapter, pipe, x, reqs)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_omni.engine.request import DiffusionRequest
-from vllm_omni.models.image import ImageAdapter, decode_packed_latents
+from vllm_omni.models.image import ImageAdapter, packed_preview
 from vllm_omni.models.options import Option
 from vllm_omni.utils.image import source_size
 
@@ -23,12 +23,9 @@ class LongCatImageAdapter(ImageAdapter):
     options = (Option("enable_prompt_rewrite", bool, "Rewrite the prompt with the text encoder "
                       "first (up to 512 generated tokens; default on, as in diffusers)",
                       batchable=True),)
-    cfg_field = "guidance_scale"
     cfg_default = 4.5
     has_preview = True
-
-    def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
-        return decode_packed_latents(pipe, latents, reqs[0].height, reqs[0].width)
+    preview = packed_preview
 
     sp_processor = "vllm_omni.models.longcat_image_attention:LongCatImageSPAttnProcessor"
     tp_plan = "vllm_omni.models.longcat_image:longcat_tp_plan"

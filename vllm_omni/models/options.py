@@ -80,6 +80,7 @@ TRUE_CFG_SCALE = Option("true_cfg_scale", float, "Classifier-free guidance scale
                         "negative pass)", ge=0, le=MAX_GUIDANCE_SCALE, batchable=True)
 CFG_OPTIONS = {o.name: o for o in (GUIDANCE_SCALE, TRUE_CFG_SCALE)}
 
+
 def cap(options: dict[str, Option], caps: dict[str, tuple[float, str]]) -> dict[str, Option]:
     """``options`` with the server's limits (option name -> (most, flag)) applied."""
     return {n: o.capped(*caps[n]) if n in caps else o for n, o in options.items()}

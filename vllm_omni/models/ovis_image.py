@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from vllm_omni.engine.request import DiffusionRequest
-from vllm_omni.models.image import ImageAdapter, decode_packed_latents
+from vllm_omni.models.image import ImageAdapter, packed_preview
 
 
 class OvisImageAdapter(ImageAdapter):
@@ -13,9 +10,6 @@ class OvisImageAdapter(ImageAdapter):
     models = (("Ovis-Image", "OvisAI/Ovis-Image"),)
     pipeline_classes = ("OvisImagePipeline",)
     features = frozenset({"cache_dit", "cfg_parallel", "lora"})
-    cfg_field = "guidance_scale"
     cfg_default = 5.0  # CFG (a second call, negative prompt "") unless guidance_scale <= 1
     has_preview = True
-
-    def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
-        return decode_packed_latents(pipe, latents, reqs[0].height, reqs[0].width)
+    preview = packed_preview

@@ -13,14 +13,10 @@ from vllm_omni.models.image import ImageAdapter
 from vllm_omni.models.options import GUIDANCE_SCALE, Option
 from vllm_omni.utils.image import source_size
 
-# Qwen's published examples use a single space as the "empty" negative prompt.
-EMPTY_NEGATIVE_PROMPT = " "
-
 
 class QwenImageAdapter(ImageAdapter):
     name = "qwen-image"
     models = (("Qwen-Image", "Qwen/Qwen-Image"), ("Qwen-Image-2512", "Qwen/Qwen-Image-2512"))
-    task = "text-to-image"
     pipeline_classes = ("QwenImagePipeline",)
     features = frozenset({"tea_cache", "cache_dit", "sequence_parallel", "cfg_parallel",
                           "tensor_parallel", "vae_patch_parallel", "cpu_offload", "lora", "fp8"})
@@ -30,7 +26,7 @@ class QwenImageAdapter(ImageAdapter):
     # The pipeline runs CFG (at its default 4.0) only when a negative prompt is given.
     cfg_default = 1.0
     cfg_default_with_negative = 4.0
-    empty_negative = EMPTY_NEGATIVE_PROMPT
+    empty_negative = " "  # Qwen's published examples' "empty" negative prompt
     has_preview = True
     # Guidance-distilled checkpoints embed it (refused by the others: refused_options).
     options = (GUIDANCE_SCALE,)
@@ -198,7 +194,7 @@ class QwenImageLayeredAdapter(QwenImageAdapter):
         kwargs = super().pipeline_kwargs(req)
         kwargs["image"] = req.images[0].convert("RGBA")  # the VAE encodes four channels
         # An empty prompt makes the pipeline caption the image (asked for with auto_caption).
-        kwargs["prompt"] = req.prompt if req.prompt else ""
+        kwargs["prompt"] = req.prompt or ""
         return kwargs
 
     def flatten_output(self, images: list[Any]) -> list[Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from vllm_omni.models.bagel import BagelAdapter
@@ -25,20 +24,12 @@ from vllm_omni.models.z_image import ZImageAdapter
 
 ADAPTERS: tuple[ModelAdapter, ...] = (
     FluxAdapter(), Flux2KleinAdapter(), GlmImageAdapter(), LongCatImageAdapter(),
-    LongCatImageEditAdapter(),
-    OvisImageAdapter(), QwenImageAdapter(), QwenImageEditAdapter(), QwenImageEditPlusAdapter(),
-    QwenImageLayeredAdapter(), StableDiffusion3Adapter(), ZImageAdapter(),
-    WanAdapter(),
-    WanI2VAdapter(),
-    StableAudioAdapter(),
-    BagelAdapter(),
+    LongCatImageEditAdapter(), OvisImageAdapter(), QwenImageAdapter(), QwenImageEditAdapter(),
+    QwenImageEditPlusAdapter(), QwenImageLayeredAdapter(), StableDiffusion3Adapter(),
+    ZImageAdapter(), WanAdapter(), WanI2VAdapter(), StableAudioAdapter(), BagelAdapter(),
 )
 
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.pipeline_classes}
-
-
-def supported_pipeline_classes() -> list[str]:
-    return sorted(_BY_CLASS)
 
 
 def load_model_spec(model_dir: str) -> ModelSpec:
@@ -51,7 +42,7 @@ def load_model_spec(model_dir: str) -> ModelSpec:
     if family is None:
         raise ValueError(
             f"{cls!r} pipelines are not supported; supported pipelines: "
-            + ", ".join(supported_pipeline_classes())
+            + ", ".join(sorted(_BY_CLASS))
         )
     adapter = type(family)()  # bound to this model: its methods read ``self.spec``
     spec = adapter.load_spec(model_dir, cls)
@@ -63,11 +54,9 @@ def load_model_spec(model_dir: str) -> ModelSpec:
 def scheduler_min_steps(model_dir: str) -> int:
     """The fewest steps the pipeline's scheduler can run: flow-matching schedulers that stretch
     the schedule to a terminal shift divide by zero with one step (NaN latents, a black image)."""
-    path = os.path.join(model_dir, "scheduler", "scheduler_config.json")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(model_dir, "scheduler", "scheduler_config.json")):
         return 1
-    with open(path) as f:
-        config = json.load(f)
+    config = read_json(model_dir, "scheduler", "scheduler_config.json")
     return 2 if config.get("shift_terminal") else 1
 
 

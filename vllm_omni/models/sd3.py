@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_omni.engine.request import DiffusionRequest
-from vllm_omni.models.image import ImageAdapter, decode_latents
+from vllm_omni.models.image import ImageAdapter, latent_preview
 
 
 class StableDiffusion3Adapter(ImageAdapter):
@@ -13,11 +12,11 @@ class StableDiffusion3Adapter(ImageAdapter):
     models = (("Stable-Diffusion-3.5", "stabilityai/stable-diffusion-3.5-large"),)
     pipeline_classes = ("StableDiffusion3Pipeline",)
     features = frozenset({"cache_dit", "cfg_parallel", "lora"})
-    cfg_field = "guidance_scale"
     cfg_default = 7.0
     default_steps = 28
     cfg_calls = "batched"  # the pipeline runs [uncond, cond] as one doubled batch
     has_preview = True
+    preview = latent_preview
 
     def sample_size(self, model_dir: str) -> int:
         # StableDiffusion3Pipeline.default_sample_size is the transformer's sample_size.
@@ -29,6 +28,3 @@ class StableDiffusion3Adapter(ImageAdapter):
 
         return BlockAdapter(transformer=transformer, blocks=transformer.transformer_blocks,
                             forward_pattern=ForwardPattern.Pattern_1, check_forward_pattern=True)
-
-    def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
-        return decode_latents(pipe, latents)

@@ -118,9 +118,6 @@ class StableAudioAdapter(ImageAdapter):
             kwargs["negative_prompt"] = req.negative_prompt
         return kwargs
 
-    def runs_cfg(self, scale: float | None, has_negative: bool = False) -> bool:
-        return (self.spec.extra["guidance_scale"] if scale is None else scale) > self.cfg_above
-
     # -- memory (vllm_omni.worker.memory) ------------------------------------------------------
     def decoded_pixels(self, req: DiffusionRequest) -> int:
         # The whole window is decoded, then cut to the clip: the cost is the same at any length.

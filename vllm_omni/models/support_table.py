@@ -12,7 +12,7 @@ import argparse
 import os
 import re
 
-from vllm_omni.models.base import FEATURES, RELEASED
+from vllm_omni.models.base import FEATURES
 from vllm_omni.models.registry import ADAPTERS
 
 BEGIN, END = "<!-- models:begin -->", "<!-- models:end -->"
@@ -25,14 +25,14 @@ TASKS = {"text-to-image": "text → image", "image-edit": "image edit (`/v1/imag
 
 
 def render() -> str:
-    head = ["model", "hub id", "pipeline", "task", *(FEATURES[f] for f in RELEASED)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + ":-:|" * len(RELEASED)]
+    head = ["model", "hub id", "pipeline", "task", *FEATURES.values()]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 4 + ":-:|" * len(FEATURES)]
     rows = []
     for a in ADAPTERS:
         for display, hub_id in a.models:
             inputs = a.image_inputs[1]
             task = TASKS[a.task] + (f", up to {inputs} images" if inputs > 1 else "")
-            cells = ["✅" if f in a.features else "❌" for f in RELEASED]
+            cells = ["✅" if f in a.features else "❌" for f in FEATURES]
             rows.append(f"| {display} | `{hub_id}` | `{a.pipeline_classes[0]}` | {task} | "
                         + " | ".join(cells) + " |")
     return "\n".join(lines + sorted(rows, key=str.lower))

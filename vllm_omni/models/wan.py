@@ -22,6 +22,7 @@ from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError, Vide
 from vllm_omni.models.base import ModelSpec, checkpoint_defaults, read_json
 from vllm_omni.models.image import ImageAdapter
 from vllm_omni.models.options import MAX_GUIDANCE_SCALE, Option
+from vllm_omni.utils.image import source_size
 
 NUM_FRAMES = Option("num_frames", int, "Frames of the video, 4k+1 (default: the model's; 81 for "
                     "the A14B models, 121 for TI2V-5B)", ge=1, le=4097, kwarg=False)
@@ -66,10 +67,6 @@ class VideoAdapter(ImageAdapter):
         """(frames, fps) of ``req``'s video."""
         return self.num_frames(req), float(req.options.get("fps", self.spec.extra["fps"]))
 
-    def defaults(self, kind: str, model_dir: str) -> dict[str, Any]:
-        """The released settings of ``kind``, overridden by the checkpoint's own."""
-        return checkpoint_defaults(model_dir, RELEASED[kind], DEFAULT_KEYS)
-
     # -- validation ------------------------------------------------------------------------------
     def num_frames(self, req: DiffusionRequest) -> int:
         return req.options.get("num_frames", self.spec.extra["num_frames"])
@@ -98,8 +95,6 @@ class VideoAdapter(ImageAdapter):
         (the Wan team's image-to-video sizing)."""
         if not images:
             return self.spec.default_width, self.spec.default_height
-        from vllm_omni.utils.image import source_size
-
         w, h = source_size(images[0])
         m, area = self.spec.size_multiple, self.spec.default_width * self.spec.default_height
         width = max(m, round(math.sqrt(area * w / h) / m) * m)
@@ -117,12 +112,8 @@ class VideoAdapter(ImageAdapter):
         kwargs.setdefault("guidance_scale", self.spec.extra["guidance_scale"])
         return kwargs
 
-    def runs_cfg(self, scale: float | None, has_negative: bool = False) -> bool:
-        return (self.spec.extra["guidance_scale"] if scale is None else scale) > self.cfg_above
-
     def artifacts(self, output: Any, reqs: list[DiffusionRequest]) -> list[Any]:
-        fps = [float(r.options.get("fps", self.spec.extra["fps"]))
-               for r in reqs for _ in range(r.num_images_per_prompt)]
+        fps = [self.video_shape(r)[1] for r in reqs for _ in range(r.num_images_per_prompt)]
         return [Video(frames=list(frames), fps=f) for frames, f in zip(output.frames, fps)]
 
     def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:
@@ -156,9 +147,7 @@ class WanAdapter(VideoAdapter):
     options = (*VideoAdapter.options, GUIDANCE_SCALE_2)
 
     def kind(self, index: dict[str, Any]) -> str:
-        if index.get("boundary_ratio") is None:
-            return "ti2v-5b"
-        return "t2v-a14b"
+        return "ti2v-5b" if index.get("boundary_ratio") is None else "t2v-a14b"
 
     def vae_scale(self, model_dir: str) -> int:
         return int(read_json(model_dir, "vae", "config.json").get("scale_factor_spatial", 8))
@@ -170,19 +159,19 @@ class WanAdapter(VideoAdapter):
         if not experts:
             raise ValueError(f"{model_dir}: {pipeline_class} without a transformer")
         config = read_json(model_dir, experts[0], "config.json")
-        defaults = self.defaults(self.kind(index), model_dir)
+        kind = self.kind(index)
+        defaults = checkpoint_defaults(model_dir, RELEASED[kind], DEFAULT_KEYS)
         # The A14B experts take turns; with one of them (or no boundary) one runs throughout.
         two_stage = len(experts) == 2 and index.get("boundary_ratio") is not None
         if not two_stage:
             defaults.pop("guidance_scale_2", None)
-        patch = config.get("patch_size", [1, 2, 2])
-        if pipeline_class == "WanPipeline" and self.kind(index) == "ti2v-5b":
+        if kind == "ti2v-5b":
             self.image_inputs = (0, 1)  # an optional first frame: image-to-video
         return ModelSpec(
             adapter=self, model_dir=model_dir, pipeline_class=pipeline_class,
             default_width=defaults["width"], default_height=defaults["height"],
             default_steps=defaults["num_inference_steps"],
-            size_multiple=self.vae_scale(model_dir) * int(patch[1]),
+            size_multiple=self.vae_scale(model_dir) * int(config.get("patch_size", [1, 2, 2])[1]),
             num_heads=int(config.get("num_attention_heads", 40)),
             num_blocks=int(config.get("num_layers", 40)),
             extra=dict(defaults, experts=tuple(experts), two_stage=two_stage,
@@ -246,7 +235,6 @@ class WanI2VAdapter(WanAdapter):
 
     def kind(self, index: dict[str, Any]) -> str:
         return "i2v-a14b"
-
 
 
 def wan_tp_plan(transformer: Any) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_omni.engine.request import DiffusionRequest
-from vllm_omni.models.image import ImageAdapter, decode_latents
+from vllm_omni.models.image import ImageAdapter, latent_preview
 
 
 class ZImageAdapter(ImageAdapter):
@@ -14,7 +14,6 @@ class ZImageAdapter(ImageAdapter):
     pipeline_classes = ("ZImagePipeline",)
     features = frozenset({"tea_cache", "cache_dit", "sequence_parallel", "tensor_parallel",
                           "vae_patch_parallel", "lora", "fp8"})
-    cfg_field = "guidance_scale"
     # Turbo is distilled to 8 denoiser calls without CFG (its model card: 9 steps, guidance 0);
     # the pipeline runs CFG (one doubled batch) for any guidance_scale > 0.
     cfg_default = 0.0
@@ -22,6 +21,7 @@ class ZImageAdapter(ImageAdapter):
     cfg_calls = "batched"
     default_steps = 9
     has_preview = True
+    preview = latent_preview
     # Every block's attention and SwiGLU in FP8; the AdaLN modulation stays in full precision.
     fp8_layers = ("layers.*", "noise_refiner.*", "context_refiner.*")
     fp8_ignore = ("*adaLN_modulation*",)
@@ -69,9 +69,6 @@ class ZImageAdapter(ImageAdapter):
             raise ValueError("TeaCache on Z-Image supports the text-to-image path only")
         scale_msa = block.adaLN_modulation(kwargs["adaln_input"]).unsqueeze(1).chunk(4, dim=2)[0]
         return block.attention_norm1(kwargs["x"]) * (1.0 + scale_msa)
-
-    def preview(self, pipe: Any, latents: Any, reqs: list[DiffusionRequest]) -> list[Any]:
-        return decode_latents(pipe, latents)
 
 
 def z_image_tp_plan(transformer: Any) -> dict[str, str]:

@@ -90,10 +90,6 @@ class Unit:
                            for t in self.tensors]
         self.offload()
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors) if self.on_device else 0
-
     def onload(self) -> None:
         if self.on_device:
             return
@@ -160,12 +156,11 @@ class OffloadFeature(Feature):
         self.hooked: list[torch.nn.Module] = []
         self.block_hooks: list[Any] = []
         self.group_offloaded: list[torch.nn.Module] = []
-        spill = None if device.type != "cpu" else (os.environ.get("VLLM_OMNI_OFFLOAD_DIR")
-                                                    or None)
+        spill = os.environ.get("VLLM_OMNI_OFFLOAD_DIR") or None  # where CPU units' files go
         if self.mode == "model":
             from accelerate.hooks import add_hook_to_module
 
-            for name, module in pipe.components.items():
+            for module in pipe.components.values():
                 if isinstance(module, torch.nn.Module):
                     unit = Unit(module, device, spill)
                     self.units.append(unit)
@@ -173,7 +168,7 @@ class OffloadFeature(Feature):
                     self.hooked.append(module)
         else:
             denoisers = self.denoisers(pipe)
-            for name, module in pipe.components.items():
+            for module in pipe.components.values():
                 if isinstance(module, torch.nn.Module) and module not in denoisers:
                     module.to(device)
             for model in denoisers:

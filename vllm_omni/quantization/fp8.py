@@ -53,11 +53,10 @@ def w8a8_available(device: torch.device, dtype: torch.dtype) -> bool:
 
 def _quantize_tokens(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row (token) of ``x2`` as FP8 with its own fp32 scale."""
-    if x2.is_cuda:
-        from vllm_omni.quantization import fp8_triton
+    from vllm_omni.quantization import fp8_triton
 
-        if fp8_triton.supports(x2):
-            return fp8_triton.quantize_rows(x2)
+    if fp8_triton.supports(x2):  # CUDA only
+        return fp8_triton.quantize_rows(x2)
     return _quantize_tokens_torch(x2)
 
 
@@ -68,21 +67,16 @@ def _quantize_tokens_torch(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return (x2 / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8), xs
 
 
-def scaled_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """``x @ (q * scale).T + bias`` with ``x`` quantized per token: one FP8 GEMM."""
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+               w8a8: bool) -> torch.Tensor:
+    """``x @ (q * scale).T + bias``: W8A8 quantizes ``x`` per token for one FP8 GEMM."""
+    if not w8a8:
+        return F.linear(x, dequantize(q, scale, x.dtype), bias)
     shape = x.shape
     xq, xs = _quantize_tokens(x.reshape(-1, shape[-1]))
     out = torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=scale.unsqueeze(0), bias=bias,
                            out_dtype=x.dtype)
     return out.reshape(*shape[:-1], out.shape[-1])
-
-
-def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-               w8a8: bool) -> torch.Tensor:
-    if w8a8:
-        return scaled_linear(x, q, scale, bias)
-    return F.linear(x, dequantize(q, scale, x.dtype), bias)
 
 
 def gemm_shape_ok(out_features: int, in_features: int) -> bool:

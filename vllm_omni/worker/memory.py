@@ -119,7 +119,6 @@ SAFETY_MARGIN_MIN = 512 * MiB
 class VaeCost:
     """How a VAE's activations scale: ``units`` elements per pixel per ``width`` channel."""
 
-    kind: str
     decode_width: int
     decode_units: float
     encode_width: int
@@ -133,7 +132,7 @@ def vae_cost(config: dict[str, Any]) -> VaeCost:
     cls = config.get("_class_name", "")
     if "base_dim" in config:  # AutoencoderKLQwenImage (and its Wan-style relatives)
         base, blocks = int(config["base_dim"]), int(config.get("num_res_blocks", 2))
-        return VaeCost(kind=cls, decode_width=base,
+        return VaeCost(decode_width=base,
                        decode_units=QWEN_DECODE_UNITS + QWEN_DECODE_UNITS_PER_RES_BLOCK * blocks,
                        encode_width=base,
                        encode_units=QWEN_ENCODE_UNITS + QWEN_ENCODE_UNITS_PER_RES_BLOCK * blocks,
@@ -141,11 +140,11 @@ def vae_cost(config: dict[str, Any]) -> VaeCost:
     if "block_out_channels" in config:  # AutoencoderKL, AutoencoderKLFlux2
         enc = [int(c) for c in config["block_out_channels"]]
         dec = [int(c) for c in (config.get("decoder_block_out_channels") or enc)]
-        return VaeCost(kind=cls, decode_width=dec[1] if len(dec) > 1 else dec[0],
+        return VaeCost(decode_width=dec[1] if len(dec) > 1 else dec[0],
                        decode_units=KL_DECODE_UNITS, encode_width=enc[0],
                        encode_units=KL_ENCODE_UNITS, slack=KL_SLACK)
     if cls == "AutoencoderOobleck":  # no encoder term: nothing is encoded from a request
-        return VaeCost(kind=cls, decode_width=int(config.get("decoder_channels", 128)),
+        return VaeCost(decode_width=int(config.get("decoder_channels", 128)),
                        decode_units=OOBLECK_DECODE_UNITS, encode_width=0, encode_units=0,
                        slack=OOBLECK_SLACK, cuda_decode_units=OOBLECK_DECODE_UNITS_CUDA)
     raise ValueError(f"no memory model for VAE {cls or config!r}: it has neither base_dim nor "
@@ -179,10 +178,6 @@ class ModelDims:
     element_size: int  # bytes per element of the loaded weights' dtype
     cfg_calls: str  # "batched": CFG runs as one call on a doubled batch
 
-    @property
-    def act_bytes(self) -> float:
-        return activation_bytes(self.element_size)
-
     @classmethod
     def from_model_dir(cls, model_dir: str, adapter: Any, spec: Any,
                        element_size: int, device_type: str = "cpu") -> "ModelDims":
@@ -202,7 +197,6 @@ class ModelDims:
 class MemoryEstimate:
     total: int
     parts: dict[str, int] = field(default_factory=dict)
-    images: int = 1  # output images of the batch
 
     @property
     def largest(self) -> str:
@@ -220,15 +214,14 @@ def estimate(dims: ModelDims, adapter: Any, reqs: Sequence[Any],
     pixels = adapter.decoded_pixels(first)
     frames = adapter.output_frames(first)
     items = sum(r.num_images_per_prompt for r in reqs)
-    images = items * frames
-    act = dims.act_bytes
+    act = activation_bytes(dims.element_size)
     vae = dims.vae
 
     # Every decoded frame's output stays; a video VAE's working set is one chunk's frames.
     decode = (items * pixels * (act * vae.decode_units * vae.decode_width
                                 * adapter.frames_decoded_at_once(first)
                                 + DECODE_OUTPUT_BYTES_PER_PIXEL * frames) + vae.slack)
-    post = images * pixels * POST_BYTES_PER_PIXEL
+    post = items * frames * pixels * POST_BYTES_PER_PIXEL
 
     inputs = [adapter.vae_input_sizes(r) for r in reqs]
     encode = 0
@@ -247,15 +240,10 @@ def estimate(dims: ModelDims, adapter: Any, reqs: Sequence[Any],
 
     parts = {"encode": int(encode), "denoise": int(denoise), "decode": int(decode),
              "post": int(post)}
-    return MemoryEstimate(total=max(parts.values()), parts=parts,
-                          images=sum(r.num_images_per_prompt for r in reqs))
+    return MemoryEstimate(total=max(parts.values()), parts=parts)
 
 
 # -- the budget -----------------------------------------------------------------------------------
-def safety_margin(total: int) -> int:
-    return max(SAFETY_MARGIN_MIN, int(total * SAFETY_MARGIN_FRACTION))
-
-
 def free_memory(device: Any) -> tuple[int, int]:
     """(memory a call on ``device`` may still take, the safety margin already taken off it): on
     CUDA the device's free memory plus what the caching allocator holds unused; on the CPU the
@@ -264,14 +252,14 @@ def free_memory(device: Any) -> tuple[int, int]:
         import torch
 
         free, total = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        margin = safety_margin(total)
-        return max(0, free + cached - margin), margin
-    import psutil
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    else:
+        import psutil
 
-    vm = psutil.virtual_memory()
-    margin = safety_margin(vm.total)
-    return max(0, vm.available - margin), margin
+        vm = psutil.virtual_memory()
+        free, total = vm.available, vm.total
+    margin = max(SAFETY_MARGIN_MIN, int(total * SAFETY_MARGIN_FRACTION))
+    return max(0, free - margin), margin
 
 
 def format_bytes(n: float) -> str:

@@ -17,7 +17,7 @@ from vllm_omni.diffusion.data import OmniEngineConfig
 from vllm_omni.distributed.groups import ParallelGroups
 from vllm_omni.engine import errors
 from vllm_omni.engine.core import batch_key
-from vllm_omni.engine.errors import InvalidRequestError, RequestTooLargeError
+from vllm_omni.engine.errors import InvalidRequestError
 from vllm_omni.engine.messages import CANCEL_REASONS
 from vllm_omni.engine.request import DiffusionOutput, DiffusionRequest, PartialFn, ProgressFn
 from vllm_omni.features import Feature, build_features
@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
-
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -151,9 +150,8 @@ class ModelRunner:
         runnable, outputs = self._loadable(batch)
         if runnable:
             calls, refused = self._plan_memory(runnable)
-            for i in refused:
-                outputs[runnable[i].request_id] = DiffusionOutput(runnable[i].request_id,
-                                                                  error=refused[i])
+            for i, e in refused.items():
+                outputs[runnable[i].request_id] = DiffusionOutput(runnable[i].request_id, error=e)
             try:
                 for call in calls:  # one pipeline call each, in order (see memory.plan_batch)
                     outputs.update(self._run([runnable[i] for i in call], progress, partial))
@@ -267,7 +265,9 @@ class ModelRunner:
         try:  # a request the estimate cannot describe runs as it would have without the check
             calls, refused = memory.plan_batch(
                 len(reqs), lambda idx: self.estimate_memory([reqs[i] for i in idx]).total, limit)
-            errors = {i: self._memory_error(reqs[i], limit, where) for i in refused}
+            errors = {i: memory.too_large_error(reqs[i], lambda r: self.estimate_memory([r]),
+                                                limit, where, self.adapter,
+                                                self.spec.size_multiple) for i in refused}
         except Exception:  # the same on every rank: it depends on the requests and model alone
             logger.exception("memory estimate failed; running the batch unchecked")
             return everything, {}
@@ -275,10 +275,6 @@ class ModelRunner:
             logger.info("batch of %d split into %d calls to fit %s", len(reqs), len(calls),
                         memory.format_bytes(limit))
         return calls, errors
-
-    def _memory_error(self, req: DiffusionRequest, limit: int, where: str) -> RequestTooLargeError:
-        return memory.too_large_error(req, lambda r: self.estimate_memory([r]), limit, where,
-                                      self.adapter, self.spec.size_multiple)
 
     def _cancel_code(self, request_id: str) -> int:
         """0: run on; else 1 + the reason's index in ``CANCEL_REASONS``."""
@@ -346,10 +342,8 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
         ids = ", ".join(r.request_id for r in reqs)
         try:
-            if len(reqs) == 1:
-                kwargs = self.adapter.pipeline_kwargs(reqs[0])
-            else:
-                kwargs = self.adapter.batch_pipeline_kwargs(reqs)
+            kwargs = (self.adapter.pipeline_kwargs(reqs[0]) if len(reqs) == 1
+                      else self.adapter.batch_pipeline_kwargs(reqs))
             on_step = self._step_callback(reqs, progress, partial)
             pipe = self.adapter.pipeline_for(self.pipe, reqs)
             if self.batcher is not None:  # calls run side by side: state of their own

@@ -70,11 +70,6 @@ class _Call:
     placeholder: torch.Tensor | None = None
 
 
-def _sample_count(kwargs: dict[str, Any]) -> int | None:
-    hs = kwargs.get("hidden_states")
-    return hs.shape[0] if isinstance(hs, torch.Tensor) and hs.ndim >= 1 else None
-
-
 @dataclass(frozen=True)
 class Padding:
     """A per-sample input whose length may differ between calls (a prompt's tokens): padded
@@ -296,7 +291,8 @@ class StepBatcher:
 
             params = list(inspect.signature(forward).parameters)
             kwargs = {**dict(zip(params, args)), **kwargs}
-        size = _sample_count(kwargs)
+        hs = kwargs.get("hidden_states")
+        size = hs.shape[0] if isinstance(hs, torch.Tensor) and hs.ndim >= 1 else None
         local = self.local
         call = _Call(module, forward, kwargs, size or 0,
                      (local.tag, *_key(module, kwargs, size, self.padding)),

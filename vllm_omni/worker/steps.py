@@ -38,9 +38,8 @@ def preview_steps(total: int, count: int) -> list[int]:
     never the last step (the final image follows it)."""
     if count <= 0 or total < 2:
         return []
-    steps = sorted({min(total - 2, max(0, round(total * (j + 1) / (count + 1)) - 1))
-                    for j in range(count)})
-    return steps
+    return sorted({min(total - 2, max(0, round(total * (j + 1) / (count + 1)) - 1))
+                   for j in range(count)})
 
 
 class NonFiniteError(RuntimeError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import socket
 
 from vllm_omni.diffusion.data import (
@@ -52,7 +53,7 @@ def _positive(kind):
 def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
     g = parser.add_argument_group(OMNI_GROUP, "Diffusion serving (vllm_omni). These flags, and "
                                   "the vLLM flags listed in the epilog, apply with --omni.")
-    actions = [
+    return [
         g.add_argument("--omni", action="store_true",
                        help="Serve a diffusion pipeline with vllm_omni instead of an LLM."),
         g.add_argument("--usp", "--ulysses-degree", dest="ulysses_degree", type=int, default=1,
@@ -151,7 +152,6 @@ def _add_omni_args(parser: argparse.ArgumentParser) -> list[argparse.Action]:
                        help="Serve no playground page (GET / and /playground), for deployments "
                             "that want the API alone."),
     ]
-    return actions
 
 
 def make_parser():
@@ -269,7 +269,7 @@ def config_from_args(args: argparse.Namespace, serve_parser):
     return config, spec
 
 
-def limits_from_args(args: argparse.Namespace, spec, config: OmniEngineConfig | None = None):
+def limits_from_args(args: argparse.Namespace, spec, config: OmniEngineConfig):
     """The API server's admission limits; warm-up sizes are checked against the model now."""
     from vllm_omni.engine.input_processor import InputProcessor
     from vllm_omni.engine.request import InvalidRequestError
@@ -322,17 +322,15 @@ def job_store_from_args(args: argparse.Namespace, spec, config: OmniEngineConfig
 
 
 def default_video_dir(model_name: str) -> str:
-    import re
-
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(cache, "vllm_omni", "videos", re.sub(r"[^A-Za-z0-9._-]+", "--",
                                                              model_name).strip("-."))
 
 
-def warmup_steps(args: argparse.Namespace, spec, config: OmniEngineConfig | None) -> int:
+def warmup_steps(args: argparse.Namespace, spec, config: OmniEngineConfig) -> int:
     """--warmup-steps, or its default: 2, or 4 where a cache-dit step mask needs it."""
     steps = args.warmup_steps
-    if config is None or config.cache_backend != "cache_dit":
+    if config.cache_backend != "cache_dit":
         return 2 if steps is None else steps
     from vllm_omni.cache.cache_dit import CacheDiTConfig, mask_supports
 
@@ -368,18 +366,15 @@ def playground_url(args: argparse.Namespace, host: str) -> str:
     return f"{scheme}://{host}:{args.port}{(args.root_path or '').rstrip('/')}/playground"
 
 
-def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits=None,
-               job_store=None, core=None) -> None:
-    """``core``: an ``EngineCoreProcess`` started early, for the engine (default: a new one)."""
+def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits,
+               job_store, core) -> None:
+    """``core``: an ``EngineCoreProcess`` started early, for the engine (None: a new one)."""
     import uvicorn
     from vllm import envs
 
     from vllm_omni.engine.data_parallel import start_engine
     from vllm_omni.entrypoints.openai.api_server import build_app
     from vllm_omni.entrypoints.openai.connections import guarded_protocol
-    from vllm_omni.entrypoints.openai.limits import ServingLimits
-
-    limits = limits or ServingLimits()
 
     # Bind the port before the engine starts, as vLLM does: the workers open many TCP
     # connections while loading, and one of them could take a port chosen but not yet bound.

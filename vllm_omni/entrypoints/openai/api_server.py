@@ -26,7 +26,12 @@ from vllm_omni.entrypoints.openai.image_store import ImageStore
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
 from vllm_omni.entrypoints.openai import playground
-from vllm_omni.entrypoints.openai.protocol import FORM_LORA, OpenAIError, request_models
+from vllm_omni.entrypoints.openai.protocol import (
+    FORM_FILE,
+    OpenAIError,
+    form_request_body,
+    request_models,
+)
 from vllm_omni.entrypoints.openai.serving import ClientDisconnected, Serving
 from vllm_omni.entrypoints.openai.serving_images import ServingImages
 from vllm_omni.entrypoints.openai.uploads import InputDecoder, body_kind, validate_body
@@ -67,17 +72,15 @@ class BodyLimit:
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
-
-    def message(self) -> str:
-        return (f"Request body too large: this server accepts at most {self.max_bytes} bytes "
-                "(--max-upload-mb)")
+        self.message = (f"Request body too large: this server accepts at most {max_bytes} bytes "
+                        "(--max-upload-mb)")
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            e = OpenAIError(413, self.message(), code="request_too_large")
+            e = OpenAIError(413, self.message, code="request_too_large")
             return await JSONResponse(e.body(), status_code=413)(scope, receive, send)
         seen = 0
 
@@ -88,7 +91,7 @@ class BodyLimit:
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
                     # An HTTPException passes FastAPI's body parsing and reaches our handler.
-                    raise StarletteHTTPException(413, self.message())
+                    raise StarletteHTTPException(413, self.message)
             return msg
 
         await self.app(scope, counted, send)
@@ -103,24 +106,10 @@ PUBLIC_ROUTES = frozenset({"/health", "/metrics", "/version", "/docs", "/docs/oa
 SIGNED_ROUTE = re.compile(r"/v1/images/[^/]+/content")
 
 
-def route_path(scope) -> str:
-    """The path the router matches: with the root path (--root-path) removed, if present.
-    Starlette's own function, so that auth sees exactly what the router routes."""
-    return get_route_path(scope)
-
-
-def own_base_url(scope, root_path: str) -> str:
-    """This server's address as the socket the request came in on reports it (never the
-    client's Host header, which would let anyone have links built to their host)."""
-    host, port = scope.get("server") or ("127.0.0.1", 80)
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{scope.get('scheme', 'http')}://{host}:{port}{root_path}"
-
-
 class ApiKeyAuth:
     """ASGI middleware: every route but ``PUBLIC_ROUTES`` needs ``Authorization: Bearer <key>``
-    (401 if not). It matches the path the router sees, so a root-path prefix changes nothing."""
+    (401 if not). It matches the path the router sees (Starlette's own ``get_route_path``: the
+    path without --root-path), so a root-path prefix changes nothing."""
 
     def __init__(self, app, keys: list[str]):
         self.app = app
@@ -128,7 +117,7 @@ class ApiKeyAuth:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
-            path = route_path(scope)
+            path = get_route_path(scope)
             if path not in PUBLIC_ROUTES and not SIGNED_ROUTE.fullmatch(path):
                 given = dict(scope.get("headers") or []).get(b"authorization", b"")
                 if not any(hmac.compare_digest(given, a) for a in self.accepted):
@@ -149,7 +138,7 @@ class CountResponses:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not route_path(scope).startswith("/v1"):
+        if scope["type"] != "http" or not get_route_path(scope).startswith("/v1"):
             return await self.app(scope, receive, send)
         status = 500
 
@@ -167,43 +156,37 @@ class CountResponses:
 
 
 def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str], *,
-              model_root: str, api_keys: list[str] | None = None, seed: int | None = None,
-              root_path: str = "", limits: ServingLimits | None = None,
-              metrics: ServerMetrics | None = None, public_url: str | None = None,
-              job_store=None, loras=None, playground_url: str | None = None) -> FastAPI:
+              model_root: str, api_keys: list[str], seed: int | None, root_path: str,
+              limits: ServingLimits, public_url: str | None, job_store, loras,
+              playground_url: str | None) -> FastAPI:
     """``job_store``: a video model's ``video_jobs.JobStore``; ``loras``: the server's
     ``lora.LoraRegistry``; ``playground_url``: where the playground page is (None: no page)."""
-    from vllm_omni.lora import LoraRegistry
-
-    loras = loras or LoraRegistry()
-    limits = limits or ServingLimits()
-    metrics = metrics or ServerMetrics(served_model_names[0])
+    adapter = spec.adapter
+    metrics = ServerMetrics(served_model_names[0], limits.max_in_flight)
     decoder = InputDecoder(spec)
     created = int(time.time())
     warm = asyncio.Event()
-    if spec.adapter.output == "video":
+    if adapter.output == "video":
         from vllm_omni.entrypoints.openai import serving_videos
 
         serving = serving_videos.ServingVideos(engine, spec, served_model_names, seed,
                                                job_store, limits, metrics, loras)
-    elif spec.adapter.output == "audio":
+    elif adapter.output == "audio":
         from vllm_omni.entrypoints.openai import serving_audio
 
         serving = serving_audio.ServingAudio(engine, spec, served_model_names, seed, limits,
                                              metrics, loras)
     else:
-        store = ImageStore()
-        serving = ServingImages(engine, spec, served_model_names, seed, store, limits, metrics,
-                                loras)
+        serving = ServingImages(engine, spec, served_model_names, seed, ImageStore(), limits,
+                                metrics, loras)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        if spec.adapter.image_inputs[1]:
+        if adapter.image_inputs[1]:
             await asyncio.to_thread(decoder.start)
         tasks = [asyncio.create_task(_warm_up(serving, spec, limits, warm, playground_url))]
         if job_store is not None:
-            resumed = serving.resume()
-            if resumed:
+            if resumed := serving.resume():
                 logger.info("resumed %d unfinished video jobs from %s", resumed,
                             job_store.directory)
             tasks.append(asyncio.create_task(serving.sweep_forever()))
@@ -216,23 +199,25 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
     app = FastAPI(title="vllm_omni", version=vllm_omni.__version__, root_path=root_path,
                   lifespan=lifespan)
-    app.state.warm = warm
     engine.on_output = metrics.observe
     # Added first, so innermost (add_middleware prepends): the router reads the body through it
     # directly, and its 413 reaches our error handler.
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     # Its 408 is raised where the body is read, so it too reaches our error handler.
     app.add_middleware(BodyDeadline, timeout_s=limits.body_read_timeout_s)
-    metrics.set_limit(limits.max_in_flight)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
         return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
+    @app.exception_handler(ClientDisconnected)
+    async def _gone(request: Request, exc: ClientDisconnected):
+        # Nobody reads this; 499 is what proxies log for a client that closed the request.
+        return Response(status_code=499)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
-        e = _validation_error(exc, spec)
-        return JSONResponse(e.body(), status_code=e.status)
+        return await _openai_error(request, _validation_error(exc, spec))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -274,7 +259,6 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
 
         return {"version": vllm_omni.__version__, "vllm_version": vllm.__version__}
 
-    adapter = spec.adapter
     # What a client (the playground) needs to know to build a request beyond the request schema
     # in /openapi.json: the output, how many input images, whether streams carry previews.
     capabilities = {"output": adapter.output, "input_images": list(adapter.image_inputs),
@@ -289,20 +273,20 @@ def build_app(engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list
              "capabilities": capabilities}
             for name in served_model_names] + [
             {"id": name, "object": "model", "created": created, "owned_by": "vllm-omni",
-             "root": path, "parent": served_model_names[0], "task": spec.adapter.task}
+             "root": path, "parent": served_model_names[0], "task": adapter.task}
             for name, path in loras.modules.items()]}
 
     if playground_url is not None:
         playground.add_routes(app)
     if loras.runtime_updates:
         _lora_routes(app, loras)
-    if spec.adapter.output == "video":
+    if adapter.output == "video":
         serving_videos.add_routes(app, serving, decoder, limits)
-    elif spec.adapter.output == "audio":
+    elif adapter.output == "audio":
         serving_audio.add_routes(app, serving)
     else:
         base_url = functools.partial(_base_url, public_url, root_path)
-        _image_routes(app, serving, decoder, store, limits, request_models(spec), base_url)
+        _image_routes(app, serving, decoder, limits, request_models(spec), base_url)
     return app
 
 
@@ -351,29 +335,38 @@ def _lora_routes(app: FastAPI, loras) -> None:
 
 
 def _base_url(public_url: str | None, root_path: str, request: Request) -> str:
-    return public_url.rstrip("/") if public_url else own_base_url(request.scope, root_path)
+    """--public-url, else this server's address as the socket the request came in on reports it
+    (never the client's Host header, which would let anyone have links built to their host)."""
+    if public_url:
+        return public_url.rstrip("/")
+    host, port = request.scope.get("server") or ("127.0.0.1", 80)
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{request.scope.get('scheme', 'http')}://{host}:{port}{root_path}"
 
 
-def _image_routes(app: FastAPI, images: ServingImages, decoder: InputDecoder, store: ImageStore,
+def _image_routes(app: FastAPI, images: ServingImages, decoder: InputDecoder,
                   limits: ServingLimits, models, base_url) -> None:
     generation_model, edit_model = models
 
-    async def generations(body, request: Request) -> dict[str, Any]:
+    async def answer(body, request: Request, inputs=None, mask=None):
         if body.stream:
-            events, release = images.stream(body)
+            events, release = images.stream(body, inputs, mask)
             return StreamingResponse(events, media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"},
                                      background=BackgroundTask(release))
-        try:
-            return await images.generate(body, base_url(request), request.is_disconnected)
-        except ClientDisconnected:
-            # Nobody reads this; 499 is what proxies log for a client that closed the request.
-            return Response(status_code=499)
+        return await images.generate(body, base_url(request), request.is_disconnected, inputs,
+                                     mask)
+
+    async def generations(body, request: Request) -> dict[str, Any]:
+        return await answer(body, request)
     # The body's model is this server's (built above), which a string annotation cannot name.
     generations.__annotations__["body"] = generation_model
     app.post("/v1/images/generations")(generations)
 
-    @app.post("/v1/images/edits", openapi_extra=edit_request_body(edit_model))
+    files = {"image": {"type": "array", "items": FORM_FILE}, "mask": FORM_FILE}
+
+    @app.post("/v1/images/edits", openapi_extra=form_request_body(edit_model, files))
     async def edits(request: Request):
         """OpenAI's multipart form (image / image[] files, mask, text fields), or JSON with
         base64 / data-URL images."""
@@ -386,42 +379,21 @@ def _image_routes(app: FastAPI, images: ServingImages, decoder: InputDecoder, st
         else:
             body = validate_body(edit_model, await request.body())
             inputs, mask = await decoder.json_images(body)
-        if body.stream:
-            events, release = images.stream(body, inputs, mask)
-            return StreamingResponse(events, media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(release))
-        try:
-            return await images.generate(body, base_url(request), request.is_disconnected,
-                                         inputs, mask)
-        except ClientDisconnected:
-            return Response(status_code=499)
+        return await answer(body, request, inputs, mask)
 
     @app.get("/v1/images/{image_id}/content")
     async def image_content(image_id: str, expires: str | None = None,
                             signature: str | None = None):
         """A ``response_format=url`` image; the link's signature stands in for the API key."""
-        why = store.check_signature(image_id, expires, signature)
+        why = images.store.check_signature(image_id, expires, signature)
         if why is not None:
             raise OpenAIError(403, f"Access denied to image {image_id!r}: {why}",
                               param="signature", code="invalid_signature")
-        item = store.get(image_id)
+        item = images.store.get(image_id)
         if item is None:
             raise OpenAIError(404, f"No image with id {image_id!r} (image URLs expire after an "
                               "hour)", param="image_id", code="not_found")
         return Response(content=item[0], media_type=item[1])
-
-
-def edit_request_body(edit_model) -> dict[str, Any]:
-    """The edits route reads its body itself (multipart or JSON); this describes both forms in
-    /openapi.json, for clients and for the schema fuzzer."""
-    json_schema = edit_model.model_json_schema()
-    files = {"type": "array", "items": {"type": "string", "format": "binary"}}
-    form = {**json_schema, "properties": {
-        **json_schema["properties"], "image": files,
-        "mask": {"type": "string", "format": "binary"}, "lora": FORM_LORA}}
-    return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": form}, "application/json": {"schema": json_schema}}}}
 
 
 def warmup_params(spec: ModelSpec, steps: int, width: int, height: int):
@@ -433,23 +405,22 @@ def warmup_params(spec: ModelSpec, steps: int, width: int, height: int):
     adapter = spec.adapter
     sized = {"width": width, "height": height} if adapter.sized else {}
     params = OmniDiffusionSamplingParams(num_inference_steps=steps, seed=0, **sized)
-    n = adapter.image_inputs[0]
-    if not n:
+    if not adapter.image_inputs[0]:
         return params, []
     mode = "RGBA" if adapter.task == "image-layers" else "RGB"
-    return params, [Image.new(mode, (width, height), (128,) * len(mode))] * n
+    return params, [Image.new(mode, (width, height), (128,) * len(mode))] * adapter.image_inputs[0]
 
 
 async def _warm_up(serving: Serving, spec: ModelSpec, limits: ServingLimits,
-                   warm: asyncio.Event, playground_url: str | None = None) -> None:
+                   warm: asyncio.Event, playground_url: str | None) -> None:
     """Runs requests through the real path (input processing, engine, workers) before /health
     reports ready, so the first user request does not pay for first-call initialisation."""
     sizes = limits.warmup_sizes
     if sizes is None:
         sizes = [(spec.default_width, spec.default_height)]
+    names = [f"{w}x{h}" if w is not None else "the model's defaults" for w, h in sizes]
     t0 = time.perf_counter()
-    for width, height in sizes:
-        what = f"{width}x{height}" if width is not None else "the model's defaults"
+    for (width, height), what in zip(sizes, names):
         try:
             params, inputs = warmup_params(spec, limits.warmup_steps, width, height)
             # Every data-parallel replica, side by side: each has its own first calls to make.
@@ -465,9 +436,7 @@ async def _warm_up(serving: Serving, spec: ModelSpec, limits: ServingLimits,
             logger.error("warm-up at %s failed: %s", what, error)
             return
     if sizes:
-        logger.info("warmed up at %s in %.1fs", ", ".join(
-            f"{w}x{h}" if w is not None else "the model's defaults" for w, h in sizes),
-            time.perf_counter() - t0)
+        logger.info("warmed up at %s in %.1fs", ", ".join(names), time.perf_counter() - t0)
     warm.set()
     if playground_url is not None:
         logger.info("ready: try it at %s", playground_url)

@@ -14,7 +14,7 @@ import threading
 import time
 from collections import OrderedDict
 
-MIME = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+from vllm_omni.entrypoints.openai.encoders import IMAGE_TYPES
 
 
 class ImageStore:
@@ -31,7 +31,7 @@ class ImageStore:
         """Stores the image; returns its expiry (Unix seconds) for the signed URL."""
         with self._lock:
             self._evict(time.monotonic())
-            self._items[image_id] = (time.monotonic() + self.ttl_s, data, MIME[fmt])
+            self._items[image_id] = (time.monotonic() + self.ttl_s, data, IMAGE_TYPES[fmt])
             self._bytes += len(data)
             while self._bytes > self.max_bytes and len(self._items) > 1:
                 _, (_, old, _) = self._items.popitem(last=False)

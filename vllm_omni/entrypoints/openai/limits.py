@@ -42,8 +42,8 @@ class ServingLimits:
 
     def __post_init__(self) -> None:
         for name in ("max_queue_len", "max_num_seqs", "data_parallel_size",
-                     "max_images_per_request",
-                     "max_inference_steps", "max_body_bytes", "warmup_steps", "max_connections"):
+                     "max_images_per_request", "max_inference_steps", "max_body_bytes",
+                     "warmup_steps", "max_connections"):
             v = getattr(self, name)
             lo = 0 if name in ("max_queue_len", "warmup_steps") else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:

@@ -20,11 +20,10 @@ _SECONDS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160, 320, 640
 class ServerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, model_name: str):
+    def __init__(self, model_name: str, max_in_flight: int):
         # One registry per app: several servers (tests) can live in one process.
         self.registry = r = CollectorRegistry()
-        labels = {"model_name": model_name}
-        self._labels = labels
+        self._labels = {"model_name": model_name}
         names = ["model_name"]
         engine = [*names, "replica"]  # series fed by engine outputs
         self.requests = Counter("vllm_omni:requests", "HTTP requests answered, by route and "
@@ -52,7 +51,8 @@ class ServerMetrics:
             buckets=(1, 2, 4, 8, 16, 20, 28, 30, 40, 50, 75, 100, 250, 500, 1000), registry=r)
         self.batch_size = Histogram("vllm_omni:batch_size", "Size of the batch each request ran "
                                     "in (step batching: requests per denoiser forward, the "
-                                    "request's mean)", engine, buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+                                    "request's mean)", engine, buckets=(1, 2, 4, 8, 16, 32, 64),
+                                    registry=r)
         self.cache_skip_ratio = Histogram(
             "vllm_omni:cache_skip_ratio", "Share of transformer calls served from the step cache",
             engine, buckets=(0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0), registry=r)
@@ -74,13 +74,11 @@ class ServerMetrics:
                              "answered", names, registry=r)
         self.max_in_flight = Gauge("vllm_omni:max_requests_in_flight", "Admission limit "
                                    "(--max-queue-len plus one running batch)", names, registry=r)
+        self.max_in_flight.labels(**self._labels).set(max_in_flight)
         self.healthy = Gauge("vllm_omni:healthy", "1 when /health answers 200", names, registry=r)
         self.replica_ready = Gauge("vllm_omni:replica_ready", "1 while a data-parallel replica "
                                    "takes requests (0 while its workers restart)", engine,
                                    registry=r)
-
-    def set_limit(self, max_in_flight: int) -> None:
-        self.max_in_flight.labels(**self._labels).set(max_in_flight)
 
     def set_state(self, in_flight: int | None = None, healthy: bool | None = None,
                   replicas: list[bool] | None = None) -> None:
@@ -100,27 +98,16 @@ class ServerMetrics:
     def observe(self, out: DiffusionOutput, replica: int = 0) -> None:
         """One engine output (success, error or cancellation) of data-parallel ``replica``."""
         m, lab = out.metrics, {**self._labels, "replica": str(replica)}
-        if out.error is None:
-            outcome = "ok"
-        elif out.error.code == "cancelled":
-            outcome = "cancelled"
-        elif out.error.code == "timeout":
-            outcome = "timed_out"
-        else:
-            outcome = "error"
+        outcome = "ok" if out.error is None else {
+            "cancelled": "cancelled", "timeout": "timed_out"}.get(out.error.code, "error")
         self.engine_outcomes.labels(**lab, outcome=outcome).inc()
-        if "queue_wait_s" in m:
-            self.queue_wait.labels(**lab).observe(m["queue_wait_s"])
-        if "batch_size" in m:
-            self.batch_size.labels(**lab).observe(m["batch_size"])
-        if "first_step_s" in m:
-            self.first_step.labels(**lab).observe(m["first_step_s"])
-        if "e2e_s" in m:
-            self.e2e.labels(**lab).observe(m["e2e_s"])
-        if m.get("denoise_s"):
-            self.denoise.labels(**lab).observe(m["denoise_s"])
-        if m.get("vae_s"):
-            self.vae.labels(**lab).observe(m["vae_s"])
+        for key, series in (("queue_wait_s", self.queue_wait), ("batch_size", self.batch_size),
+                            ("first_step_s", self.first_step), ("e2e_s", self.e2e)):
+            if key in m:
+                series.labels(**lab).observe(m[key])
+        for key, series in (("denoise_s", self.denoise), ("vae_s", self.vae)):
+            if m.get(key):
+                series.labels(**lab).observe(m[key])
         if "steps_completed" in m:
             self.steps.labels(**lab).inc(m["steps_completed"])
             self.steps_per_request.labels(**lab).observe(m["steps_completed"])

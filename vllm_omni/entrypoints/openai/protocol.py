@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any, ClassVar, Literal, Optional
 
@@ -16,17 +17,26 @@ from vllm_omni.models.options import MAX_SEED
 LoraField = Optional[dict[str, Any] | list[dict[str, Any]] | str]
 
 
-# How a multipart form carries ``lora`` (its JSON), for /openapi.json.
+# How a multipart form carries ``lora`` (its JSON) and a file, for /openapi.json.
 FORM_LORA = {"type": "string", "description": "LoRA adapters as JSON: {name, path, scale} or a "
              "list of them"}
+FORM_FILE = {"type": "string", "format": "binary"}
+
+
+def form_request_body(model: type[BaseModel], files: dict[str, Any]) -> dict[str, Any]:
+    """``openapi_extra`` of a route that reads its body itself: ``model`` as JSON, or as a
+    multipart form with ``files`` uploaded; both in /openapi.json, for clients and for the
+    schema fuzzer."""
+    schema = model.model_json_schema()
+    form = {**schema, "properties": {**schema["properties"], **files, "lora": FORM_LORA}}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": form}, "application/json": {"schema": schema}}}}
 
 
 def lora_entries(value: Any) -> Any:
     """The ``lora`` field with a form's JSON string decoded."""
     if not isinstance(value, str):
         return value
-    import json
-
     try:
         return json.loads(value)
     except ValueError:
@@ -148,14 +158,17 @@ class ImageEditRequest(ImageRequestBase):
     neutral = {**ImageRequestBase.neutral, "input_fidelity": (None,)}
 
 
+def with_options(name: str, base: type[BaseModel], options) -> Any:
+    """Request model ``name``: ``base`` plus the served model's ``options`` (each optional), so
+    /openapi.json shows exactly them and any other option is an unknown field."""
+    fields = {o.name: (Optional[o.annotation], Field(None, description=o.doc)) for o in options}
+    return create_model(name, __base__=base, __module__=base.__module__, **fields)
+
+
 def request_models(spec: ModelSpec) -> tuple[type[ImageGenerationRequest], type[ImageEditRequest]]:
-    """The generation and edit request models of one served model: the fields above plus its
-    options, so /openapi.json shows exactly them and any other option is an unknown field."""
+    """The generation and edit request models of one served model."""
     schema = spec.adapter.schema().values()
-
-    def build(base: type[ImageRequestBase], task: str) -> Any:
-        fields = {o.name: (Optional[o.annotation], Field(None, description=o.doc))
-                  for o in schema if task in o.tasks}
-        return create_model(base.__name__, __base__=base, __module__=__name__, **fields)
-
-    return build(ImageGenerationRequest, "generate"), build(ImageEditRequest, "edit")
+    generate = [o for o in schema if "generate" in o.tasks]
+    edit = [o for o in schema if "edit" in o.tasks]
+    return (with_options("ImageGenerationRequest", ImageGenerationRequest, generate),
+            with_options("ImageEditRequest", ImageEditRequest, edit))

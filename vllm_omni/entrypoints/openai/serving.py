@@ -72,16 +72,13 @@ def extension(req: DiffusionRequest, out: DiffusionOutput) -> dict[str, Any]:
 
 class Serving:
     def __init__(self, engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str],
-                 seed: int | None, limits: ServingLimits | None = None,
-                 metrics: ServerMetrics | None = None, loras=None):
-        """``loras``: the server's ``lora.LoraRegistry`` (None: no LoRA)."""
-        from vllm_omni.lora import LoraRegistry
-
+                 seed: int | None, limits: ServingLimits, metrics: ServerMetrics, loras):
+        """``loras``: the server's ``lora.LoraRegistry``."""
         self.engine = engine
-        self.loras = loras or LoraRegistry()
+        self.loras = loras
         self.spec = spec
         self.served_model_names = served_model_names
-        self.limits = limits or ServingLimits()
+        self.limits = limits
         self.inputs = InputProcessor(spec, seed, self.limits.caps, self.loras)
         self.metrics = metrics
         self.in_flight = 0  # admitted, not yet answered (the event loop is single-threaded)
@@ -115,8 +112,7 @@ class Serving:
         """Counts a request in, or refuses it with 429 when the queue is full."""
         lim = self.limits
         if self.in_flight >= lim.max_in_flight:
-            if self.metrics is not None:
-                self.metrics.reject("queue_full")
+            self.metrics.reject("queue_full")
             waits = max(1, self.in_flight - lim.max_num_seqs + 1) / lim.max_num_seqs
             retry = max(1, math.ceil(waits * (self._latency_s or 1.0)))
             raise OpenAIError(429, f"The server is busy: {self.in_flight} requests are queued or "
@@ -126,12 +122,12 @@ class Serving:
                               headers={"Retry-After": str(retry)})
         self.in_flight += 1
 
-    async def answer(self, req: DiffusionRequest, is_disconnected=None) -> DiffusionOutput:
+    async def answer(self, req: DiffusionRequest, is_disconnected) -> DiffusionOutput:
         """Admits ``req`` (429 past the queue limit), runs it, and returns its output or raises
         its error as HTTP."""
         self.admit()
         try:
-            out = await self.run(req, is_disconnected or _never_disconnected)
+            out = await self.run(req, is_disconnected)
         finally:
             self.in_flight -= 1
         if out.error is not None:
@@ -157,16 +153,14 @@ class Serving:
                 if deadline is not None and time.monotonic() > deadline:
                     self.engine.set_abort_reason(req.request_id, "timeout")
                     task.cancel()  # AsyncOmniEngine.generate sends the abort
-                    if self.metrics is not None:
-                        self.metrics.reject("timeout")
+                    self.metrics.reject("timeout")
                     raise OpenAIError(504, f"the request did not finish within "
                                       f"{self.limits.request_timeout_s:g} s (--request-timeout) "
                                       "and was cancelled", "server_error", code="timeout")
                 if await is_disconnected():
                     task.cancel()
                     logger.info("request %s: client disconnected; cancelling", req.request_id)
-                    if self.metrics is not None:
-                        self.metrics.reject("client_disconnected")
+                    self.metrics.reject("client_disconnected")
                     raise ClientDisconnected
         finally:
             if not task.done():

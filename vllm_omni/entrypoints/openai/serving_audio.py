@@ -11,17 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Literal, Optional
+from typing import Literal
 
 from fastapi import Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field
 
 from vllm_omni.engine.request import DiffusionRequest
 from vllm_omni.entrypoints.openai.encoders import AUDIO_FORMATS, encode_audio
-from vllm_omni.entrypoints.openai.protocol import LoraField, OpenAIError, lora_entries
-from vllm_omni.entrypoints.openai.serving import ClientDisconnected, Serving
-from vllm_omni.models.base import ModelSpec
+from vllm_omni.entrypoints.openai.protocol import LoraField, OpenAIError, lora_entries, with_options
+from vllm_omni.entrypoints.openai.serving import Serving
 from vllm_omni.models.options import MAX_SEED
 from vllm_omni.utils.text import log_safe
 
@@ -32,7 +31,7 @@ WINDOW = ("audio_start_in_s", "audio_end_in_s")
 
 
 class AudioRequestBase(BaseModel):
-    """Fields of ``POST /v1/audio/generate``; ``audio_request_model`` adds the model's options
+    """Fields of ``POST /v1/audio/generate``; ``add_routes`` adds the model's options
     (negative_prompt, guidance_scale)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
@@ -52,13 +51,6 @@ class AudioRequestBase(BaseModel):
     speed: float | None = Field(None, description="Playback speed: 1.0 only")
     stream_format: Literal["audio"] | None = Field(None, description="'audio' only: the clip "
                                                    "is sent whole")
-
-
-def audio_request_model(spec: ModelSpec) -> type[AudioRequestBase]:
-    fields = {o.name: (Optional[o.annotation], Field(None, description=o.doc))
-              for o in spec.adapter.schema().values() if o.name not in WINDOW}
-    return create_model("AudioGenerateRequest", __base__=AudioRequestBase, __module__=__name__,
-                        **fields)
 
 
 class ServingAudio(Serving):
@@ -88,13 +80,12 @@ class ServingAudio(Serving):
         req = self.process(body.input, request_id, model=body.model,
                            num_inference_steps=body.num_inference_steps, seed=body.seed,
                            lora=lora_entries(body.lora), extra_args=options)
-        window = adapter.window(req)
         logger.info("request %s: %.2f-%.2f s, %d steps, seed=%d, format=%s, user=%s", request_id,
-                    *window, req.num_inference_steps, req.seed, body.response_format,
+                    *adapter.window(req), req.num_inference_steps, req.seed, body.response_format,
                     None if body.user is None else log_safe(body.user))
         return req
 
-    async def generate(self, body: AudioRequestBase, is_disconnected=None) -> Response:
+    async def generate(self, body: AudioRequestBase, is_disconnected) -> Response:
         req = self.prepare(body)
         audio = (await self.answer(req, is_disconnected)).audios[0]
         data, media_type = await asyncio.to_thread(encode_audio, audio, body.response_format)
@@ -107,10 +98,9 @@ def add_routes(app, audio: ServingAudio) -> None:
     async def generate_audio(body, request: Request):
         """Generates a clip and answers its bytes (``response_format``: wav, flac, mp3, opus
         or pcm), with ``X-Seed``, ``X-Sample-Rate`` and ``X-Channels`` headers."""
-        try:
-            return await audio.generate(body, request.is_disconnected)
-        except ClientDisconnected:
-            return Response(status_code=499)
+        return await audio.generate(body, request.is_disconnected)
     # The body's model is this server's, which a string annotation cannot name.
-    generate_audio.__annotations__["body"] = audio_request_model(audio.spec)
+    generate_audio.__annotations__["body"] = with_options(
+        "AudioGenerateRequest", AudioRequestBase,
+        [o for o in audio.spec.adapter.schema().values() if o.name not in WINDOW])
     app.post("/v1/audio/generate", response_class=Response)(generate_audio)

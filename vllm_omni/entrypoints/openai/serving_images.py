@@ -37,8 +37,8 @@ logger = logging.getLogger("vllm_omni.api")
 
 class ServingImages(Serving):
     def __init__(self, engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str],
-                 seed: int | None, store: ImageStore, limits: ServingLimits | None = None,
-                 metrics: ServerMetrics | None = None, loras=None):
+                 seed: int | None, store: ImageStore, limits: ServingLimits,
+                 metrics: ServerMetrics, loras):
         super().__init__(engine, spec, served_model_names, seed, limits, metrics, loras)
         self.store = store
 
@@ -72,10 +72,9 @@ class ServingImages(Serving):
                     None if body.user is None else log_safe(body.user))
         return req
 
-    async def generate(self, body: ImageRequestBase, base_url: str, is_disconnected=None,
+    async def generate(self, body: ImageRequestBase, base_url: str, is_disconnected,
                        images: list | None = None, mask=None) -> dict[str, Any]:
         req = self.prepare(body, images, mask)
-        request_id = req.request_id
         out = await self.answer(req, is_disconnected)
 
         fmt = body.output_format
@@ -84,7 +83,7 @@ class ServingImages(Serving):
         data = []
         for i, blob in enumerate(encoded):
             if body.response_format == "url":
-                image_id = f"{request_id}-{i}"
+                image_id = f"{req.request_id}-{i}"
                 expires = self.store.put(image_id, blob, fmt)
                 data.append({"url": f"{base_url}/v1/images/{image_id}/content?"
                                     f"{self.store.signed_query(image_id, expires)}",
@@ -133,8 +132,7 @@ class ServingImages(Serving):
             data = {"type": kind, "b64_json": base64.b64encode(
                 encode_image(image, fmt, compression)).decode(), "created_at": int(time.time()),
                 "size": size, "quality": "auto", "background": self.background,
-                "output_format": fmt,
-                **fields}
+                "output_format": fmt, **fields}
             return f"event: {kind}\ndata: {json.dumps(data)}\n\n".encode()
 
         def error_event(e: OpenAIError) -> bytes:

@@ -12,36 +12,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 import logging
 import re
 import sqlite3
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vllm_omni.engine.async_engine import AsyncOmniEngine
-from vllm_omni.engine.request import DiffusionRequest, Video
+from vllm_omni.engine.request import DiffusionRequest
 from vllm_omni.entrypoints.openai.encoders import encode_image, encode_video
 from vllm_omni.entrypoints.openai.limits import ServingLimits
 from vllm_omni.entrypoints.openai.metrics import ServerMetrics
 from vllm_omni.entrypoints.openai.protocol import (
-    FORM_LORA,
+    FORM_FILE,
     LoraField,
     OpenAIError,
+    form_request_body,
     lora_entries,
     parse_size,
+    with_options,
 )
-from vllm_omni.entrypoints.openai.serving import (
-    ClientDisconnected,
-    Serving,
-    _never_disconnected,
-    openai_error,
-)
+from vllm_omni.entrypoints.openai.serving import Serving, _never_disconnected, openai_error
 from vllm_omni.entrypoints.openai.uploads import add_text_field, body_kind, validate_body
 from vllm_omni.entrypoints.openai.video_jobs import JobStore, VideoJob
 from vllm_omni.models.base import ModelSpec
@@ -50,11 +48,12 @@ from vllm_omni.models.options import MAX_SEED
 logger = logging.getLogger("vllm_omni.api")
 
 _SECONDS = re.compile(r"[0-9]{1,4}(\.[0-9]{1,3})?")
-POLL_AFTER_MS = 500  # the openai client waits this long between retrievals (header below)
+# How long the openai client waits between retrievals of a job.
+POLL_HEADERS = {"openai-poll-after-ms": "500"}
 
 
 class VideoRequestBase(BaseModel):
-    """Fields of ``POST /v1/videos``; ``video_request_model`` adds the served model's options."""
+    """Fields of ``POST /v1/videos``; ``ServingVideos`` adds the served model's options."""
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -68,12 +67,6 @@ class VideoRequestBase(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     user: str | None = Field(None, max_length=256)
     lora: LoraField = Field(None, description="LoRA adapters: {name, path, scale} or a list")
-
-
-def video_request_model(spec: ModelSpec) -> type[VideoRequestBase]:
-    fields = {o.name: (Optional[o.annotation], Field(None, description=o.doc))
-              for o in spec.adapter.schema().values()}
-    return create_model("VideoRequest", __base__=VideoRequestBase, __module__=__name__, **fields)
 
 
 def reference_source(value: Any) -> Any:
@@ -93,11 +86,12 @@ def reference_source(value: Any) -> Any:
 
 class ServingVideos(Serving):
     def __init__(self, engine: AsyncOmniEngine, spec: ModelSpec, served_model_names: list[str],
-                 seed: int | None, store: JobStore, limits: ServingLimits | None = None,
-                 metrics: ServerMetrics | None = None, loras=None):
+                 seed: int | None, store: JobStore, limits: ServingLimits,
+                 metrics: ServerMetrics, loras):
         super().__init__(engine, spec, served_model_names, seed, limits, metrics, loras)
         self.store = store
-        self.request_model = video_request_model(spec)
+        self.request_model = with_options("VideoRequest", VideoRequestBase,
+                                          spec.adapter.schema().values())
         self.tasks: dict[str, asyncio.Task] = {}
         # Jobs whose record is newer here than in the store: running ones (their progress) and
         # any whose last save failed (a full disk), so retrieval never shows a stale
@@ -126,20 +120,6 @@ class ServingVideos(Serving):
                             height=height, seed=body.seed, lora=lora_entries(body.lora),
                             extra_args=options)
 
-    def _describe(self, req: DiffusionRequest) -> tuple[str, str]:
-        """(size, seconds) as the job object shows them."""
-        frames, fps = self.spec.adapter.video_shape(req)
-        return f"{req.width}x{req.height}", f"{frames / fps:g}"
-
-    async def generate(self, req: DiffusionRequest, is_disconnected=None,
-                       on_progress=None) -> Video:
-        """Runs ``req`` (admitted by the caller): its video, or an ``OpenAIError``."""
-        out = await self.run(req, is_disconnected or _never_disconnected,
-                             on_progress=on_progress)
-        if out.error is not None:
-            raise openai_error(out.error)
-        return out.videos[0]
-
     async def sync(self, body: VideoRequestBase, reference: Image.Image | None,
                    is_disconnected) -> tuple[bytes, DiffusionRequest]:
         """``POST /v1/videos/sync``: the mp4 of one request, without a job."""
@@ -157,9 +137,10 @@ class ServingVideos(Serving):
         req = self.prepare(body, reference, job_id)
         self.admit()
         try:
-            size, seconds = self._describe(req)
+            frames, fps = self.spec.adapter.video_shape(req)
             job = VideoJob(id=job_id, model=body.model or self.served_model_names[0],
-                           prompt=req.prompt, size=size, seconds=seconds,
+                           prompt=req.prompt, size=f"{req.width}x{req.height}",
+                           seconds=f"{frames / fps:g}",
                            params={**fields, "seed": req.seed},
                            has_reference=reference is not None)
             await asyncio.to_thread(self._add, job, reference)
@@ -193,13 +174,15 @@ class ServingVideos(Serving):
 
         try:
             job.error = None
-            video = await self.generate(req, on_progress=on_progress)
+            out = await self.run(req, _never_disconnected, on_progress=on_progress)
+            if out.error is not None:
+                raise openai_error(out.error)
+            video = out.videos[0]
             mp4, _ = await asyncio.to_thread(encode_video, video)
             thumbnail = await asyncio.to_thread(encode_image, video.frames[0], "webp")
             await asyncio.to_thread(self.store.write_file, job.id + ".webp", thumbnail)
             await asyncio.to_thread(self.store.write_file, job.id + ".mp4", mp4)
-            job.status, job.progress, job.completed_at = "completed", 100, int(time.time())
-            job.expires_at = job.completed_at + int(self.store.retention_s)
+            job.status, job.progress = "completed", 100
         except asyncio.CancelledError:  # deleted: the record is gone with it
             raise
         except OpenAIError as e:
@@ -215,9 +198,9 @@ class ServingVideos(Serving):
         finally:
             self.in_flight -= 1
             self.tasks.pop(job.id, None)
+        job.completed_at = int(time.time())
+        job.expires_at = job.completed_at + int(self.store.retention_s)
         if job.status == "failed":
-            job.completed_at = int(time.time())
-            job.expires_at = job.completed_at + int(self.store.retention_s)
             logger.info("video job %s failed: %s", job.id, job.error["message"])
         try:
             self.store.save(job)
@@ -324,16 +307,11 @@ class ServingVideos(Serving):
 
 
 # -- routes ----------------------------------------------------------------------------------------
-POLL_HEADERS = {"openai-poll-after-ms": str(POLL_AFTER_MS)}
-
-
 async def parse_request(request, model: type[VideoRequestBase], decoder, limits: ServingLimits
                         ) -> tuple[VideoRequestBase, Image.Image | None, dict[str, Any]]:
     """(fields validated by the served model's ``model``, the decoded input reference, the
     fields as given without the reference) of a multipart form, as the openai client sends it
     (``input_reference`` a file, or ``input_reference[image_url]``), or of a JSON body."""
-    import json
-
     if body_kind(request) == "multipart/form-data":
         form = await request.form(max_part_size=limits.max_body_bytes)
         fields: dict[str, Any] = {}
@@ -365,24 +343,20 @@ async def parse_request(request, model: type[VideoRequestBase], decoder, limits:
 async def _reference(decoder, source) -> Image.Image | None:
     lo, hi = decoder.adapter.image_inputs
     name = decoder.spec.pipeline_class
-    if source is None and lo:
-        raise OpenAIError(400, f"{name} animates an input image: send input_reference",
-                          param="input_reference", code="missing_required_parameter")
-    if source is not None and not hi:
+    if source is None:
+        if lo:
+            raise OpenAIError(400, f"{name} animates an input image: send input_reference",
+                              param="input_reference", code="missing_required_parameter")
+        return None
+    if not hi:
         raise OpenAIError(400, f"input_reference is not supported by {name}: it generates from "
                           "text alone", param="input_reference", code="unsupported_parameter")
-    if source is None:
-        return None
     return (await decoder.decode([reference_source(source)], "input_reference"))[0]
 
 
 def add_routes(app, videos: ServingVideos, decoder, limits: ServingLimits) -> None:
     model = videos.request_model
-    schema = model.model_json_schema()
-    form = {**schema, "properties": {**schema["properties"], "input_reference": {
-        "type": "string", "format": "binary"}, "lora": FORM_LORA}}
-    body_doc = {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": form}, "application/json": {"schema": schema}}}}
+    body_doc = form_request_body(model, {"input_reference": FORM_FILE})
 
     @app.post("/v1/videos", openapi_extra=body_doc)
     async def create_video(request: Request):
@@ -394,10 +368,7 @@ def add_routes(app, videos: ServingVideos, decoder, limits: ServingLimits) -> No
     async def create_video_sync(request: Request):
         """Generates a video and answers its mp4 bytes (no job is kept)."""
         body, reference, _ = await parse_request(request, model, decoder, limits)
-        try:
-            data, req = await videos.sync(body, reference, request.is_disconnected)
-        except ClientDisconnected:
-            return Response(status_code=499)
+        data, req = await videos.sync(body, reference, request.is_disconnected)
         return Response(data, media_type="video/mp4", headers={
             "X-Request-Id": req.request_id, "X-Seed": str(req.seed)})
 

@@ -22,7 +22,7 @@ import io
 import json
 import re
 import types
-from typing import Any
+from typing import Any, Union, get_args, get_origin
 
 from PIL import Image
 
@@ -52,8 +52,6 @@ def decode_image(data: bytes, param: str, index: int | None = None, keep_alpha: 
                                   f"{MAX_INPUT_PIXELS} pixels", param=param, code="invalid_value")
             im.load()
             return fit_input(im, keep_alpha, max_area)
-    except OpenAIError:
-        raise
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as e:
         raise OpenAIError(400, f"{where} could not be decoded as an image "
                           f"({type(e).__name__}); send PNG, JPEG or WebP", param=param,
@@ -111,8 +109,6 @@ def add_text_field(fields: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _is_list(annotation) -> bool:
-    from typing import Union, get_args, get_origin
-
     if get_origin(annotation) is list:
         return True
     return get_origin(annotation) in (Union, types.UnionType) and any(
@@ -184,20 +180,16 @@ class InputDecoder:
             raise OpenAIError(*value)
         return value
 
-    def check_count(self, n: int) -> None:
-        """Before anything is decoded (a model that does not edit takes none)."""
-        try:
-            self.adapter.check_images(n)
-        except InvalidRequestError as e:
-            raise OpenAIError(400, e.message, param=e.param, code=e.code) from None
-
     async def decode(self, sources: list[Any], param: str = "image") -> list[Image.Image]:
         """Uploads (multipart files, or base64 / data-URL text) decoded one after another off
         the event loop, after checking their count; a mask keeps its alpha channel."""
         from starlette.datastructures import UploadFile
 
-        if param == "image":
-            self.check_count(len(sources))
+        if param == "image":  # a model that does not edit takes none
+            try:
+                self.adapter.check_images(len(sources))
+            except InvalidRequestError as e:
+                raise OpenAIError(400, e.message, param=e.param, code=e.code) from None
         keep_alpha = param == "mask" or self.adapter.task == "image-layers"
         images = []
         for i, source in enumerate(sources):

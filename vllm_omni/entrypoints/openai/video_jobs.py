@@ -153,11 +153,10 @@ class JobStore:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path(job_id + suffix))
 
-    def sweep(self, now: float | None = None) -> int:
+    def sweep(self) -> int:
         """Deletes expired jobs and their files; how many."""
-        now = time.time() if now is None else now
         ids = [r[0] for r in self.db.execute(
-            "SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (now,))]
+            "SELECT id FROM jobs WHERE expires_at IS NOT NULL AND expires_at <= ?", (time.time(),))]
         for job_id in ids:
             self.delete(job_id)
         return len(ids)

@@ -3,12 +3,22 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from vllm_omni.engine.request import DiffusionRequest, InvalidRequestError
-from vllm_omni.models.base import ModelSpec
+from vllm_omni.models.bagel.layout import (
+    AE_WEIGHTS,
+    LLM_CONFIG,
+    ae_config,
+    configs,
+    vae_input_size,
+    weight_shapes,
+)
+from vllm_omni.models.base import ModelSpec, read_json
 from vllm_omni.models.image import ImageAdapter
 from vllm_omni.models.options import MAX_GUIDANCE_SCALE, Option
+from vllm_omni.utils.image import source_size
 
 OPTIONS = (
     Option("cfg_text_scale", float, "Text guidance: the prompt against no prompt (default 4.0)",
@@ -41,14 +51,11 @@ class BagelAdapter(ImageAdapter):
     # image, so a negative prompt has nothing to go in.
     cfg_field = None
     negative_prompt = False
-    default_steps = 50
     image_inputs = (0, 1)
     # Its CFG branches are sequences packed into the one denoiser call of each step.
     cfg_calls = "batched"
 
     def load_spec(self, model_dir: str, pipeline_class: str) -> ModelSpec:
-        from vllm_omni.models.bagel.layout import configs
-
         llm, _, config = configs(model_dir)
         # The latent position table bounds the size: 64 patches of 16 px, 1024 px per side.
         self.max_side = config.max_latent_size * config.latent_downsample
@@ -66,9 +73,6 @@ class BagelAdapter(ImageAdapter):
     def default_size(self, images: list[Any], options: dict[str, Any]) -> tuple[int, int]:
         if not images:
             return super().default_size(images, options)
-        from vllm_omni.models.bagel.layout import vae_input_size
-        from vllm_omni.utils.image import source_size
-
         return vae_input_size(self.spec.extra["config"], *source_size(images[0]))
 
     def validate(self, req: DiffusionRequest, given: set[str]) -> None:
@@ -87,17 +91,10 @@ class BagelAdapter(ImageAdapter):
         return self.spec.extra["config"].vae_downsample
 
     def memory_configs(self, model_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        import os
-
-        from vllm_omni.models.bagel.layout import AE_WEIGHTS, LLM_CONFIG, ae_config, weight_shapes
-        from vllm_omni.models.base import read_json
-
         vae = ae_config(weight_shapes(os.path.join(model_dir, AE_WEIGHTS)))
         return {"_class_name": "AutoencoderKL", **vae}, read_json(model_dir, LLM_CONFIG)
 
     def vae_input_sizes(self, req: DiffusionRequest) -> list[tuple[int, int]]:
-        from vllm_omni.models.bagel.layout import vae_input_size
-
         return [vae_input_size(self.spec.extra["config"], *im.size) for im in req.images]
 
     def uses_cfg(self, kwargs: dict[str, Any]) -> bool:

@@ -279,9 +279,6 @@ class VisionModel(nn.Module):
         super().__init__()
         self.vision_model = VisionTransformer(config)
 
-    def forward(self, patches, ids):
-        return self.vision_model(patches, ids)
-
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
     """[C, H, W] -> [(H/p)(W/p), p*p*C], patches in row order, each flattened (row, col, chan)."""
@@ -369,7 +366,8 @@ class Bagel(nn.Module):
         p, side = self.vit_patch_size, self.config.vit_max_num_patch_per_side
         h, w = pixels.shape[1] // p, pixels.shape[2] // p
         ids = grid_ids(h, w, side).to(pixels.device)
-        feats = self.connector(self.vit_model(patchify(pixels, p), ids)) + self.vit_pos_embed(ids)
+        feats = self.vit_model.vision_model(patchify(pixels, p), ids)
+        feats = self.connector(feats) + self.vit_pos_embed(ids)
         start, end = self._markers(pixels.device)
         return self.extend(ctx, torch.cat([start[None], feats, end[None]]), None, causal=False)
 
