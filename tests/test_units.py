@@ -99,3 +99,15 @@ def test_task_local_is_per_greenlet_and_per_thread():
     del local.n
     with pytest.raises(AttributeError):
         local.n
+
+
+def test_no_module_passes_500_lines():
+    """Issue 14's size rule: a module that grows past this is split by what it does."""
+    import pathlib
+
+    import vllm_omni
+
+    root = pathlib.Path(vllm_omni.__file__).parent
+    sizes = {str(p.relative_to(root)): len(p.read_text().splitlines())
+             for p in root.rglob("*.py") if "testing" not in p.relative_to(root).parts}
+    assert sizes and not {p: n for p, n in sizes.items() if n > 500}
