@@ -22,11 +22,23 @@ from vllm_omni.models.stable_audio import StableAudioAdapter
 from vllm_omni.models.wan import WanAdapter, WanI2VAdapter
 from vllm_omni.models.z_image import ZImageAdapter
 
-ADAPTERS: tuple[ModelAdapter, ...] = (
-    FluxAdapter(), Flux2KleinAdapter(), GlmImageAdapter(), LongCatImageAdapter(),
-    LongCatImageEditAdapter(), OvisImageAdapter(), QwenImageAdapter(), QwenImageEditAdapter(),
-    QwenImageEditPlusAdapter(), QwenImageLayeredAdapter(), StableDiffusion3Adapter(),
-    ZImageAdapter(), WanAdapter(), WanI2VAdapter(), StableAudioAdapter(), BagelAdapter(),
+ADAPTERS: tuple[ModelAdapter, ...] = (  # one line each: a new model family adds one
+    FluxAdapter(),
+    Flux2KleinAdapter(),
+    GlmImageAdapter(),
+    LongCatImageAdapter(),
+    LongCatImageEditAdapter(),
+    OvisImageAdapter(),
+    QwenImageAdapter(),
+    QwenImageEditAdapter(),
+    QwenImageEditPlusAdapter(),
+    QwenImageLayeredAdapter(),
+    StableDiffusion3Adapter(),
+    ZImageAdapter(),
+    WanAdapter(),
+    WanI2VAdapter(),
+    StableAudioAdapter(),
+    BagelAdapter(),
 )
 
 _BY_CLASS = {cls: a for a in ADAPTERS for cls in a.pipeline_classes}
