@@ -121,23 +121,40 @@ with torch.inference_mode():
 
 @pytest.mark.skipif(not memory_probe.supported(), reason="needs /proc/self/clear_refs and glibc")
 def test_audio_vae_decode_estimate_holds_and_scales_to_the_released_model():
-    """Stable Audio's Oobleck decoder, measured stand-alone in a fresh process at 2^19 samples
-    (two widths; a first large decode, as a server's first request): the estimate is at least
-    the measured peak and within 3x of it. The released config (128 channels, 47.55 s at
-    44.1 kHz) is estimated at about 14 GiB per waveform in fp32 on the CPU."""
-    for width in (16, 32):
-        config = dict(encoder_hidden_size=16, downsampling_ratios=[2, 4, 4],
-                      channel_multiples=[1, 2, 4], decoder_channels=width,
-                      decoder_input_channels=8, audio_channels=2, sampling_rate=16000)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
-        run = subprocess.run([sys.executable, "-c", _OOBLECK_PROBE, json.dumps(config)], env=env,
-                             capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-2000:]
-        peak = int(run.stdout.split()[-1])
+    """Stable Audio's Oobleck decoder, measured stand-alone in fresh processes at 2^19 samples
+    (two widths; a first large decode, as a server's first request).
+
+    With glibc's default allocator the peak is the tensors' own plus heap fragmentation, and the
+    fragmentation differs from run to run of the same script (371-815 MiB at width 32 on this
+    machine): the estimate must hold above it. Pinning the mmap threshold hands every large
+    buffer back to the system on free, so the peak is the tensors' own and the same on every run
+    (353 MiB at width 32): the estimate must stay within 3.5x of that. The released config (128
+    channels, 47.55 s at 44.1 kHz) is estimated at about 14 GiB per waveform in fp32 on the CPU."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+
+    def probe(config, **extra):
+        return subprocess.Popen([sys.executable, "-c", _OOBLECK_PROBE, json.dumps(config)],
+                                env={**env, **extra}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def peak(proc):
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        return int(out.split()[-1])
+
+    configs = [dict(encoder_hidden_size=16, downsampling_ratios=[2, 4, 4],
+                    channel_multiples=[1, 2, 4], decoder_channels=width, decoder_input_channels=8,
+                    audio_channels=2, sampling_rate=16000) for width in (16, 32)]
+    # Side by side: each reads only its own process's resident set.
+    runs = [(config, probe(config), probe(config, MALLOC_MMAP_THRESHOLD_="131072"))
+            for config in configs]
+    for config, default, pinned in runs:
+        default, tensors = peak(default), peak(pinned)
         cost = memory.vae_cost({"_class_name": "AutoencoderOobleck", **config})
         estimate = 2**19 * 4 * cost.decode_units * cost.decode_width + cost.slack
-        assert 1.0 <= estimate / peak <= 3.0, (width, peak, estimate)
+        assert tensors * 3.5 >= estimate >= default, (cost.decode_width, default, tensors)
     released = memory.vae_cost({"_class_name": "AutoencoderOobleck", "decoder_channels": 128})
     per_waveform = 1024 * 2048 * 4 * released.decode_units * released.decode_width
     assert 13 * 2**30 < per_waveform < 15 * 2**30

@@ -88,8 +88,10 @@ QWEN_SLACK = 192 * MiB
 # activations, whose sin/pow/mul temporaries are full-size). On the CPU the resident set grows by
 # 5.7-14.9 units at 2^18-2^20 samples (widths 16 and 32, 3-5 blocks), the most on a process's
 # first large decode (oneDNN's convolution buffers, heap growth: 244-608 MiB for the same decode
-# at 2^19 samples, width 16; the highest, 608 MiB, in a CI run on a busy machine). On an H200 the
-# tensors peak at 4.5 (fp32) to 5.5 (bf16) units.
+# at 2^19 samples, width 16; the highest, 608 MiB, in a CI run on a busy machine). The spread is
+# glibc's heap, which fragments differently from run to run of one script: with the mmap threshold
+# pinned, freed buffers leave the resident set and the tensors alone peak at 5.5-6.2 units, the
+# same every run. On an H200 the tensors peak at 4.5 (fp32) to 5.5 (bf16) units.
 OOBLECK_DECODE_UNITS = 14.0
 OOBLECK_DECODE_UNITS_CUDA = 7.0
 OOBLECK_SLACK = 192 * MiB
