@@ -79,6 +79,14 @@ def test_rejects_impossible_layout_before_starting(tiny_qwen_image, capsys):
     assert "must be one of mp, ray" in err
 
 
+def test_refuses_an_empty_api_key(tiny_qwen_image, capsys, monkeypatch):
+    """``--api-key "$KEY"`` with KEY unset: vLLM's parser makes the key None, which must neither
+    become the key "None" nor leave the server open."""
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    for keys in ([""], ["", "sk-real"]):
+        assert "--api-key: a key is empty" in refused(capsys, tiny_qwen_image, "--api-key", *keys)
+
+
 def test_rejects_unknown_model_dir(tmp_path, capsys):
     err = refused(capsys, str(tmp_path / "missing"))
     assert "neither a pipeline directory nor a hub id" in err

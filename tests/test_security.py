@@ -19,6 +19,7 @@ import requests
 from conftest import Server, metric
 
 KEY = "sk-security"
+ORIGIN = "https://app.example"  # --allowed-origins '["*"]': any page may call with the key
 GEN = "/v1/images/generations"
 SMALL = {"prompt": "a fox", "size": "32x32", "num_inference_steps": 2}
 
@@ -60,6 +61,7 @@ def health(server) -> int:
 @pytest.fixture(scope="module")
 def root_server(tiny_qwen_image, tmp_path_factory):
     s = Server(tiny_qwen_image, "--api-key", KEY, "--root-path", "/api",
+               "--allowed-origins", '["*"]',
                log_path=str(tmp_path_factory.mktemp("logs") / "root.log"))
     yield s
     s.stop()
@@ -127,6 +129,47 @@ def test_the_playground_asks_for_the_key_and_never_shows_it(root_server, page):
     assert KEY not in page.content()
 
 
+def test_cors_follows_the_flags_and_never_opens_a_route(root_server):
+    """vLLM's default allows no origin; this server was given '["*"]' (once dropped: it equalled
+    an older vLLM's default, which we skipped)."""
+    preflight = {"Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    r = requests.options(root_server.url + "/api" + GEN, headers=preflight, timeout=10)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*", r.headers
+    # An allowed origin still needs the key; with it, the page may read the answer.
+    r = requests.get(root_server.url + "/api/v1/models", headers={"Origin": ORIGIN}, timeout=10)
+    assert r.status_code == 401
+    r = requests.get(root_server.url + "/api/v1/models", headers={"Origin": ORIGIN, **auth()},
+                     timeout=10)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+
+
+def test_websockets_need_the_key_too():
+    """No route is a WebSocket today; one added later is behind the key all the same."""
+    from starlette.applications import Starlette
+    from starlette.routing import WebSocketRoute
+    from starlette.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
+
+    from vllm_omni.entrypoints.openai.api_server import ApiKeyAuth
+
+    async def echo(ws):
+        await ws.accept()
+        await ws.send_text("open")
+        await ws.close()
+
+    client = TestClient(ApiKeyAuth(Starlette(routes=[WebSocketRoute("/v1/ws", echo)]), [KEY]))
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        with pytest.raises(WebSocketDisconnect) as e:
+            with client.websocket_connect("/v1/ws", headers=headers):
+                pass
+        assert e.value.code == 1008
+    with client.websocket_connect("/v1/ws", headers=auth()) as ws:
+        assert ws.receive_text() == "open"
+    with pytest.raises(ValueError, match="non-empty"):
+        ApiKeyAuth(None, [None])
+
+
 def test_image_urls_are_signed_and_use_the_servers_own_address(root_server):
     r = requests.post(root_server.url + "/api" + GEN, timeout=60,
                       headers={**auth(), "Host": "evil.example.com"},
@@ -166,6 +209,10 @@ def test_image_store_signatures_expire():
     assert "expired" in store.check_signature("a", str(past), store.signature("a", past))
     assert "invalid" in store.check_signature("b", str(expires), sig)
     assert "invalid" in ImageStore().check_signature("a", str(expires), sig)  # per-server secret
+    # Unicode digits and non-ASCII signatures are refused, not a 500.
+    assert "not signed" in store.check_signature("a", "\u00b2", sig)
+    assert "not signed" in store.check_signature("a", "\u0661" * 10, sig)
+    assert "invalid" in store.check_signature("a", str(expires), "\u00e9" * 64)
 
 
 def test_seeds_come_from_os_entropy_without_seed_flag(root_server):

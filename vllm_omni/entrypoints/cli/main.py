@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _serve(argv: list[str], core) -> None:
     from vllm_omni.entrypoints.cli.serve import (
+        api_keys,
         config_from_args,
         job_store_from_args,
         limits_from_args,
@@ -45,6 +46,7 @@ def _serve(argv: list[str], core) -> None:
         serve.error(f"{', '.join(bad)}: vLLM text-engine option(s) with no meaning for diffusion "
                     "serving; remove them (see `vllm serve --omni --help`)")
     try:
+        args.api_key = api_keys(args.api_key)
         config, spec = config_from_args(args, serve)
         limits = limits_from_args(args, spec, config)
         job_store = job_store_from_args(args, spec, config)

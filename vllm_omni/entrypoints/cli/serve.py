@@ -346,10 +346,16 @@ def warmup_steps(args: argparse.Namespace, spec, config: OmniEngineConfig) -> in
     return steps
 
 
-def _api_keys(value) -> list[str]:
-    """vLLM takes one or more keys (--api-key K [K ...]) or VLLM_API_KEY."""
+def api_keys(value) -> list[str]:
+    """vLLM takes one or more keys (--api-key K [K ...]) or VLLM_API_KEY. An empty key (an unset
+    shell variable in ``--api-key "$KEY"``) is refused: vLLM's parser turns it into None, and a
+    server that looks protected must not open to ``Bearer None`` or run without a key."""
     if value:
-        return [value] if isinstance(value, str) else list(value)
+        keys = [value] if isinstance(value, str) else list(value)
+        if not all(keys):
+            raise ValueError("--api-key: a key is empty (an unset variable?); give non-empty "
+                             "keys, or drop the flag to serve without one")
+        return keys
     env = os.environ.get("VLLM_API_KEY")
     return [env] if env else []
 
@@ -370,6 +376,7 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits,
                job_store, core) -> None:
     """``core``: an ``EngineCoreProcess`` started early, for the engine (None: a new one)."""
     import uvicorn
+    from fastapi.middleware.cors import CORSMiddleware
     from vllm import envs
 
     from vllm_omni.engine.data_parallel import start_engine
@@ -391,19 +398,17 @@ def run_server(args: argparse.Namespace, config: OmniEngineConfig, spec, limits,
     engine = start_engine(config, core)
     try:
         app = build_app(engine, spec, config.served_model_names, model_root=config.model,
-                        api_keys=_api_keys(args.api_key),
+                        api_keys=args.api_key,
                         seed=args.seed, root_path=args.root_path or "", limits=limits,
                         public_url=args.public_url, job_store=job_store,
                         loras=lora_registry(config),
                         playground_url=None if args.disable_playground else
                         playground_url(args, host))
-        if args.allowed_origins != ["*"] or args.allow_credentials:
-            from fastapi.middleware.cors import CORSMiddleware
-
-            app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins,
-                               allow_credentials=args.allow_credentials,
-                               allow_methods=args.allowed_methods,
-                               allow_headers=args.allowed_headers)
+        # Outermost, as in vLLM: a browser's preflight carries no key.
+        app.add_middleware(CORSMiddleware, allow_origins=args.allowed_origins,
+                           allow_credentials=args.allow_credentials,
+                           allow_methods=args.allowed_methods,
+                           allow_headers=args.allowed_headers)
         server = uvicorn.Server(uvicorn.Config(
             app, host=host, port=args.port, log_level=args.uvicorn_log_level,
             http=guarded_protocol(limits.header_read_timeout_s, limits.max_connections),

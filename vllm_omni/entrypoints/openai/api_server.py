@@ -108,19 +108,24 @@ SIGNED_ROUTE = re.compile(r"/v1/images/[^/]+/content")
 
 class ApiKeyAuth:
     """ASGI middleware: every route but ``PUBLIC_ROUTES`` needs ``Authorization: Bearer <key>``
-    (401 if not). It matches the path the router sees (Starlette's own ``get_route_path``: the
-    path without --root-path), so a root-path prefix changes nothing."""
+    (401 if not; a WebSocket is closed before it opens). It matches the path the router sees
+    (Starlette's own ``get_route_path``: the path without --root-path), so a root-path prefix
+    changes nothing."""
 
     def __init__(self, app, keys: list[str]):
+        if not keys or not all(isinstance(k, str) and k for k in keys):
+            raise ValueError("API keys must be non-empty strings")
         self.app = app
         self.accepted = [f"Bearer {k}".encode() for k in keys]
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             path = get_route_path(scope)
             if path not in PUBLIC_ROUTES and not SIGNED_ROUTE.fullmatch(path):
                 given = dict(scope.get("headers") or []).get(b"authorization", b"")
                 if not any(hmac.compare_digest(given, a) for a in self.accepted):
+                    if scope["type"] == "websocket":  # the server answers the handshake 403
+                        return await send({"type": "websocket.close", "code": 1008})
                     e = OpenAIError(401, "Incorrect or missing API key (send "
                                     "'Authorization: Bearer <key>')", code="invalid_api_key")
                     return await JSONResponse(e.body(), status_code=401)(scope, receive, send)

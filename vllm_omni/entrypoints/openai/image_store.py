@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 import time
@@ -54,9 +55,11 @@ class ImageStore:
     def check_signature(self, image_id: str, expires: str | None,
                         signature: str | None) -> str | None:
         """None if the link is valid; otherwise why not."""
-        if not expires or not signature or not expires.isdigit():
+        # ASCII digits only: str.isdigit() takes "²", which int() refuses.
+        if not expires or not signature or not re.fullmatch(r"[0-9]{1,12}", expires):
             return "the link is not signed (use the url returned by the API)"
-        if not hmac.compare_digest(signature, self.signature(image_id, int(expires))):
+        if not hmac.compare_digest(signature.encode(),  # bytes: str refuses non-ASCII
+                                   self.signature(image_id, int(expires)).encode()):
             return "the link's signature is invalid"
         if int(expires) < time.time():
             return "the link has expired (image URLs last an hour)"
