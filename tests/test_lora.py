@@ -85,6 +85,9 @@ def test_request_paths_stay_in_the_allowed_directories(loras, tiny_qwen_image):
                        ("ghibli", "must be an object")]:
         with pytest.raises(InvalidRequestError, match=match):
             reg.resolve(bad)
+    # A long list is refused by its length, before its paths cost any file-system call.
+    with pytest.raises(InvalidRequestError, match="100000 LoRA adapters"):
+        reg.resolve([{"path": loras["ghibli"]}] * 100000)
     with pytest.raises(InvalidRequestError, match="at most 1 at once"):
         registry(lora_modules={"a": loras["ghibli"], "b": loras["ink"]}, max_loras=1).resolve(
             [{"name": "a"}, {"name": "b"}])

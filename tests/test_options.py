@@ -95,6 +95,7 @@ def test_openapi_shows_exactly_the_served_models_options(option_server, server):
     assert added["max_sequence_length"]["description"].startswith("Tokens of the prompt")
     plain = _generation_fields(server)
     assert {"negative_prompt", "true_cfg_scale"} <= set(plain)
+    assert plain["negative_prompt"]["anyOf"][0]["maxLength"] == 32000, plain["negative_prompt"]
     for name in ("max_sequence_length", "guidance_scale", "layers", "prior_token_ids"):
         assert name not in plain
 
@@ -112,6 +113,11 @@ def test_the_option_over_http(option_server, server):
     r = requests.post(option_server.url + GEN, json={**body, "max_sequence_length": 5000},
                       timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_sequence_length"
+    # A negative prompt is capped like the prompt, before the worker would tokenize it whole.
+    r = requests.post(server.url + GEN, json={**body, "negative_prompt": "x" * 32001,
+                                              "true_cfg_scale": 4.0}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "negative_prompt", r.text[:300]
+    assert "at most 32000 characters" in r.json()["error"]["message"]
     # A server of a model without it: an unknown field.
     r = requests.post(server.url + GEN, json={**body, "max_sequence_length": 64}, timeout=30)
     assert r.status_code == 400, r.text[:300]

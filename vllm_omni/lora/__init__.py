@@ -130,6 +130,14 @@ class LoraRegistry:
             raise InvalidRequestError("this server runs without LoRA; start it with "
                                       "--enable-lora, --lora-modules or --lora-path",
                                       param="lora")
+        # Counted before any is resolved: each costs file-system calls on the event loop.
+        count = bool(model_adapter) + len(entries) + (self.static is not None)
+        if count > self.max_loras:
+            raise InvalidRequestError(
+                f"{count} LoRA adapters in one request"
+                + (" (with the server's --lora-path adapter)" if self.static else "")
+                + f"; this server activates at most {self.max_loras} at once (--max-loras)",
+                param="lora")
         refs = [LoraRef(model_adapter, self.modules[model_adapter])] if model_adapter else []
         refs += [self._entry(e) for e in entries]
         if self.static is not None:
@@ -138,12 +146,6 @@ class LoraRegistry:
         if len(set(keys)) != len(keys):
             raise InvalidRequestError("the same LoRA adapter is given twice; give it once with "
                                       "the scale you want", param="lora")
-        if len(refs) > self.max_loras:
-            raise InvalidRequestError(
-                f"{len(refs)} LoRA adapters in one request"
-                + (" (with the server's --lora-path adapter)" if self.static else "")
-                + f"; this server activates at most {self.max_loras} at once (--max-loras)",
-                param="lora")
         return tuple(refs)
 
     def _entry(self, entry: dict) -> LoraRef:

@@ -27,6 +27,7 @@ class Option:
     doc: str  # one line, for /openapi.json (say the default there)
     ge: float | None = None  # bounds (of each item, for a list)
     le: float | None = None
+    max_length: int | None = None  # of a string
     choices: tuple | None = None
     default: Any = None  # what the pipeline gets when the request omits it (None: nothing)
     tasks: frozenset[str] = TASKS
@@ -46,6 +47,8 @@ class Option:
             else self.type
         if self.ge is not None or self.le is not None:
             item = Annotated[item, Field(ge=self.ge, le=self.le)]
+        if self.max_length is not None:
+            item = Annotated[item, Field(max_length=self.max_length)]
         return list[item] if many else item
 
     @cached_property
@@ -65,6 +68,8 @@ class Option:
                 what += f" between {self.ge:g} and {self.le:g}"
             elif self.ge is not None:
                 what += f" >= {self.ge:g}"
+            if self.max_length is not None:
+                what += f" of at most {self.max_length} characters"
             if self.limit:
                 what += f" (this server's limit, {self.limit})"
             raise InvalidRequestError(f"{self.name} must be {what}, got {value!r}",
@@ -72,8 +77,9 @@ class Option:
 
 
 # Shared by the image families: ImageAdapter takes the negative prompt and the family's CFG scale.
+# As long as a prompt may be: the worker tokenizes it whole before its length is refused.
 NEGATIVE_PROMPT = Option("negative_prompt", str, "What the image should not show (the negative "
-                         "branch of classifier-free guidance)")
+                         "branch of classifier-free guidance)", max_length=32000)
 GUIDANCE_SCALE = Option("guidance_scale", float, "Guidance scale", ge=0, le=MAX_GUIDANCE_SCALE,
                         batchable=True)
 TRUE_CFG_SCALE = Option("true_cfg_scale", float, "Classifier-free guidance scale (a separate "
