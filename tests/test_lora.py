@@ -250,8 +250,10 @@ def test_served_adapters_by_model_name_field_and_path(lora_server, loras, server
                         "outside the directories"),
                        ({"path": os.path.join(loras["allowed"], "evil.bin")}, "pickle"),
                        ({"name": "nobody"}, "no LoRA adapter named"),
+                       # Counted first (--max-loras 1): a list is refused before its entries
+                       # are resolved or compared (test_request_paths_... has "given twice").
                        ([{"name": "ghibli"}, {"name": "ink"}, {"path": loras["ghibli"]}],
-                        "given twice")]:
+                        "3 LoRA adapters in one request")]:
         r = requests.post(url, json={**body, "lora": lora}, timeout=60)
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"] == "lora" and what in r.json()["error"]["message"]
