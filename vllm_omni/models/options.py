@@ -12,6 +12,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from vllm_omni.engine.request import InvalidRequestError
 
 MAX_SEED = 2**63 - 1
+MAX_PROMPT_CHARS = 32000  # prompts and negative prompts, before any tokenizer sees them
 # Guidance scales beyond this only overflow the latents (1e308 turns them to NaN and a black
 # image); no released model is useful anywhere near it.
 MAX_GUIDANCE_SCALE = 100.0
@@ -77,9 +78,9 @@ class Option:
 
 
 # Shared by the image families: ImageAdapter takes the negative prompt and the family's CFG scale.
-# As long as a prompt may be: the worker tokenizes it whole before its length is refused.
+# The worker tokenizes it whole before its token count is refused: capped like the prompt.
 NEGATIVE_PROMPT = Option("negative_prompt", str, "What the image should not show (the negative "
-                         "branch of classifier-free guidance)", max_length=32000)
+                         "branch of classifier-free guidance)", max_length=MAX_PROMPT_CHARS)
 GUIDANCE_SCALE = Option("guidance_scale", float, "Guidance scale", ge=0, le=MAX_GUIDANCE_SCALE,
                         batchable=True)
 TRUE_CFG_SCALE = Option("true_cfg_scale", float, "Classifier-free guidance scale (a separate "

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from vllm_omni.models.base import ModelSpec
-from vllm_omni.models.options import MAX_SEED
+from vllm_omni.models.options import MAX_PROMPT_CHARS, MAX_SEED
 
 
 # A request's LoRA adapters: {"name", "path", "scale"} or a list of them; in a multipart form,
@@ -139,7 +139,7 @@ class ImageRequestBase(BaseModel):
 
 
 class ImageGenerationRequest(ImageRequestBase):
-    prompt: str = Field(min_length=1, max_length=32000)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     style: str | None = None
 
     neutral = {**ImageRequestBase.neutral, "style": (None,)}
@@ -152,7 +152,7 @@ class ImageEditRequest(ImageRequestBase):
     image: str | list[str] = Field(min_length=1)
     mask: str | None = None
     # Optional only for models that caption their input (auto_caption); checked downstream.
-    prompt: str | None = Field(None, max_length=32000)
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     input_fidelity: str | None = None
 
     neutral = {**ImageRequestBase.neutral, "input_fidelity": (None,)}

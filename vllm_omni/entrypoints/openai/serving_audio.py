@@ -21,7 +21,7 @@ from vllm_omni.engine.request import DiffusionRequest
 from vllm_omni.entrypoints.openai.encoders import AUDIO_FORMATS, encode_audio
 from vllm_omni.entrypoints.openai.protocol import LoraField, OpenAIError, lora_entries, with_options
 from vllm_omni.entrypoints.openai.serving import Serving
-from vllm_omni.models.options import MAX_SEED
+from vllm_omni.models.options import MAX_PROMPT_CHARS, MAX_SEED
 from vllm_omni.utils.text import log_safe
 
 logger = logging.getLogger("vllm_omni.api")
@@ -36,7 +36,7 @@ class AudioRequestBase(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    input: str = Field(min_length=1, max_length=32000)
+    input: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = None
     response_format: Literal[tuple(AUDIO_FORMATS)] = "wav"  # type: ignore[valid-type]
     audio_length: float | None = Field(None, gt=0, description="Seconds of audio (default: the "

@@ -43,7 +43,7 @@ from vllm_omni.entrypoints.openai.serving import Serving, _never_disconnected, o
 from vllm_omni.entrypoints.openai.uploads import add_text_field, body_kind, validate_body
 from vllm_omni.entrypoints.openai.video_jobs import JobStore, VideoJob
 from vllm_omni.models.base import ModelSpec
-from vllm_omni.models.options import MAX_SEED
+from vllm_omni.models.options import MAX_PROMPT_CHARS, MAX_SEED
 
 logger = logging.getLogger("vllm_omni.api")
 
@@ -57,7 +57,7 @@ class VideoRequestBase(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
-    prompt: str = Field(min_length=1, max_length=32000)
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     model: str | None = None
     seconds: str | None = None  # OpenAI's client sends a string ("4"); the frame count follows
     size: str | None = None
